@@ -1,0 +1,7 @@
+"""``python -m qmpass``."""
+
+import sys
+
+from qmpass.cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""``analyze``: model -> operators -> spectral states -> QM-FRG -> clusters (read-only)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from qmpass.extract import Extraction, Operator, extract_operators
+from qmpass.frg import FRGConfig, build_qmfrg, clusters, graph_to_json
+from qmpass.modelio import ModelLike, load_model
+from qmpass.spectral import SpectralState, spectral_state
+from qmpass.spectral.state import Method
+
+__all__ = ["Analysis", "AnalysisConfig", "analyze"]
+
+#: relative-entropy bounds reported per operator (the rank each allows)
+REPORTED_DELTAS = (0.01, 0.05, 0.1)
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Knobs of :func:`analyze`. ``sv_method`` picks Gram eigenvalues (fast, see
+    ``qmpass.spectral.state``) or LAPACK singular values; ``progress`` shows a bar on
+    stderr when it is a terminal (None), always (True) or never (False)."""
+
+    frg: FRGConfig = field(default_factory=FRGConfig)
+    sv_method: Method = "gram"
+    progress: bool | None = None
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What qmpass knows about a model before it changes anything.
+
+    ``clusters`` group operators whose input-side density matrices are close (Bures
+    angle under the graph threshold): candidates for a shared basis. ``spectral_clusters``
+    group by spectra alone (FS distance), which says nothing about function.
+    """
+
+    model_name: str
+    extraction: Extraction
+    states: tuple[SpectralState, ...]
+    graph: nx.Graph
+    clusters: tuple[tuple[str, ...], ...]
+    seconds: dict[str, float]
+    spectral_clusters: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def operators(self) -> tuple[Operator, ...]:
+        return self.extraction.operators
+
+    def state(self, name: str) -> SpectralState:
+        for state in self.states:
+            if state.name == name:
+                return state
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report (see README, "analyze report")."""
+        ex = self.extraction
+        return {
+            "model": self.model_name,
+            "ir_version": ex.ir_version,
+            "opset": ex.opset,
+            "operators": [
+                _operator_dict(op, st) for op, st in zip(ex.operators, self.states, strict=True)
+            ],
+            "skipped": [vars(s) for s in ex.skipped],
+            "unsupported": [vars(s) for s in ex.unsupported],
+            "fusion_groups": [list(g) for g in ex.fusion_groups],
+            "distances": _distance_summary(self.graph, len(self.states)),
+            "clusters": [list(c) for c in self.clusters],
+            "spectral_clusters": [list(c) for c in self.spectral_clusters],
+            "graph": graph_to_json(self.graph),
+            "totals": {
+                "operators": len(ex.operators),
+                "params": sum(op.params for op in ex.operators),
+                "flops": sum(op.flops for op in ex.operators),
+            },
+            "seconds": self.seconds,
+        }
+
+
+def analyze(model: ModelLike, config: AnalysisConfig = AnalysisConfig()) -> Analysis:
+    """Analyse ``model`` (a path or an ``onnx.ModelProto``, which is not modified)."""
+    timer = time.perf_counter()
+    loaded = load_model(model)
+    seconds: dict[str, float] = {"load": time.perf_counter() - timer}
+
+    timer = time.perf_counter()
+    extraction = extract_operators(loaded.proto, loaded.external)
+    seconds["extract"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    states = tuple(
+        spectral_state(op.name, op.weight, op.bias, config.sv_method)
+        for op in tqdm(extraction.operators, desc="spectra", unit="op", disable=_quiet(config))
+    )
+    seconds["spectra"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    graph = build_qmfrg(extraction.operators, states, config.frg)
+    by_bures = tuple(clusters(graph, metric="bures"))
+    by_spectrum = tuple(clusters(graph, metric="fs"))
+    seconds["qmfrg"] = time.perf_counter() - timer
+    return Analysis(
+        _model_name(model, loaded.proto), extraction, states, graph, by_bures, seconds, by_spectrum
+    )
+
+
+def _quiet(config: AnalysisConfig) -> bool | None:
+    return None if config.progress is None else not config.progress
+
+
+def _model_name(model: ModelLike, proto: onnx.ModelProto) -> str:
+    if isinstance(model, onnx.ModelProto):
+        return proto.graph.name or "model"
+    return str(model)
+
+
+def _operator_dict(op: Operator, state: SpectralState) -> dict[str, Any]:
+    full = state.singular_values.size
+    ranks = sorted({1, *(2**k for k in range(1, int(np.log2(full)) + 1)), full})
+    return {
+        "name": op.name,
+        "op_type": op.op_type,
+        "graph": op.graph,
+        "input": op.input,
+        "output": op.output,
+        "matrix_shape": list(op.shape),
+        "weight": op.weight_name,
+        "weight_source": op.weight_source,
+        "bias_source": op.bias_source,
+        "folded_batchnorm": op.folded_batchnorm,
+        "weight_side": op.weight_side,
+        "geometry": None if op.geometry is None else vars(op.geometry),
+        "params": op.params,
+        "flops": op.flops,
+        "effective_rank": state.effective_rank,
+        "energy_kept": {str(q): state.energy_kept(q) for q in ranks},
+        "rank_for_delta": {str(d): state.rank_for_delta(d) for d in REPORTED_DELTAS},
+        "psi": state.psi.tolist(),
+        "notes": list(op.notes),
+    }
+
+
+def _distance_summary(graph: nx.Graph, n_ops: int) -> dict[str, Any]:
+    fs = np.array([d["d_fs"] for _, _, d in graph.edges(data=True)])
+    bures = np.array([d["d_bures"] for _, _, d in graph.edges(data=True) if "d_bures" in d])
+    nearest = {}
+    for node in graph.nodes:
+        edges = graph.edges(node, data=True)
+        if edges:
+            _, other, data = min(edges, key=lambda e: e[2]["d_fs"])
+            nearest[node] = {"operator": other, **{k: float(v) for k, v in data.items()}}
+
+    def summary(values: np.ndarray) -> dict[str, float] | None:
+        if values.size == 0:
+            return None
+        return {"min": float(values.min()), "median": float(np.median(values)),
+                "max": float(values.max())}
+
+    return {
+        "threshold": graph.graph.get("threshold"),
+        "pairs": n_ops * (n_ops - 1) // 2,
+        "edges": graph.number_of_edges(),
+        "edges_with_bures": int(bures.size),
+        "fs_on_edges": summary(fs),
+        "bures_on_edges": summary(bures),
+        "nearest": nearest,
+    }

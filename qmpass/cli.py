@@ -1,0 +1,134 @@
+"""The ``qmpass`` command line (DESIGN.md, "Interfaces").
+
+Exit codes: 0 done; 2 bad usage or bad input (one line on stderr, nothing written);
+1 internal error. Every output file is written atomically after all work succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from qmpass.analysis import Analysis, AnalysisConfig, analyze
+from qmpass.errors import QmpassInputError
+from qmpass.frg import FRGConfig, graph_to_graphml
+from qmpass.modelio import write_atomic
+
+__all__ = ["main"]
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "transformer_digits.onnx"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 too; keep it to one line
+        self.exit(2, f"qmpass: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qmpass", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    analyze_cmd = sub.add_parser("analyze", help="spectral states, QM-FRG and clusters of a model")
+    analyze_cmd.add_argument("model", type=Path)
+    analyze_cmd.add_argument("--report", type=Path, help="write the JSON report here")
+    analyze_cmd.add_argument("--html", type=Path, help="write the HTML report here")
+    analyze_cmd.add_argument("--graphml", type=Path, help="write the QM-FRG as GraphML here")
+    analyze_cmd.add_argument(
+        "--threshold",
+        type=float,
+        default=FRGConfig.threshold,
+        help="largest FS distance (radians) of a QM-FRG edge",
+    )
+
+    demo = sub.add_parser("demo", help="the whole pipeline on the bundled model")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("qmpass-demo"),
+        help="folder for the demo's reports (default: ./qmpass-demo)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "analyze":
+            return _analyze(args)
+        return _demo(args)
+    except QmpassInputError as exc:
+        print(f"qmpass: {exc}", file=sys.stderr)
+        return 2
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.threshold <= 1.5707963267948966:
+        raise QmpassInputError(f"--threshold must be within [0, pi/2], got {args.threshold}.")
+    analysis = analyze(args.model, AnalysisConfig(frg=FRGConfig(threshold=args.threshold)))
+    _write_reports(analysis, report=args.report, html=args.html, graphml=args.graphml)
+    _print_summary(analysis)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if not DEFAULT_MODEL.is_file():
+        raise QmpassInputError(
+            f"the bundled model {DEFAULT_MODEL} is missing; run the demo from a source "
+            "checkout installed with `pip install -e .`."
+        )
+    analysis = analyze(DEFAULT_MODEL)
+    out: Path = args.out
+    _write_reports(
+        analysis,
+        report=out / "analysis.json",
+        html=out / "analysis.html",
+        graphml=out / "qmfrg.graphml",
+    )
+    _print_summary(analysis)
+    print(f"reports written to {out}/ (analysis.json, analysis.html, qmfrg.graphml)")
+    return 0
+
+
+def _write_reports(
+    analysis: Analysis, *, report: Path | None, html: Path | None, graphml: Path | None
+) -> None:
+    """Render everything first, then write: a failure leaves no partial set of files."""
+    from qmpass.report import render_html  # matplotlib is imported only when needed
+
+    outputs: list[tuple[Path, str]] = []
+    if report is not None:
+        outputs.append((report, json.dumps(analysis.to_dict(), indent=1)))
+    if html is not None:
+        outputs.append((html, render_html(analysis)))
+    if graphml is not None:
+        outputs.append((graphml, graph_to_graphml(analysis.graph)))
+    for path, text in outputs:
+        write_atomic(path, text)
+
+
+def _print_summary(analysis: Analysis) -> None:
+    ops = analysis.operators
+    print(
+        f"{analysis.model_name}: {len(ops)} weight operators, "
+        f"{sum(o.params for o in ops):,} parameters, {sum(o.flops for o in ops):,} FLOPs/sample"
+    )
+    header = f"{'operator':<44} {'type':<13} {'shape':>11} {'eff.rank':>8} {'q(0.05)':>7}"
+    print(header)
+    print("-" * len(header))
+    for op, state in zip(ops, analysis.states, strict=True):
+        shape = f"{op.shape[0]}x{op.shape[1]}"
+        print(
+            f"{op.name[-44:]:<44} {op.op_type:<13} {shape:>11} "
+            f"{state.effective_rank:8.1f} {state.rank_for_delta(0.05):7d}"
+        )
+    ex = analysis.extraction
+    print(
+        f"skipped: {len(ex.skipped)}, unsupported: {len(ex.unsupported)}, "
+        f"fusion groups: {len(ex.fusion_groups)}, "
+        f"QM-FRG edges: {analysis.graph.number_of_edges()}, "
+        f"Bures clusters: {len(analysis.clusters)}, "
+        f"spectral clusters: {len(analysis.spectral_clusters)}"
+    )

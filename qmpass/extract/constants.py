@@ -1,0 +1,108 @@
+"""Which tensors of a graph are constants, their values, and where they came from.
+
+Exporters put weights in graph initializers, in ``Constant`` nodes, in external data
+files, or behind small constant subgraphs (``Transpose``/``Reshape`` of a constant,
+``ConstantOfShape``, ``Cast``...). :class:`ConstantScope` resolves a tensor name to its
+value lazily, evaluating only the subgraph a weight needs with ``onnx.reference`` (no
+onnxruntime session, no IR-version limits), and records the source of every value.
+Subgraphs (``If``/``Loop`` bodies) get a child scope that also sees the outer names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from qmpass.errors import QmpassInputError
+
+__all__ = ["ConstantScope"]
+
+#: Ops whose output is not a function of their inputs: never folded.
+_NONDETERMINISTIC = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+     "Bernoulli"}
+)
+#: Folded values larger than this many elements are not materialised (a weight never is).
+_MAX_FOLD_ELEMENTS = 1 << 27
+
+
+class ConstantScope:
+    """Resolve tensor names of one graph (and its enclosing graphs) to constant values.
+
+    ``external`` names the initializers that were loaded from external data files.
+    """
+
+    def __init__(
+        self,
+        graph: onnx.GraphProto,
+        opsets: Mapping[str, int],
+        parent: ConstantScope | None = None,
+        external: frozenset[str] = frozenset(),
+    ) -> None:
+        self._opsets = dict(opsets)
+        self._external = external
+        self._parent = parent
+        self._initializers = {t.name: t for t in graph.initializer}
+        self._producers = {out: node for node in graph.node for out in node.output if out}
+        self._cache: dict[str, tuple[np.ndarray, str] | None] = {}
+
+    def child(self, graph: onnx.GraphProto) -> ConstantScope:
+        return ConstantScope(graph, self._opsets, parent=self, external=self._external)
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The constant value of ``name``, or None if it depends on a graph input."""
+        found = self._resolve(name)
+        return None if found is None else found[0]
+
+    def source(self, name: str) -> str | None:
+        """``initializer``, ``external_data``, ``constant_node``, ``folded(Op)`` or None."""
+        found = self._resolve(name)
+        return None if found is None else found[1]
+
+    def _resolve(self, name: str) -> tuple[np.ndarray, str] | None:
+        if not name:
+            return None
+        if name in self._cache:
+            return self._cache[name]
+        self._cache[name] = None  # cycles in a malformed graph resolve to "not constant"
+        found = self._resolve_uncached(name)
+        self._cache[name] = found
+        return found
+
+    def _resolve_uncached(self, name: str) -> tuple[np.ndarray, str] | None:
+        if name in self._initializers:
+            tensor = self._initializers[name]
+            external = name in self._external or tensor.data_location == onnx.TensorProto.EXTERNAL
+            try:
+                array = numpy_helper.to_array(tensor)
+            except (ValueError, OSError) as exc:
+                raise QmpassInputError(
+                    f"initializer '{name}' cannot be read ({exc}); is its external data missing?"
+                ) from exc
+            return array, "external_data" if external else "initializer"
+        node = self._producers.get(name)
+        if node is None:
+            return self._parent._resolve(name) if self._parent is not None else None
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC:
+            return None
+        if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for attr in node.attribute):
+            return None
+        inputs = [self._resolve(i) if i else None for i in node.input]
+        if any(found is None for i, found in zip(node.input, inputs, strict=True) if i):
+            return None
+        feeds = {i: found[0] for i, found in zip(node.input, inputs, strict=True) if found}
+        try:
+            outputs = ReferenceEvaluator(node, opsets=self._opsets).run(None, feeds)
+        except Exception:  # the reference raises many types; any failure means "not folded"
+            return None
+        array = np.asarray(outputs[list(node.output).index(name)])
+        if array.size > _MAX_FOLD_ELEMENTS:
+            return None
+        if node.op_type == "Constant":
+            return array, "constant_node"
+        return array, f"folded({node.op_type})"

@@ -1,0 +1,85 @@
+"""Records produced by extraction: one :class:`Operator` per weight-bearing node.
+
+An operator is seen as the affine map ``y = W x + b`` that it applies to one input vector:
+
+* MatMul / Gemm with a constant right operand: ``x`` is a row of the activation,
+  ``W`` is ``d_out x d_in`` (the transpose of the ONNX ``B``, after ``transB``/``alpha``);
+  with a constant *left* operand, ``x`` is a column of the activation.
+* Conv: ``x`` is one receptive field (``Cin/groups * prod(kernel)`` values per group);
+  ``W`` is the block-diagonal matrix of the per-group ``Cout/groups x Cin/groups*k``
+  blocks, so its singular values are those of all groups together.
+* ConvTranspose: the adjoint of a convolution; ``W`` maps the ``Cin`` channels of one
+  input pixel to ``Cout * prod(kernel)`` output values (block-diagonal over groups) and
+  the bias is repeated over the kernel positions.
+
+A ``BatchNormalization`` that alone consumes a Conv's output is folded into ``W`` and
+``b`` (``scale = gamma / sqrt(var + eps)``), as inference engines do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["ConvGeometry", "Operator", "Skipped"]
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The attributes of a Conv/ConvTranspose, with ONNX defaults filled in."""
+
+    kernel_shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+    groups: int
+    auto_pad: str = "NOTSET"
+
+
+@dataclass(frozen=True, eq=False)
+class Operator:
+    """One weight-bearing node, as an affine map ``y = W x + b`` (see module docstring).
+
+    ``weight`` and ``bias`` are read-only float64 arrays of the (folded) constants.
+    ``params`` counts the values the node stores in ONNX (not the zeros of the
+    block-diagonal view); ``flops`` is 2 x MACs for one sample at the reference shapes
+    (dynamic dimensions taken as 1).
+    """
+
+    name: str
+    op_type: str
+    graph: str
+    input: str
+    output: str
+    weight_name: str
+    weight_source: str
+    weight: np.ndarray
+    bias: np.ndarray | None
+    bias_source: str | None
+    flops: int
+    params: int
+    geometry: ConvGeometry | None = None
+    weight_side: str = "right"
+    folded_batchnorm: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(d_out, d_in)`` of the matrix view."""
+        rows, cols = self.weight.shape
+        return int(rows), int(cols)
+
+    @property
+    def in_subgraph(self) -> bool:
+        return "/" in self.graph
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A node that looks weight-bearing but was not analysed, and why."""
+
+    name: str
+    op_type: str
+    graph: str
+    reason: str

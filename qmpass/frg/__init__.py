@@ -1,0 +1,6 @@
+"""The QM-FRG redundancy graph and its clusters."""
+
+from qmpass.frg.export import graph_to_graphml, graph_to_json
+from qmpass.frg.graph import FRGConfig, build_qmfrg, clusters
+
+__all__ = ["FRGConfig", "build_qmfrg", "clusters", "graph_to_graphml", "graph_to_json"]

@@ -1,0 +1,189 @@
+"""Distances between operators, and the bounds qmpass relies on (DESIGN.md, "The math").
+
+What holds, and is used:
+
+* ``fs_distance``: the Fubini-Study distance of two spectra, ``arccos(sum sqrt(p1 p2))``
+  (the Bhattacharyya angle of the energy distributions), in ``[0, pi/2]``.
+* ``bures_angle``: ``arccos sqrt F(rho1, rho2)`` between the input-side density matrices
+  ``rho = W^T W^ / ||W^||_F**2``. ``fs_distance <= bures_angle`` always, and the Bures
+  angle is 0 exactly when ``W^_1 = c Q W^_2`` for an orthogonal ``Q``: so spectra are a
+  sound filter that rules pairs *out*, never in.
+* Mirsky and Weyl make spectral distance a lower bound on weight distance; the
+  certificate (``certificate``) bounds the output change of a replaced operator.
+
+What does not hold (kept as tests in ``tests/test_paper_claims.py``): equal spectra do not
+imply equal functions (``W`` and ``Q W``), ``W2 <= sqrt(2) d_FS`` fails, the paper's
+"majorization profile" of ``sigma`` is not a CDF, and its Lindblad equation (7) is not
+trace preserving (``gksl_derivative`` is the correct form, ``paper_eq7_derivative`` the
+printed one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import scipy.linalg
+
+from qmpass.spectral.state import SpectralState
+
+__all__ = [
+    "bures_angle",
+    "certificate",
+    "fs_distance",
+    "fs_distance_matrix",
+    "gksl_derivative",
+    "paper_eq7_derivative",
+    "quantum_relative_entropy",
+    "truncation_certificate",
+    "wasserstein2",
+    "weighted_fs",
+]
+
+
+def fs_distance(p1: np.ndarray, p2: np.ndarray) -> float:
+    """Fubini-Study distance of two energy distributions (shorter one zero-padded)."""
+    n = min(p1.size, p2.size)  # the padded tail contributes sqrt(p * 0) = 0
+    overlap = float(np.sum(np.sqrt(p1[:n] * p2[:n])))
+    return float(np.arccos(np.clip(overlap, 0.0, 1.0)))
+
+
+def fs_distance_matrix(states: Sequence[SpectralState]) -> np.ndarray:
+    """All pairwise FS distances, as one matrix product of the zero-padded ``psi`` vectors."""
+    length = max((s.psi.size for s in states), default=0)
+    psi = np.zeros((len(states), length))
+    for i, state in enumerate(states):
+        psi[i, : state.psi.size] = state.psi
+    return np.arccos(np.clip(psi @ psi.T, 0.0, 1.0))
+
+
+def wasserstein2(p1: np.ndarray, p2: np.ndarray) -> float:
+    """2-Wasserstein distance of two energy distributions on positions ``0, 1, 2, ...``.
+
+    In one dimension ``W2**2 = int_0^1 |Q1(u) - Q2(u)|**2 du`` with the quantile functions
+    ``Q``; both are step functions, so the integral is exact over the merged breakpoints
+    of the two CDFs. (scipy's ``wasserstein_distance`` is the 1-Wasserstein distance.)
+    """
+    c1, c2 = np.cumsum(p1) / np.sum(p1), np.cumsum(p2) / np.sum(p2)
+    levels = np.unique(np.concatenate(([0.0], c1, c2)))
+    levels = levels[levels <= 1.0]
+    mids = (levels[:-1] + levels[1:]) / 2
+    q1 = np.minimum(np.searchsorted(c1, mids), p1.size - 1)
+    q2 = np.minimum(np.searchsorted(c2, mids), p2.size - 1)
+    return float(np.sqrt(np.sum(np.diff(levels) * (q1 - q2) ** 2)))
+
+
+def _input_factor(augmented: np.ndarray) -> np.ndarray:
+    """A factor ``F`` with ``F^T F = A^T A`` and ``min(rows, cols)`` rows (R of a QR)."""
+    rows, cols = augmented.shape
+    if rows <= cols:
+        return augmented
+    return scipy.linalg.qr(augmented, mode="r", check_finite=False)[0][:cols]
+
+
+def bures_angle(a: np.ndarray, b: np.ndarray) -> float:
+    """Bures angle between ``rho_a = A^T A / ||A||_F**2`` and ``rho_b`` (same column count).
+
+    With ``rho = A^T A`` the root fidelity is ``||sqrt(rho_a) sqrt(rho_b)||_* =
+    ||A B^T||_*`` (polar decomposition), so no matrix square root is formed; tall
+    matrices are first reduced to their square ``R`` factor, which has the same Gram matrix.
+    """
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"Bures angle needs equal input widths, got {a.shape[1]} and {b.shape[1]}")
+    fa, fb = _input_factor(a), _input_factor(b)
+    nuclear = float(np.sum(scipy.linalg.svdvals(fa @ fb.T, check_finite=False)))
+    root_fidelity = nuclear / (np.linalg.norm(a) * np.linalg.norm(b))
+    return float(np.arccos(np.clip(root_fidelity, 0.0, 1.0)))
+
+
+def quantum_relative_entropy(rho: np.ndarray, sigma: np.ndarray) -> float:
+    """``S(rho || sigma) = tr rho (log rho - log sigma)`` by eigendecomposition (0 log 0 = 0).
+
+    Infinite when the support of ``rho`` is not inside that of ``sigma``.
+    """
+    tol = 1e-12
+    r_val, r_vec = scipy.linalg.eigh(rho)
+    s_val, s_vec = scipy.linalg.eigh(sigma)
+    r_pos = r_val > tol
+    entropy = float(np.sum(r_val[r_pos] * np.log(r_val[r_pos])))
+    # tr(rho log sigma) = sum_jk r_j |<r_j|s_k>|^2 log s_k
+    overlap = (r_vec[:, r_pos].T @ s_vec) ** 2
+    s_pos = s_val > tol
+    if np.any(overlap[:, ~s_pos] > tol):
+        return float("inf")
+    cross = float(r_val[r_pos] @ overlap[:, s_pos] @ np.log(s_val[s_pos]))
+    return entropy - cross
+
+
+def weighted_fs(
+    blocks1: Sequence[tuple[str, SpectralState]],
+    blocks2: Sequence[tuple[str, SpectralState]],
+    weights: Mapping[str, float],
+    default_weight: float = 1.0,
+) -> float:
+    """Weighted FS distance of two composite blocks (paper eq. 9).
+
+    ``sqrt(sum_m c_m d_FS(block1_m, block2_m)**2)``, the blocks paired in order; ``c_m``
+    is the weight of the pair's op type (a per-target parameter, e.g. Conv 1.2 on Ascend).
+    """
+    if len(blocks1) != len(blocks2):
+        raise ValueError("composite blocks must have the same number of members")
+    total = 0.0
+    for (type1, s1), (type2, s2) in zip(blocks1, blocks2, strict=True):
+        if type1 != type2:
+            raise ValueError(f"members pair a {type1} with a {type2}")
+        total += weights.get(type1, default_weight) * fs_distance(s1.energy, s2.energy) ** 2
+    return float(np.sqrt(total))
+
+
+def certificate(
+    w: np.ndarray,
+    b: np.ndarray | None,
+    w_new: np.ndarray,
+    b_new: np.ndarray | None,
+    *,
+    lipschitz: float,
+    radius: float,
+) -> float:
+    """Sound bound on ``sup ||act(Wx+b) - act(W'x+b')||`` over ``||x||_2 <= radius``.
+
+    ``L (R ||W - W'||_op + ||b - b'||_2)`` for an ``L``-Lipschitz activation.
+    """
+    op_norm = float(scipy.linalg.norm(w - w_new, 2)) if w.size else 0.0
+    zero = np.zeros(w.shape[0])
+    bias_gap = float(
+        np.linalg.norm((zero if b is None else b) - (zero if b_new is None else b_new))
+    )
+    return lipschitz * (radius * op_norm + bias_gap)
+
+
+def truncation_certificate(
+    singular_values: np.ndarray, rank: int, *, lipschitz: float, radius: float
+) -> float:
+    """The certificate for a rank-``rank`` truncated SVD of ``W`` (bias kept):
+    ``||W - W_q||_op = sigma_{q+1}``, so the bound is ``L R sigma_{q+1}``."""
+    tail = float(singular_values[rank]) if rank < singular_values.size else 0.0
+    return lipschitz * radius * tail
+
+
+def gksl_derivative(
+    rho: np.ndarray, hamiltonian: np.ndarray, jump_operators: Sequence[np.ndarray]
+) -> np.ndarray:
+    """``d rho/dt = -i[H, rho] + sum_k (L_k rho L_k^+ - 1/2 {L_k^+ L_k, rho})``: the GKSL
+    (Lindblad) generator, which preserves trace and Hermiticity."""
+    out = -1j * (hamiltonian @ rho - rho @ hamiltonian)
+    for jump in jump_operators:
+        jd = jump.conj().T
+        out += jump @ rho @ jd - 0.5 * (jd @ jump @ rho + rho @ jd @ jump)
+    return out
+
+
+def paper_eq7_derivative(
+    rho: np.ndarray, hamiltonian: np.ndarray, jump_operators: Sequence[np.ndarray]
+) -> np.ndarray:
+    """The paper's eq. (7) as printed, ``i d rho/dt = -i[H, rho] + sum_k L_k rho L_k^+``,
+    solved for ``d rho/dt``: without the anticommutator it does not preserve the trace."""
+    rhs = -1j * (hamiltonian @ rho - rho @ hamiltonian)
+    for jump in jump_operators:
+        rhs += jump @ rho @ jump.conj().T
+    return -1j * rhs

@@ -1,0 +1,87 @@
+"""The QM-FRG: the sparse graph equals the brute-force one, the filter is sound."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import networkx as nx
+import numpy as np
+import pytest
+from conftest import fixture_path
+
+import qmpass
+from qmpass.frg import FRGConfig, build_qmfrg, clusters, graph_to_graphml, graph_to_json
+from qmpass.spectral import augmented_matrix, bures_angle, fs_distance_matrix
+
+
+@pytest.fixture(scope="module")
+def analysis() -> qmpass.Analysis:
+    return qmpass.analyze(fixture_path("transformer_digits"))
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.15, 0.5])
+def test_edges_are_exactly_the_pairs_under_the_threshold(analysis, threshold) -> None:
+    ops, states = analysis.operators, analysis.states
+    graph = build_qmfrg(ops, states, FRGConfig(threshold=threshold, block_rows=3))
+    brute = fs_distance_matrix(states)
+    expected = {
+        frozenset((ops[i].name, ops[j].name))
+        for i in range(len(ops)) for j in range(i + 1, len(ops)) if brute[i, j] <= threshold
+    }
+    assert {frozenset(e) for e in graph.edges} == expected
+    for u, v, data in graph.edges(data=True):
+        i, j = (next(k for k, o in enumerate(ops) if o.name == n) for n in (u, v))
+        assert data["d_fs"] == pytest.approx(brute[i, j], abs=1e-7)
+        if ops[i].shape[1] == ops[j].shape[1]:
+            a = augmented_matrix(ops[i].weight, ops[i].bias)
+            b = augmented_matrix(ops[j].weight, ops[j].bias)
+            assert data["d_bures"] == pytest.approx(bures_angle(a, b))
+            assert data["d_fs"] <= data["d_bures"] + 1e-7  # why the filter is sound
+        else:
+            assert "d_bures" not in data
+
+
+def test_trained_layers_with_close_spectra_are_not_close_operators(analysis) -> None:
+    """On the trained transformer, many pairs pass the spectral filter and none of them
+    is confirmed by the Bures angle: spectra alone do not find redundancy."""
+    graph = build_qmfrg(analysis.operators, analysis.states, FRGConfig(threshold=0.1))
+    bures = [d["d_bures"] for _, _, d in graph.edges(data=True) if "d_bures" in d]
+    assert len(bures) >= 5
+    assert min(bures) > 0.3
+    assert clusters(graph, metric="bures") == []
+    assert clusters(graph, metric="fs")
+
+
+def test_a_rotated_copy_is_clustered_with_its_original(analysis) -> None:
+    op = analysis.operators[5]
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((op.shape[0], op.shape[0])))
+    twin = dataclasses.replace(op, name="twin", weight=q @ op.weight,
+                               bias=None if op.bias is None else q @ op.bias)
+    ops = [*analysis.operators, twin]
+    states = [*analysis.states, qmpass.spectral.spectral_state("twin", twin.weight, twin.bias)]
+    graph = build_qmfrg(ops, states, FRGConfig(threshold=0.05))
+    assert graph.edges[op.name, "twin"]["d_bures"] < 1e-6
+    assert {op.name, "twin"} in [set(c) for c in clusters(graph, metric="bures")]
+
+
+def test_spectral_clustering_splits_two_groups() -> None:
+    graph = nx.Graph(threshold=1.0)
+    for group in ("a", "b"):
+        for i in range(4):
+            for j in range(i + 1, 4):
+                graph.add_edge(f"{group}{i}", f"{group}{j}", d_fs=0.01, d_bures=0.01)
+    graph.add_edge("a0", "b0", d_fs=0.9, d_bures=0.9)
+    found = clusters(graph, metric="bures", method="spectral")
+    assert sorted(found) == [("a0", "a1", "a2", "a3"), ("b0", "b1", "b2", "b3")]
+    assert clusters(graph, metric="bures") == [tuple(sorted(graph.nodes))]
+
+
+def test_exports_round_trip(analysis, tmp_path) -> None:
+    data = graph_to_json(analysis.graph)
+    assert len(data["nodes"]) == len(analysis.operators)
+    assert len(data["edges"]) == analysis.graph.number_of_edges()
+    path = tmp_path / "g.graphml"
+    path.write_text(graph_to_graphml(analysis.graph))
+    back = nx.read_graphml(path)
+    assert set(back.nodes) == set(analysis.graph.nodes)
+    assert back.number_of_edges() == analysis.graph.number_of_edges()
