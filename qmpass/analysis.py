@@ -142,6 +142,8 @@ def _operator_dict(op: Operator, state: SpectralState) -> dict[str, Any]:
         "geometry": None if op.geometry is None else vars(op.geometry),
         "params": op.params,
         "flops": op.flops,
+        "weight_norm": float(np.linalg.norm(op.weight)),
+        "bias_norm": 0.0 if op.bias is None else float(np.linalg.norm(op.bias)),
         "effective_rank": state.effective_rank,
         "energy_kept": {str(q): state.energy_kept(q) for q in ranks},
         "rank_for_delta": {str(d): state.rank_for_delta(d) for d in REPORTED_DELTAS},

@@ -389,3 +389,79 @@ def test_extraction_does_not_modify_the_model() -> None:
     before = model.SerializeToString()
     analyze(model)
     assert model.SerializeToString() == before
+
+
+def test_operators_in_a_loop_body_are_listed() -> None:
+    w = trained_matrix(16, 16)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "w"], ["h_mm"], name="loop_mm"),
+         helper.make_node("Relu", ["h_mm"], ["h_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+         tensor("h_in", [1, 16])],
+        [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+         tensor("h_out", [1, 16])],
+    )
+    model = make_model(
+        [helper.make_node("Loop", ["trip", "", "x"], ["y"], name="loop", body=body)],
+        [tensor("x", [1, 16]), helper.make_tensor_value_info("trip", onnx.TensorProto.INT64, [])],
+        [tensor("y", [1, 16])],
+        [const("w", w.T)],
+    )
+    (op,) = extract_operators(model).operators
+    assert (op.name, op.graph, op.weight_source) == ("loop_mm", "main/loop.body", "initializer")
+    (expected,) = run(model, {"x": X[:1], "trip": np.array(1, np.int64)})
+    np.testing.assert_allclose(np.maximum(X[:1] @ op.weight.T, 0), expected, atol=1e-5)
+
+
+def test_a_node_that_breaks_the_spec_is_skipped_not_fatal() -> None:
+    w = trained_matrix(8, 16)
+    broken = helper.make_node("Gemm", ["x"], ["h"], name="broken")  # B is missing
+    graph = helper.make_graph(
+        [broken, helper.make_node("MatMul", ["x", "w"], ["y"], name="ok")], "g",
+        [tensor("x", [2, 16])], [tensor("y", [2, 8]), tensor("h", [2, 8])],
+        initializer=[const("w", w.T)],
+    )
+    extraction = extract_operators(helper.make_model(graph))
+    assert [op.name for op in extraction.operators] == ["ok"]
+    assert extraction.skipped[0].name == "broken"
+    assert extraction.skipped[0].reason.startswith("not understood (IndexError")
+
+
+def test_gemm_with_a_full_matrix_c_is_analysed_without_bias() -> None:
+    w = trained_matrix(8, 16)
+    model = make_model(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", transB=1)],
+        [tensor("x", [5, 16])], [tensor("y", [5, 8])],
+        [const("w", w), const("c", trained_matrix(5, 8))],
+    )
+    (op,) = extract_operators(model).operators
+    assert op.bias is None
+    assert op.notes == ("bias C of shape (5, 8) is not per-output; analysed without it",)
+
+
+def test_rank3_constant_operand_is_skipped_with_reason() -> None:
+    w = trained_matrix(32, 16).reshape(2, 16, 16)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="bmm")],
+        [tensor("x", [2, 5, 16])], [tensor("y", [2, 5, 16])], [const("w", w)],
+    )
+    extraction = extract_operators(model)
+    assert not extraction.operators
+    assert extraction.skipped[0].reason == (
+        "constant operand has rank 3; only 2-D weights are analysed"
+    )
+
+
+def test_flops_follow_shapes_through_exporter_reshapes() -> None:
+    """The exporter rebuilds out_proj's input with Shape/Gather/Concat/Reshape for a
+    dynamic batch; the 8 tokens of a sample must still be counted."""
+    from conftest import fixture_path
+
+    ops = extract_operators(onnx.load(str(fixture_path("transformer_digits")))).operators
+    flops = {op.name.rsplit("/", 2)[-2]: op.flops for op in ops if "layers.0" in op.name}
+    tokens, width = 8, 64
+    assert flops["out_proj"] == flops["q_proj"] == 2 * tokens * width * width
+    assert flops["mlp.0"] == 2 * tokens * width * 2 * width

@@ -118,7 +118,14 @@ class _Walker:
                 self.skipped.append(Skipped(name, node.op_type, path, _NOT_ANALYSED[node.op_type]))
             elif node.op_type in _WEIGHT_OPS:
                 match = _Match(node, name, path, scope, self.shapes, consumers, graph_outputs)
-                result = match.extract()
+                try:
+                    result = match.extract()
+                except (IndexError, KeyError, TypeError, ValueError) as exc:
+                    if isinstance(exc, QmpassInputError):
+                        raise
+                    # a node that breaks the spec (missing inputs, odd attributes) is
+                    # reported, not fatal: the rest of the graph is still analysed
+                    result = f"not understood ({type(exc).__name__}: {exc})"
                 if isinstance(result, Operator):
                     self.operators.append(result)
                 else:
@@ -359,6 +366,7 @@ class _Match:
                     "BatchNormalization" if bias_source is None else "Conv B + BatchNormalization"
                 )
                 output, bn_name = bn.output[0], bn.name or bn.output[0]
+                params += 4 * c_out  # the folded node's scale, bias, mean and variance
         blocks = w.reshape(groups, c_out // groups, -1)
         matrix = _block_diagonal(blocks)
         out_dims = self._dims(self.node.output[0])

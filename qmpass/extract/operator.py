@@ -42,9 +42,9 @@ class Operator:
     """One weight-bearing node, as an affine map ``y = W x + b`` (see module docstring).
 
     ``weight`` and ``bias`` are read-only float64 arrays of the (folded) constants.
-    ``params`` counts the values the node stores in ONNX (not the zeros of the
-    block-diagonal view); ``flops`` is 2 x MACs for one sample at the reference shapes
-    (dynamic dimensions taken as 1).
+    ``params`` counts the values the node (and a folded BatchNormalization) stores in
+    ONNX, not the zeros of the block-diagonal view; ``flops`` is 2 x MACs for one sample
+    at the reference shapes (dynamic dimensions taken as 1).
     """
 
     name: str

@@ -22,7 +22,9 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     """Map every tensor name with a known rank to its shape (None for unknown dims)."""
     light = _without_large_initializers(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+        # data propagation follows Shape -> Gather -> Concat -> Reshape chains, which
+        # exporters write for dynamic batch sizes; without it those dims are unknown
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:  # inference is a nicety for FLOP counts; a model it rejects has none
         inferred = light
     shapes: dict[str, Shape] = {}

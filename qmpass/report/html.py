@@ -50,6 +50,8 @@ MAX_LEGEND_OPERATORS = 10
 LABEL_WIDTH = 24
 _DPI = 100
 _SEED = 0
+#: a colour as matplotlib colormaps return it
+RGBA = tuple[float, float, float, float]
 
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d232a;
@@ -70,7 +72,7 @@ tr:hover td { background: #f8fafc; }
 figure { margin: 1.2em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e4e8ec; }
 figcaption { color: #555; font-size: 13px; max-width: 900px; }
-ul { padding-left: 1.4em; }
+ol { padding-left: 1.6em; }
 """
 
 
@@ -118,19 +120,26 @@ def _short_labels(names: Sequence[str], width: int = LABEL_WIDTH) -> list[str]:
     seen: dict[str, int] = {}
     for label in labels:
         seen[label] = seen.get(label, 0) + 1
-    return [f"{label[: width - 4]}#{i}" if seen[label] > 1 else label
+    return [_with_suffix(label, f"#{i}", width) if seen[label] > 1 else label
             for i, label in enumerate(labels)]
 
 
+def _with_suffix(label: str, suffix: str, width: int) -> str:
+    return label[: max(width - len(suffix), 0)] + suffix
+
+
+_OP_TYPE_LEAVES = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
+
+
 def _abbreviate(name: str, width: int) -> str:
-    parts = [p for p in name.split("/") if p]
+    parts = [p for p in name.split("/") if p] or [name]
     parts = [p for p, nxt in zip(parts, [*parts[1:], ""], strict=True)
              if not nxt.startswith(p + ".")]
     if len(parts) > 1 and parts[-1] in _OP_TYPE_LEAVES and any(
         c.isalpha() for c in "".join(parts[:-1])
     ):
         parts = parts[:-1]
-    label = "/".join(parts) or name
+    label = "/".join(parts)
     if len(label) <= width:
         return label
     kept = parts[-1]
@@ -139,9 +148,6 @@ def _abbreviate(name: str, width: int) -> str:
             break
         kept = f"{part}/{kept}"
     return f"…/{kept}" if len(kept) + 2 <= width else "…" + kept[-(width - 1):]
-
-
-_OP_TYPE_LEAVES = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 
 
 def _context_line(analysis: Analysis) -> str:
@@ -253,7 +259,7 @@ def _png_data_uri(fig: Figure) -> str:
 
 def _text_inches(chars: int, fontsize: float) -> float:
     """Rough width of ``chars`` characters of DejaVu Sans, to size margins up front."""
-    return chars * fontsize * 0.62 / 72
+    return chars * fontsize * 0.56 / 72
 
 
 def _figure_with_axes(
@@ -265,20 +271,19 @@ def _figure_with_axes(
     measures every text several times and was most of the rendering time.
     """
     fig = Figure(figsize=(width, height), dpi=_DPI)
-    FigureCanvasAgg(fig)
     ax = fig.add_axes((left / width, bottom / height,
                        1 - (left + right) / width, 1 - (bottom + top) / height))
     return fig, ax
 
 
-def _op_type_colours(op_types: Sequence[str]) -> dict[str, tuple[float, ...]]:
+def _op_type_colours(op_types: Sequence[str]) -> dict[str, RGBA]:
     palette = colormaps["tab10"]
-    return {t: tuple(palette(i % 10)) for i, t in enumerate(sorted(set(op_types)))}
+    return {t: palette(i % 10) for i, t in enumerate(sorted(set(op_types)))}
 
 
 def _line_styles(
     analysis: Analysis, labels: Sequence[str]
-) -> list[tuple[tuple[float, ...], str | None]]:
+) -> list[tuple[RGBA, str | None]]:
     """Colour and legend label per operator, shared by the spectrum and energy plots.
 
     A handful of operators each get a colour and a name; more get their op type's colour
@@ -287,9 +292,9 @@ def _line_styles(
     operators = analysis.operators
     if len(operators) <= MAX_LEGEND_OPERATORS:
         palette = colormaps["tab10"]
-        return [(tuple(palette(i)), _mpl_text(label)) for i, label in enumerate(labels)]
+        return [(palette(i), _mpl_text(label)) for i, label in enumerate(labels)]
     colours = _op_type_colours([op.op_type for op in operators])
-    styles: list[tuple[tuple[float, ...], str | None]] = []
+    styles: list[tuple[RGBA, str | None]] = []
     named: set[str] = set()
     for op in operators:
         first = op.op_type not in named
@@ -309,7 +314,7 @@ def _rank_fractions(size: int) -> np.ndarray:
 
 
 def _curve_figure(
-    styles: Sequence[tuple[tuple[float, ...], str | None]]
+    styles: Sequence[tuple[RGBA, str | None]]
 ) -> tuple[Figure, Axes]:
     """The frame of the spectrum and energy plots, with room for the legend on the right."""
     longest = max((len(label) for _, label in styles if label), default=0)
@@ -327,7 +332,7 @@ def _legend(ax: Axes) -> None:
 
 
 def _spectra_figure(
-    analysis: Analysis, styles: Sequence[tuple[tuple[float, ...], str | None]]
+    analysis: Analysis, styles: Sequence[tuple[RGBA, str | None]]
 ) -> Figure:
     fig, ax = _curve_figure(styles)
     alpha = 0.9 if len(styles) <= MAX_LEGEND_OPERATORS else 0.5
@@ -345,7 +350,7 @@ def _spectra_figure(
 
 
 def _energy_figure(
-    analysis: Analysis, styles: Sequence[tuple[tuple[float, ...], str | None]]
+    analysis: Analysis, styles: Sequence[tuple[RGBA, str | None]]
 ) -> Figure:
     fig, ax = _curve_figure(styles)
     alpha = 0.9 if len(styles) <= MAX_LEGEND_OPERATORS else 0.5
@@ -373,12 +378,12 @@ def _heatmap_figure(analysis: Analysis, labels: Sequence[str], threshold: float 
     distances = fs_distance_matrix(analysis.states)
     n = len(labels)
     step = math.ceil(n / MAX_HEATMAP_LABELS)
-    ticks = np.arange(0, n, step)
+    ticks = list(range(0, n, step))
     shown = min(n, MAX_HEATMAP_LABELS)
-    fontsize = float(np.clip(220 / shown, 5.0, 9.0))
+    fontsize = float(np.clip(220 / len(ticks), 5.0, 9.0))
     tick_labels = [_mpl_text(labels[i]) for i in ticks]
     margin = 0.3 + _text_inches(max(len(t) for t in tick_labels), fontsize)
-    side = float(np.clip(0.26 * shown, 3.0, 10.0))
+    side = float(np.clip(0.34 * shown, 3.5, 10.0))
     width, height = margin + side + 1.4, margin + side + 0.45
     fig, ax = _figure_with_axes(width, height, left=margin, right=1.4, bottom=margin,
                                 top=0.45)
@@ -389,14 +394,13 @@ def _heatmap_figure(analysis: Analysis, labels: Sequence[str], threshold: float 
     ax.set_xticks(ticks, tick_labels, rotation=90, fontsize=fontsize)
     ax.set_yticks(ticks, tick_labels, fontsize=fontsize)
     ax.set_title("Fubini-Study distance of spectra"
-                 + (f" (every {step}th label)" if step > 1 else ""))
+                 + (f" (one label in {step})" if step > 1 else ""))
     cax = fig.add_axes((1 - 1.15 / width, margin / height, 0.18 / width, side / height))
-    bar = fig.colorbar(image, cax=cax, label="d_FS (rad)")
     if threshold is not None and threshold <= top:
+        bar = fig.colorbar(image, cax=cax, label="d_FS (rad); red: QM-FRG threshold")
         bar.ax.axhline(threshold, color="crimson", lw=2.5)
-        bar.ax.annotate("edge\nthreshold", (0.0, threshold), xytext=(-4, 0),
-                        textcoords="offset points", ha="right", va="center", fontsize=7,
-                        color="crimson", annotation_clip=False)
+    else:
+        fig.colorbar(image, cax=cax, label="d_FS (rad)")
     return fig
 
 
@@ -456,16 +460,17 @@ def _graph_figure(analysis: Analysis, labels: Sequence[str]) -> Figure:
     n = len(operators)
     labelled = n <= MAX_GRAPH_LABELS
     positions, width, height = _graph_layout(graph, labelled)
-    # about 0.7 of the horizontal scale: nodes and labels need room, not a true aspect
-    inches_per_unit = 8.6 / max(width, ISOLATED_STEP)
+    # small drawings stay small; vertically 0.8 of the horizontal scale is enough room
+    inches = min(2.2, 8.6 / max(width, ISOLATED_STEP))
     fig, ax = _figure_with_axes(
-        10.0, float(np.clip(1.2 + 0.7 * inches_per_unit * height, 2.6, 7.5)),
+        float(np.clip(2.2 + inches * width, 6.0, 10.0)),
+        float(np.clip(1.2 + 0.8 * inches * height, 2.6, 7.5)),
         left=0.1, right=1.3, bottom=0.1, top=0.4,
     )
     ax.set_axis_off()
     colours = _op_type_colours([op.op_type for op in operators])
     ranks = np.array([graph.nodes[op.name]["effective_rank"] for op in operators])
-    sizes = 80 + 520 * ranks / max(float(ranks.max()), 1e-12)
+    sizes = (80 + 520 * ranks / max(float(ranks.max()), 1e-12)) / (1 if labelled else 4)
     nx.draw_networkx_nodes(
         graph, positions, nodelist=[op.name for op in operators], ax=ax, node_size=sizes,
         node_color=[colours[op.op_type] for op in operators], edgecolors="white",
@@ -487,18 +492,19 @@ def _graph_figure(analysis: Analysis, labels: Sequence[str]) -> Figure:
             )
     if labelled:
         for op, label, size in zip(operators, labels, sizes, strict=True):
-            ax.annotate(_mpl_text(label), positions[op.name], ha="center", va="top",
+            x, y = positions[op.name]
+            ax.annotate(_mpl_text(label), (float(x), float(y)), ha="center", va="top",
                         xytext=(0, -math.sqrt(size) / 2 - 1), textcoords="offset points",
                         fontsize=7.5 if n <= 20 else 6,
                         bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none",
                               "alpha": 0.75})
     if edges:
-        cax = fig.add_axes((1 - 0.95 / 10.0, 0.08, 0.015, 0.55))
+        cax = fig.add_axes((1 - 0.95 / fig.get_figwidth(), 0.08, 0.15 / fig.get_figwidth(), 0.55))
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, label="d_FS (rad)")
-        title = f"QM-FRG: {len(edges)} edges"
+        title = f"QM-FRG: {len(edges)} edge{'s' if len(edges) > 1 else ''}"
     else:
-        under = f" within d_FS ≤ {threshold:g}" if threshold is not None else ""
-        title = f"QM-FRG: no pair of operators{under}, so no edges"
+        under = f" within d_FS ≤ {threshold:g}" if threshold is not None and n > 1 else ""
+        title = f"QM-FRG: no edges{under}"
     ax.set_title(title)
     handles: list[Artist] = [Patch(color=c, label=_mpl_text(t)) for t, c in colours.items()]
     if edges:
