@@ -170,9 +170,11 @@ def _distance_summary(graph: nx.Graph, n_ops: int) -> dict[str, Any]:
 
     return {
         "threshold": graph.graph.get("threshold"),
+        "max_neighbors": graph.graph.get("max_neighbors"),
         "pairs": n_ops * (n_ops - 1) // 2,
         "edges": graph.number_of_edges(),
         "edges_with_bures": int(bures.size),
+        "bures_pairs_over_budget": graph.graph.get("bures_pairs_over_budget", 0),
         "fs_on_edges": summary(fs),
         "bures_on_edges": summary(bures),
         "nearest": nearest,

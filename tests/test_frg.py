@@ -22,7 +22,8 @@ def analysis() -> qmpass.Analysis:
 @pytest.mark.parametrize("threshold", [0.05, 0.15, 0.5])
 def test_edges_are_exactly_the_pairs_under_the_threshold(analysis, threshold) -> None:
     ops, states = analysis.operators, analysis.states
-    graph = build_qmfrg(ops, states, FRGConfig(threshold=threshold, block_rows=3))
+    unlimited = FRGConfig(threshold=threshold, block_rows=3, bures_work=np.inf)
+    graph = build_qmfrg(ops, states, unlimited)
     brute = fs_distance_matrix(states)
     expected = {
         frozenset((ops[i].name, ops[j].name))
@@ -39,6 +40,30 @@ def test_edges_are_exactly_the_pairs_under_the_threshold(analysis, threshold) ->
             assert data["d_fs"] <= data["d_bures"] + 1e-7  # why the filter is sound
         else:
             assert "d_bures" not in data
+
+
+def test_each_operator_keeps_its_closest_neighbours(analysis) -> None:
+    ops, states = analysis.operators, analysis.states
+    brute = fs_distance_matrix(states)
+    np.fill_diagonal(brute, np.inf)
+    graph = build_qmfrg(ops, states, FRGConfig(threshold=0.5, max_neighbors=1, block_rows=4))
+    expected = {
+        frozenset((ops[i].name, ops[int(np.argmin(brute[i]))].name))
+        for i in range(len(ops)) if brute[i].min() <= 0.5
+    }
+    assert {frozenset(e) for e in graph.edges} == expected
+
+
+def test_bures_work_is_capped_and_the_rest_counted(analysis) -> None:
+    config = FRGConfig(threshold=0.5, bures_work=0.0, bures_min_flops=0.0)
+    graph = build_qmfrg(analysis.operators, analysis.states, config)
+    assert graph.graph["bures_pairs"] == 0
+    same_width = [
+        (u, v) for u, v in graph.edges
+        if graph.nodes[u]["d_in"] == graph.nodes[v]["d_in"]
+    ]
+    assert graph.graph["bures_pairs_over_budget"] == len(same_width) > 0
+    assert not any("d_bures" in d for _, _, d in graph.edges(data=True))
 
 
 def test_trained_layers_with_close_spectra_are_not_close_operators(analysis) -> None:

@@ -1,6 +1,13 @@
 """The QM-FRG redundancy graph and its clusters."""
 
 from qmpass.frg.export import graph_to_graphml, graph_to_json
-from qmpass.frg.graph import FRGConfig, build_qmfrg, clusters
+from qmpass.frg.graph import FRGConfig, build_qmfrg, clusters, spectral_edges
 
-__all__ = ["FRGConfig", "build_qmfrg", "clusters", "graph_to_graphml", "graph_to_json"]
+__all__ = [
+    "FRGConfig",
+    "build_qmfrg",
+    "clusters",
+    "graph_to_graphml",
+    "graph_to_json",
+    "spectral_edges",
+]

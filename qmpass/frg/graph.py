@@ -1,12 +1,12 @@
 """The QM-FRG: a redundancy graph over operators (read-only analysis).
 
 One vertex per operator. An edge joins two operators whose spectral FS distance is at
-most ``threshold``; where the two read inputs of equal width, the edge also carries the
-Bures angle of their input-side density matrices. Since ``d_FS <= d_Bures``, a pair cut
-by the spectral filter could never pass a Bures threshold, so computing Bures only on the
-survivors loses nothing. The FS distances of all pairs come from one matrix product per
-block of rows, and only the pairs under the threshold are kept, so the graph stays sparse
-and memory stays bounded for tens of thousands of operators.
+most ``threshold`` (each operator keeps its ``max_neighbors`` closest); where the two
+read inputs of equal width, the edge also carries the Bures angle of their input-side
+density matrices. Since ``d_FS <= d_Bures``, a pair cut by the spectral filter could
+never pass a Bures threshold, so computing Bures only on the survivors loses nothing.
+The FS distances of all pairs come from one matrix product per block of rows, and only
+the kept pairs leave it, so memory stays bounded for tens of thousands of operators.
 """
 
 from __future__ import annotations
@@ -21,45 +21,84 @@ import scipy.cluster.vq
 import scipy.linalg
 
 from qmpass.extract import Operator
-from qmpass.spectral import SpectralState, augmented_matrix, bures_angle
+from qmpass.spectral import (
+    SpectralState,
+    augmented_matrix,
+    bures_angle_of_factors,
+    input_factor,
+)
 
-__all__ = ["FRGConfig", "build_qmfrg", "clusters"]
+__all__ = ["FRGConfig", "build_qmfrg", "clusters", "spectral_edges"]
 
 
 @dataclass(frozen=True)
 class FRGConfig:
     """How the graph is built.
 
-    ``threshold`` (radians) bounds the FS distance of an edge; ``max_bures_pairs`` caps
-    the Bures computations (the closest pairs first), since each costs a small SVD.
+    ``threshold`` (radians) bounds the FS distance of an edge. ``max_neighbors`` keeps,
+    for each operator, only its closest operators under the threshold (an edge is kept
+    when either end chose it): the graph stays sparse even where a model repeats one
+    layer many times. ``bures_work`` caps the Bures computations at that multiple of the
+    floating-point work of the spectra themselves, or at ``bures_min_flops``, whichever
+    is larger; the closest pairs are taken first, and pairs left over keep their FS
+    distance only (the graph says how many).
     """
 
     threshold: float = 0.15
+    max_neighbors: int = 16
     bures: bool = True
-    max_bures_pairs: int = 20_000
+    bures_work: float = 1.0
+    bures_min_flops: float = 2e9
     block_rows: int = 1024
 
 
-def _spectral_edges(
-    states: Sequence[SpectralState], threshold: float, block_rows: int
+def spectral_edges(
+    states: Sequence[SpectralState], threshold: float, max_neighbors: int, block_rows: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Index pairs ``i < j`` with ``d_FS <= threshold`` and their distances."""
+    """Index pairs ``i < j`` with ``d_FS <= threshold``, each among the ``max_neighbors``
+    closest of ``i`` or of ``j``, and their distances."""
+    count = len(states)
     length = max((s.psi.size for s in states), default=0)
-    psi = np.zeros((len(states), length))
+    psi = np.zeros((count, length))
     for i, state in enumerate(states):
         psi[i, : state.psi.size] = state.psi
     floor = np.cos(threshold)  # d <= t  <=>  overlap >= cos t  (arccos is decreasing)
-    rows, cols, dists = [], [], []
-    for start in range(0, len(states), block_rows):
-        overlap = psi[start : start + block_rows] @ psi[start:].T
-        i, j = np.nonzero(np.triu(overlap >= floor, k=1))
-        rows.append(i + start)
-        cols.append(j + start)
-        dists.append(np.arccos(np.clip(overlap[i, j], 0.0, 1.0)))
-    if not rows:
+    keep = min(max_neighbors, count - 1)
+    firsts, seconds, overlaps = [], [], []
+    for start in range(0, count, block_rows):
+        rows = np.arange(start, min(start + block_rows, count))
+        overlap = psi[rows] @ psi.T
+        overlap[np.arange(rows.size), rows] = -1.0  # never one's own neighbour
+        if keep < count - 1:
+            chosen = np.argpartition(-overlap, keep - 1, axis=1)[:, :keep]
+        else:
+            chosen = np.broadcast_to(np.arange(count), overlap.shape)
+        values = np.take_along_axis(overlap, chosen, axis=1)
+        close = values >= floor
+        firsts.append(np.broadcast_to(rows[:, None], chosen.shape)[close])
+        seconds.append(chosen[close])
+        overlaps.append(values[close])
+    if keep <= 0 or not firsts:
         empty = np.zeros(0, dtype=np.intp)
         return empty, empty, np.zeros(0)
-    return np.concatenate(rows), np.concatenate(cols), np.concatenate(dists)
+    first, second = np.concatenate(firsts), np.concatenate(seconds)
+    low, high = np.minimum(first, second), np.maximum(first, second)
+    _, unique = np.unique(low * count + high, return_index=True)
+    distances = np.arccos(np.clip(np.concatenate(overlaps)[unique], 0.0, 1.0))
+    return low[unique], high[unique], distances
+
+
+def _gram_work(rows: int, cols: int) -> float:
+    """Rough floating-point work of a Gram matrix and its eigenvalues (a spectral state)."""
+    small, large = min(rows, cols), max(rows, cols)
+    return 2.0 * small * small * large + 4.0 * small**3
+
+
+def _bures_work(rows_a: int, rows_b: int, width: int) -> float:
+    """Rough work of one Bures angle: ``F_a F_b^T`` and its singular values (LAPACK's
+    bidiagonalisation runs at about a quarter of the speed of the Gram path, hence 16)."""
+    small, large = min(rows_a, rows_b), max(rows_a, rows_b)
+    return 2.0 * rows_a * rows_b * width + 16.0 * small * small * large
 
 
 def build_qmfrg(
@@ -68,33 +107,61 @@ def build_qmfrg(
     config: FRGConfig = FRGConfig(),
 ) -> nx.Graph:
     """The QM-FRG of ``operators`` (``states[i]`` is the state of ``operators[i]``)."""
-    graph = nx.Graph()
+    graph = nx.Graph(threshold=config.threshold, max_neighbors=config.max_neighbors)
     for op, state in zip(operators, states, strict=True):
         graph.add_node(
-            op.name, op_type=op.op_type, d_out=op.shape[0], d_in=op.shape[1],
-            effective_rank=state.effective_rank, subgraph=op.graph,
+            op.name,
+            op_type=op.op_type,
+            d_out=op.shape[0],
+            d_in=op.shape[1],
+            effective_rank=state.effective_rank,
+            subgraph=op.graph,
         )
-    rows, cols, dists = _spectral_edges(states, config.threshold, config.block_rows)
+    rows, cols, dists = spectral_edges(
+        states, config.threshold, config.max_neighbors, config.block_rows
+    )
+    names = [op.name for op in operators]
     graph.add_edges_from(
-        (operators[i].name, operators[j].name, {"d_fs": float(d)})
+        (names[i], names[j], {"d_fs": d})
         for i, j, d in zip(rows.tolist(), cols.tolist(), dists.tolist(), strict=True)
     )
     if config.bures:
-        same_width = [
-            k for k in np.argsort(dists, kind="stable")
-            if operators[rows[k]].shape[1] == operators[cols[k]].shape[1]
-        ][: config.max_bures_pairs]
-        augmented: dict[int, np.ndarray] = {}
-        for k in same_width:
-            i, j = int(rows[k]), int(cols[k])
-            for idx in (i, j):
-                if idx not in augmented:
-                    augmented[idx] = augmented_matrix(operators[idx].weight, operators[idx].bias)
-            graph.edges[operators[i].name, operators[j].name]["d_bures"] = bures_angle(
-                augmented[i], augmented[j]
-            )
-    graph.graph["threshold"] = config.threshold
+        _add_bures(graph, operators, rows, cols, dists, config)
     return graph
+
+
+def _add_bures(
+    graph: nx.Graph,
+    operators: Sequence[Operator],
+    rows: np.ndarray,
+    cols: np.ndarray,
+    dists: np.ndarray,
+    config: FRGConfig,
+) -> None:
+    """Bures angles of the equal-width edges, closest first, within the work budget."""
+    width = np.array([op.shape[1] for op in operators], dtype=np.intp)
+    order = np.argsort(dists, kind="stable")
+    order = order[width[rows[order]] == width[cols[order]]]
+    spectra = sum(_gram_work(op.shape[0] + 1, op.shape[1] + 1) for op in operators)
+    budget = max(config.bures_work * spectra, config.bures_min_flops)
+    factors: dict[int, np.ndarray] = {}
+    spent, done = 0.0, 0
+    for i, j in zip(rows[order].tolist(), cols[order].tolist(), strict=True):
+        ra, rb = (min(operators[k].shape) + 1 for k in (i, j))
+        cost = _bures_work(ra, rb, int(width[i]) + 1)
+        if spent + cost > budget:
+            continue  # a cheaper pair further down may still fit
+        spent += cost
+        for k in (i, j):
+            if k not in factors:
+                op = operators[k]
+                factors[k] = input_factor(augmented_matrix(op.weight, op.bias))
+        graph.edges[operators[i].name, operators[j].name]["d_bures"] = bures_angle_of_factors(
+            factors[i], factors[j]
+        )
+        done += 1
+    graph.graph["bures_pairs"] = done
+    graph.graph["bures_pairs_over_budget"] = int(order.size) - done
 
 
 def clusters(

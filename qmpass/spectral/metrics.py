@@ -29,10 +29,12 @@ from qmpass.spectral.state import SpectralState
 
 __all__ = [
     "bures_angle",
+    "bures_angle_of_factors",
     "certificate",
     "fs_distance",
     "fs_distance_matrix",
     "gksl_derivative",
+    "input_factor",
     "paper_eq7_derivative",
     "quantum_relative_entropy",
     "truncation_certificate",
@@ -73,8 +75,12 @@ def wasserstein2(p1: np.ndarray, p2: np.ndarray) -> float:
     return float(np.sqrt(np.sum(np.diff(levels) * (q1 - q2) ** 2)))
 
 
-def _input_factor(augmented: np.ndarray) -> np.ndarray:
-    """A factor ``F`` with ``F^T F = A^T A`` and ``min(rows, cols)`` rows (R of a QR)."""
+def input_factor(augmented: np.ndarray) -> np.ndarray:
+    """A factor ``F`` with ``F^T F = A^T A`` and ``min(rows, cols)`` rows (R of a QR).
+
+    The Bures angle depends on ``A`` only through ``A^T A``, so a tall matrix can be
+    replaced by this square factor once and reused for every pair it is part of.
+    """
     rows, cols = augmented.shape
     if rows <= cols:
         return augmented
@@ -90,9 +96,13 @@ def bures_angle(a: np.ndarray, b: np.ndarray) -> float:
     """
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"Bures angle needs equal input widths, got {a.shape[1]} and {b.shape[1]}")
-    fa, fb = _input_factor(a), _input_factor(b)
+    return bures_angle_of_factors(input_factor(a), input_factor(b))
+
+
+def bures_angle_of_factors(fa: np.ndarray, fb: np.ndarray) -> float:
+    """:func:`bures_angle` of two matrices given by their :func:`input_factor`."""
     nuclear = float(np.sum(scipy.linalg.svdvals(fa @ fb.T, check_finite=False)))
-    root_fidelity = nuclear / (np.linalg.norm(a) * np.linalg.norm(b))
+    root_fidelity = nuclear / (np.linalg.norm(fa) * np.linalg.norm(fb))
     return float(np.arccos(np.clip(root_fidelity, 0.0, 1.0)))
 
 
