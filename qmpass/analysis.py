@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import networkx as nx
 import numpy as np
@@ -26,11 +26,13 @@ REPORTED_DELTAS = (0.01, 0.05, 0.1)
 @dataclass(frozen=True)
 class AnalysisConfig:
     """Knobs of :func:`analyze`. ``sv_method`` picks Gram eigenvalues (fast, see
-    ``qmpass.spectral.state``) or LAPACK singular values; ``progress`` shows a bar on
+    ``qmpass.spectral.state``) or LAPACK singular values; ``cluster_method`` splits the
+    graph by connected components or by spectral clustering; ``progress`` shows a bar on
     stderr when it is a terminal (None), always (True) or never (False)."""
 
     frg: FRGConfig = field(default_factory=FRGConfig)
     sv_method: Method = "gram"
+    cluster_method: Literal["components", "spectral"] = "components"
     progress: bool | None = None
 
 
@@ -106,8 +108,8 @@ def analyze(model: ModelLike, config: AnalysisConfig = AnalysisConfig()) -> Anal
 
     timer = time.perf_counter()
     graph = build_qmfrg(extraction.operators, states, config.frg)
-    by_bures = tuple(clusters(graph, metric="bures"))
-    by_spectrum = tuple(clusters(graph, metric="fs"))
+    by_bures = tuple(clusters(graph, metric="bures", method=config.cluster_method))
+    by_spectrum = tuple(clusters(graph, metric="fs", method=config.cluster_method))
     seconds["qmfrg"] = time.perf_counter() - timer
     return Analysis(
         _model_name(model, loaded.proto), extraction, states, graph, by_bures, seconds, by_spectrum

@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from qmpass.analysis import Analysis, AnalysisConfig, analyze
 from qmpass.errors import QmpassInputError
@@ -23,7 +24,7 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "transformer
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 too; keep it to one line
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 too; keep it to one line
         self.exit(2, f"qmpass: {message}\n")
 
 
@@ -36,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     analyze_cmd.add_argument("--report", type=Path, help="write the JSON report here")
     analyze_cmd.add_argument("--html", type=Path, help="write the HTML report here")
     analyze_cmd.add_argument("--graphml", type=Path, help="write the QM-FRG as GraphML here")
+    analyze_cmd.add_argument(
+        "--clusters",
+        choices=("components", "spectral"),
+        default="components",
+        help="connected components under the threshold, or spectral clustering of them",
+    )
     analyze_cmd.add_argument(
         "--threshold",
         type=float,
@@ -67,7 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     if not 0.0 <= args.threshold <= 1.5707963267948966:
         raise QmpassInputError(f"--threshold must be within [0, pi/2], got {args.threshold}.")
-    analysis = analyze(args.model, AnalysisConfig(frg=FRGConfig(threshold=args.threshold)))
+    config = AnalysisConfig(
+        frg=FRGConfig(threshold=args.threshold), cluster_method=args.clusters
+    )
+    analysis = analyze(args.model, config)
     _write_reports(analysis, report=args.report, html=args.html, graphml=args.graphml)
     _print_summary(analysis)
     return 0

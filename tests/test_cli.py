@@ -94,3 +94,15 @@ def test_demo_runs_with_no_arguments(tmp_path) -> None:
     written = sorted(p.name for p in (tmp_path / "qmpass-demo").iterdir())
     assert written == ["analysis.html", "analysis.json", "qmfrg.graphml"]
     assert "q_proj" in proc.stdout
+
+
+def test_spectral_clustering_option_and_graphml(tmp_path) -> None:
+    report, graphml = tmp_path / "r.json", tmp_path / "g.graphml"
+    args = ["analyze", str(fixture_path("transformer_digits")), "--clusters", "spectral",
+            "--threshold", "0.3", "--report", str(report), "--graphml", str(graphml)]
+    assert main(args) == 0
+    data = json.loads(report.read_text())
+    assert data["distances"]["threshold"] == 0.3
+    clustered = [name for cluster in data["spectral_clusters"] for name in cluster]
+    assert len(clustered) == len(set(clustered)) >= 2  # a partition, not overlapping groups
+    assert graphml.read_text().count("<node ") == len(data["operators"])

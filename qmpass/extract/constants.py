@@ -100,7 +100,7 @@ class ConstantScope:
             outputs = ReferenceEvaluator(node, opsets=self._opsets).run(None, feeds)
         except Exception:  # the reference raises many types; any failure means "not folded"
             return None
-        array = np.asarray(outputs[list(node.output).index(name)])
+        array = np.asarray(dict(zip(node.output, outputs, strict=False))[name])
         if array.size > _MAX_FOLD_ELEMENTS:
             return None
         if node.op_type == "Constant":

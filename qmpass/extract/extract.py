@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from math import prod
+from typing import Any
 
 import numpy as np
 import onnx
@@ -155,7 +156,7 @@ class _Match:
     ) -> None:
         self.node, self.name, self.path, self.scope = node, name, path, scope
         self.shapes, self.consumers, self.graph_outputs = shapes, consumers, graph_outputs
-        self.attrs = {a.name: _attribute(a) for a in node.attribute}
+        self.attrs: dict[str, Any] = {a.name: _attribute(a) for a in node.attribute}
 
     def extract(self) -> Operator | str:
         method = {
@@ -355,9 +356,9 @@ class _Match:
         output, bn_name = self.node.output[0], None
         bn = self._sole_consumer(output, "BatchNormalization")
         if bn is not None and len([o for o in bn.output if o]) == 1:
-            stats = [self._const(name) for name in bn.input[1:5]]
-            if all(s is not None for s in stats):
-                gamma, beta, mean, var = stats  # type: ignore[misc]
+            stats = [s for s in (self._const(name) for name in bn.input[1:5]) if s is not None]
+            if len(stats) == 4:
+                gamma, beta, mean, var = stats
                 eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
                 scale = gamma / np.sqrt(var + eps)
                 w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
@@ -436,6 +437,6 @@ def _block_diagonal(blocks: np.ndarray) -> np.ndarray:
     return scipy.linalg.block_diag(*blocks)
 
 
-def _attribute(attr: onnx.AttributeProto) -> object:
+def _attribute(attr: onnx.AttributeProto) -> Any:
     value = helper.get_attribute_value(attr)
     return value.decode() if isinstance(value, bytes) else value
