@@ -15,8 +15,6 @@ from __future__ import annotations
 import collections
 import io
 import json
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,6 +28,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
+
+from qmpass.modelio import write_atomic
 
 MODELS_DIR = Path(__file__).resolve().parent
 SEED = 0
@@ -132,23 +132,10 @@ def train(model: nn.Module, split: Split, config: TrainConfig) -> float:
     return time.perf_counter() - start
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; fixtures are meant to be shared.
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    _write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
 
 def _export_settings(*, fold_batchnorm: bool) -> dict[str, object]:
@@ -228,7 +215,7 @@ def _save_fixture(
     proto = export_onnx(model, example, fold_batchnorm=spec.fold_batchnorm)
     _check_dynamic_batch(proto)
     onnx_path = MODELS_DIR / f"{spec.name}.onnx"
-    _write_atomic(onnx_path, proto.SerializeToString())
+    write_atomic(onnx_path, proto.SerializeToString())
     onnx.checker.check_model(str(onnx_path), full_check=True)
     test_path = MODELS_DIR / f"{spec.name}_test.npz"
     calib_path = MODELS_DIR / f"{spec.name}_calib.npz"
@@ -264,7 +251,7 @@ def _save_fixture(
             sorted(collections.Counter(node.op_type for node in proto.graph.node).items())
         ),
     }
-    _write_atomic(
+    write_atomic(
         MODELS_DIR / f"{spec.name}.json",
         (json.dumps(metadata, indent=2) + "\n").encode(),
     )
