@@ -465,3 +465,20 @@ def test_flops_follow_shapes_through_exporter_reshapes() -> None:
     tokens, width = 8, 64
     assert flops["out_proj"] == flops["q_proj"] == 2 * tokens * width * width
     assert flops["mlp.0"] == 2 * tokens * width * 2 * width
+
+
+def test_bias_cast_like_the_graph_input_is_constant() -> None:
+    """torch's dynamo exporter (optimize=False) writes a Conv bias as
+    ``Expand(CastLike(0, input), Shape(weight)[:1])``: constant, though it names the input."""
+    w = trained_conv(8, 4, 3)
+    model = make_model(
+        [helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0))),
+         helper.make_node("CastLike", ["zero", "x"], ["zero_f"]),
+         helper.make_node("Shape", ["w"], ["w_shape"], end=1),
+         helper.make_node("Expand", ["zero_f", "w_shape"], ["b"]),
+         helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")],
+        [tensor("x", ["N", 4, 6, 6])], [tensor("y", ["N", 8, 4, 4])], [const("w", w)],
+    )
+    (op,) = extract_operators(model).operators
+    assert op.bias_source == "Conv B"
+    np.testing.assert_array_equal(op.bias, np.zeros(8))

@@ -48,6 +48,11 @@ class ConstantScope:
         self._parent = parent
         self._initializers = {t.name: t for t in graph.initializer}
         self._producers = {out: node for node in graph.node for out in node.output if out}
+        self._elem_types = {
+            info.name: info.type.tensor_type.elem_type
+            for info in [*graph.input, *graph.value_info, *graph.output]
+            if info.type.tensor_type.elem_type
+        }
         self._cache: dict[str, tuple[np.ndarray, str] | None] = {}
 
     def child(self, graph: onnx.GraphProto) -> ConstantScope:
@@ -62,6 +67,16 @@ class ConstantScope:
         """``initializer``, ``external_data``, ``constant_node``, ``folded(Op)`` or None."""
         found = self._resolve(name)
         return None if found is None else found[1]
+
+    def _type_witness(self, name: str) -> tuple[np.ndarray, str] | None:
+        """An empty array of the declared element type of ``name``, if it is declared."""
+        scope: ConstantScope | None = self
+        while scope is not None:
+            if name in scope._elem_types:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(scope._elem_types[name])
+                return np.zeros(0, dtype=dtype), "type"
+            scope = scope._parent
+        return None
 
     def _resolve(self, name: str) -> tuple[np.ndarray, str] | None:
         if not name:
@@ -93,6 +108,10 @@ class ConstantScope:
                for attr in node.attribute):
             return None
         inputs = [self._resolve(i) if i else None for i in node.input]
+        if node.op_type == "CastLike" and inputs[0] is not None and inputs[1] is None:
+            # CastLike reads only the element type of its second input; exporters point it
+            # at a graph input (to cast a constant bias to the input's type)
+            inputs[1] = self._type_witness(node.input[1])
         if any(found is None for i, found in zip(node.input, inputs, strict=True) if i):
             return None
         feeds = {i: found[0] for i, found in zip(node.input, inputs, strict=True) if found}
