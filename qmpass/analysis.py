@@ -57,12 +57,6 @@ class Analysis:
     def operators(self) -> tuple[Operator, ...]:
         return self.extraction.operators
 
-    def state(self, name: str) -> SpectralState:
-        for state in self.states:
-            if state.name == name:
-                return state
-        raise KeyError(name)
-
     def to_dict(self) -> dict[str, Any]:
         """The JSON report (see README, "analyze report")."""
         ex = self.extraction
