@@ -121,9 +121,9 @@ class _Walker:
                 match = _Match(node, name, path, scope, self.shapes, consumers, graph_outputs)
                 try:
                     result = match.extract()
+                except QmpassInputError:
+                    raise
                 except (IndexError, KeyError, TypeError, ValueError) as exc:
-                    if isinstance(exc, QmpassInputError):
-                        raise
                     # a node that breaks the spec (missing inputs, odd attributes) is
                     # reported, not fatal: the rest of the graph is still analysed
                     result = f"not understood ({type(exc).__name__}: {exc})"

@@ -26,6 +26,7 @@ from qmpass.spectral import (
     augmented_matrix,
     bures_angle_of_factors,
     input_factor,
+    psi_matrix,
 )
 
 __all__ = ["FRGConfig", "build_qmfrg", "clusters", "spectral_edges"]
@@ -58,12 +59,12 @@ def spectral_edges(
     """Index pairs ``i < j`` with ``d_FS <= threshold``, each among the ``max_neighbors``
     closest of ``i`` or of ``j``, and their distances."""
     count = len(states)
-    length = max((s.psi.size for s in states), default=0)
-    psi = np.zeros((count, length))
-    for i, state in enumerate(states):
-        psi[i, : state.psi.size] = state.psi
-    floor = np.cos(threshold)  # d <= t  <=>  overlap >= cos t  (arccos is decreasing)
     keep = min(max_neighbors, count - 1)
+    if keep <= 0:
+        empty = np.zeros(0, dtype=np.intp)
+        return empty, empty, np.zeros(0)
+    psi = psi_matrix(states)
+    floor = np.cos(threshold)  # d <= t  <=>  overlap >= cos t  (arccos is decreasing)
     firsts, seconds, overlaps = [], [], []
     for start in range(0, count, block_rows):
         rows = np.arange(start, min(start + block_rows, count))
@@ -78,9 +79,6 @@ def spectral_edges(
         firsts.append(np.broadcast_to(rows[:, None], chosen.shape)[close])
         seconds.append(chosen[close])
         overlaps.append(values[close])
-    if keep <= 0 or not firsts:
-        empty = np.zeros(0, dtype=np.intp)
-        return empty, empty, np.zeros(0)
     first, second = np.concatenate(firsts), np.concatenate(seconds)
     low, high = np.minimum(first, second), np.maximum(first, second)
     _, unique = np.unique(low * count + high, return_index=True)

@@ -36,6 +36,7 @@ __all__ = [
     "gksl_derivative",
     "input_factor",
     "paper_eq7_derivative",
+    "psi_matrix",
     "quantum_relative_entropy",
     "truncation_certificate",
     "wasserstein2",
@@ -50,12 +51,19 @@ def fs_distance(p1: np.ndarray, p2: np.ndarray) -> float:
     return float(np.arccos(np.clip(overlap, 0.0, 1.0)))
 
 
-def fs_distance_matrix(states: Sequence[SpectralState]) -> np.ndarray:
-    """All pairwise FS distances, as one matrix product of the zero-padded ``psi`` vectors."""
+def psi_matrix(states: Sequence[SpectralState]) -> np.ndarray:
+    """The ``psi`` vectors as rows, zero-padded to the longest: ``psi_matrix @ psi_matrix.T``
+    holds every FS overlap ``sum sqrt(p1 p2)``."""
     length = max((s.psi.size for s in states), default=0)
     psi = np.zeros((len(states), length))
     for i, state in enumerate(states):
         psi[i, : state.psi.size] = state.psi
+    return psi
+
+
+def fs_distance_matrix(states: Sequence[SpectralState]) -> np.ndarray:
+    """All pairwise FS distances, as one matrix product of the zero-padded ``psi`` vectors."""
+    psi = psi_matrix(states)
     return np.arccos(np.clip(psi @ psi.T, 0.0, 1.0))
 
 
