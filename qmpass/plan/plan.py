@@ -1,0 +1,121 @@
+"""The Plan: the one interface between analysis and every backend (DESIGN.md).
+
+A plan is a list of :class:`Step` records, each a decision: which rewrite, on which
+operators, at which rank or with which kept channels, what error it is predicted to
+cost and what it saves. It round-trips through JSON. The new weights a step needs
+(low-rank factors, compensated consumer weights) are *not* decisions; they are computed
+from the model, the step and the calibration statistics by :mod:`qmpass.plan.factors`,
+so every backend derives the same arrays from the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+__all__ = ["Cost", "Plan", "Step", "StepKind"]
+
+StepKind = Literal["lowrank", "shared_basis", "prune_channels"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Weight parameters and FLOPs per sample of the operators a step touches."""
+
+    params: int
+    flops: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """One planned rewrite.
+
+    ``operators`` are Operator names (node names after :func:`qmpass.rewrite.name_nodes`).
+    For ``lowrank`` it is one operator and ``rank`` the inner width q; for
+    ``shared_basis`` the members reading one tensor, in output order, and ``rank`` the
+    width of the shared basis; for ``prune_channels`` the channel group named by
+    ``group`` (producers first, then consumers), ``channels`` its width and ``kept`` the
+    channel indices that stay. ``predicted_error`` is the relative output error the
+    planner expects (energy lost, or calibration error when data-aware);
+    ``certificate`` holds the sound bound's terms (see ``qmpass.spectral.certificate``).
+    """
+
+    kind: StepKind
+    operators: tuple[str, ...]
+    before: Cost
+    after: Cost
+    predicted_error: float
+    rank: int | None = None
+    group: str | None = None
+    channels: int | None = None
+    kept: tuple[int, ...] | None = None
+    certificate: dict[str, float] = field(default_factory=dict)
+    data_aware: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["operators"] = list(self.operators)
+        if self.kept is not None:
+            out["kept"] = list(self.kept)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Step:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["operators"] = tuple(values["operators"])
+        values["before"] = Cost(**values["before"])
+        values["after"] = Cost(**values["after"])
+        if values.get("kept") is not None:
+            values["kept"] = tuple(values["kept"])
+        values["certificate"] = dict(values.get("certificate") or {})
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Steps plus how they were chosen (``method``, budget) and the totals they imply.
+
+    ``budget`` is ``{"keep": F}`` or ``{"delta": D}``; ``baseline`` is the cost of all the
+    operators the method could compress (what ``keep`` is a fraction of).
+    """
+
+    model: str
+    method: str
+    budget: dict[str, float]
+    baseline: Cost
+    steps: tuple[Step, ...]
+    declined: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def params_saved(self) -> int:
+        return sum(s.before.params - s.after.params for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "method": self.method,
+            "budget": dict(self.budget),
+            "baseline": asdict(self.baseline),
+            "steps": [s.to_dict() for s in self.steps],
+            "declined": [{"operator": o, "reason": r} for o, r in self.declined],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        return cls(
+            model=data["model"],
+            method=data["method"],
+            budget=dict(data["budget"]),
+            baseline=Cost(**data["baseline"]),
+            steps=tuple(Step.from_dict(s) for s in data["steps"]),
+            declined=tuple((d["operator"], d["reason"]) for d in data.get("declined", ())),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,1 @@
+"""Rewrites: each applies one kind of :class:`~qmpass.plan.Step` to an ONNX graph."""

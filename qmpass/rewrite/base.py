@@ -1,0 +1,147 @@
+"""What every rewrite shares: the ``check``/``apply`` contract and graph helpers.
+
+A rewrite is one class in one file. ``check`` looks at the graph and a planned
+:class:`~qmpass.plan.Step` and returns ``None`` when the rewrite applies, or a sentence
+saying why it declines ("Gemm with transA=1 is not rewritten"). ``apply`` changes the
+onnx-graphsurgeon graph in place; it is only called after ``check`` returned ``None``.
+
+Rewrites see an operator as the affine map from ``op.input`` to ``op.output`` (the
+output of its bias ``Add`` or folded ``BatchNormalization`` when there is one; see
+:class:`qmpass.extract.Operator`). Replacing an operator means: detach ``op.output`` from
+the node that produced it, let new nodes produce it, and let ``graph.cleanup()`` drop
+the nodes and weights nobody reads any more.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qmpass.extract import Operator
+from qmpass.plan.plan import Step, StepKind
+
+__all__ = [
+    "Rewrite",
+    "StepTensors",
+    "detach_output",
+    "export_like",
+    "find_node",
+    "name_nodes",
+    "new_constant",
+    "unique_name",
+    "weight_dtype",
+]
+
+#: new weights of a step, computed by ``qmpass.plan.factors`` (matrix views, float64)
+StepTensors = Mapping[str, np.ndarray]
+
+
+class Rewrite(ABC):
+    """One kind of rewrite: ``check`` says why not, ``apply`` changes the graph."""
+
+    kind: ClassVar[StepKind]
+
+    @abstractmethod
+    def check(self, graph: gs.Graph, step: Step, ops: Mapping[str, Operator]) -> str | None:
+        """``None`` when ``step`` can be applied to ``graph``; otherwise the reason."""
+
+    @abstractmethod
+    def apply(
+        self,
+        graph: gs.Graph,
+        step: Step,
+        ops: Mapping[str, Operator],
+        tensors: StepTensors,
+    ) -> None:
+        """Rewrite ``graph`` in place (only after :meth:`check` returned ``None``)."""
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose nodes all have unique names, chosen exactly as
+    extraction names them (``node.name`` or ``<op_type>_<index>``, ``#k`` on repeats),
+    so Operator names find their nodes in the rewritten graph."""
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    seen: set[str] = set()
+
+    def unique(name: str) -> str:
+        candidate, k = name, 1
+        while candidate in seen:
+            k += 1
+            candidate = f"{name}#{k}"
+        seen.add(candidate)
+        return candidate
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for index, node in enumerate(graph.node):
+            name = unique(node.name or f"{node.op_type}_{index}")
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                    walk(sub)
+            node.name = name
+
+    walk(named.graph)
+    return named
+
+
+def find_node(graph: gs.Graph, name: str) -> gs.Node | None:
+    """The node called ``name`` in the main graph (not in subgraphs), if any."""
+    for node in graph.nodes:
+        if node.name == name:
+            return node
+    return None
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    """A tensor/node name not used in ``graph`` yet, derived from ``base``."""
+    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+    candidate, k = base, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{base}_{k}"
+    return candidate
+
+
+def new_constant(graph: gs.Graph, base: str, array: np.ndarray, dtype: np.dtype) -> gs.Constant:
+    """A new initializer with a fresh name, stored in ``dtype`` (the model's weight type)."""
+    return gs.Constant(unique_name(graph, base), np.ascontiguousarray(array, dtype=dtype))
+
+
+def weight_dtype(graph: gs.Graph, op: Operator) -> np.dtype:
+    """The element type the operator's weight is stored in (float32 unless the model
+    says otherwise); new weights keep it so the model's types stay consistent."""
+    tensor = graph.tensors().get(op.weight_name)
+    if isinstance(tensor, gs.Constant):
+        return np.dtype(tensor.values.dtype)
+    if tensor is not None and tensor.dtype is not None:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype)) if isinstance(
+            tensor.dtype, int
+        ) else np.dtype(tensor.dtype)
+    return np.dtype(np.float32)
+
+
+def detach_output(graph: gs.Graph, tensor_name: str) -> gs.Variable:
+    """Cut ``tensor_name`` loose from the node that produces it and return it, so new
+    nodes can produce it; the old producer chain is dropped by ``graph.cleanup()``."""
+    tensor = graph.tensors()[tensor_name]
+    if not isinstance(tensor, gs.Variable):
+        raise ValueError(f"'{tensor_name}' is a constant, not an activation")
+    for producer in list(tensor.inputs):
+        producer.outputs = [t for t in producer.outputs if t is not tensor]
+    return tensor
+
+
+def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` into a copy of ``original``'s envelope: the same IR version
+    (onnxruntime refuses the newest), opsets, producer, metadata and functions."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    exported = gs.export_onnx(graph, do_type_check=False)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    model.graph.CopyFrom(exported.graph)
+    return model
