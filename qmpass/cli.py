@@ -13,13 +13,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
+
 from qmpass.analysis import Analysis, AnalysisConfig, analyze
+from qmpass.compress import CompressConfig, Report, compress
 from qmpass.errors import QmpassInputError
 from qmpass.frg import FRGConfig, graph_to_graphml
-from qmpass.modelio import write_atomic
+from qmpass.modelio import load_model, write_atomic
+from qmpass.plan.planner import METHODS
+from qmpass.verify import accuracy, load_calib
 
 __all__ = ["main"]
 
+DEMO_KEEP = 0.5
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "transformer_digits.onnx"
 
 
@@ -50,6 +56,24 @@ def _parser() -> argparse.ArgumentParser:
         help="largest FS distance (radians) of a QM-FRG edge",
     )
 
+    compress_cmd = sub.add_parser(
+        "compress", help="plan, rewrite and verify a smaller model (DESIGN.md, Interfaces)"
+    )
+    compress_cmd.add_argument("model", type=Path)
+    compress_cmd.add_argument("-o", "--output", type=Path, required=True,
+                              help="where to write the compressed model")
+    compress_cmd.add_argument("--method", choices=METHODS, default="qmfrg")
+    budget = compress_cmd.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=float,
+                        help="fraction (0, 1] of the compressible weight parameters to keep")
+    budget.add_argument("--delta", type=float,
+                        help="relative-entropy bound per operator or cluster (default 0.05)")
+    compress_cmd.add_argument("--tolerance", type=float, default=CompressConfig.tolerance,
+                              help="largest relative output error on the verification inputs")
+    compress_cmd.add_argument("--calib", type=Path,
+                              help=".npz of inputs keyed by graph input name (data-aware)")
+    compress_cmd.add_argument("--report", type=Path, help="write the JSON report here")
+
     demo = sub.add_parser("demo", help="the whole pipeline on the bundled model")
     demo.add_argument(
         "--out",
@@ -65,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "compress":
+            return _compress(args)
         return _demo(args)
     except QmpassInputError as exc:
         print(f"qmpass: {exc}", file=sys.stderr)
@@ -83,6 +109,27 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress(args: argparse.Namespace) -> int:
+    loaded = load_model(args.model)
+    config = CompressConfig(
+        method=args.method,
+        keep=args.keep,
+        delta=args.delta,
+        tolerance=args.tolerance,
+        calib=None if args.calib is None else load_calib(args.calib, loaded.proto),
+    )
+    model, report = compress(loaded.proto, config)
+    document = report.to_dict()
+    document["model"] = str(args.model)
+    payload = model.SerializeToString()
+    write_atomic(args.output, payload)
+    if args.report is not None:
+        write_atomic(args.report, json.dumps(document, indent=1))
+    _print_compress_summary(report)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     if not DEFAULT_MODEL.is_file():
         raise QmpassInputError(
@@ -98,7 +145,27 @@ def _demo(args: argparse.Namespace) -> int:
         graphml=out / "qmfrg.graphml",
     )
     _print_summary(analysis)
-    print(f"reports written to {out}/ (analysis.json, analysis.html, qmfrg.graphml)")
+
+    calib_path = DEFAULT_MODEL.with_name(DEFAULT_MODEL.stem + "_calib.npz")
+    loaded = load_model(DEFAULT_MODEL)
+    calib = load_calib(calib_path, loaded.proto) if calib_path.is_file() else None
+    config = CompressConfig(keep=DEMO_KEEP, calib=calib)
+    print(f"\ncompress --keep {DEMO_KEEP}" + (f" --calib {calib_path.name}" if calib else ""))
+    model, report = compress(loaded.proto, config)
+    write_atomic(out / "compressed.onnx", model.SerializeToString())
+    write_atomic(out / "compress.json", json.dumps(report.to_dict(), indent=1))
+    _print_compress_summary(report)
+
+    test_path = DEFAULT_MODEL.with_name(DEFAULT_MODEL.stem + "_test.npz")
+    if test_path.is_file():
+        with np.load(test_path) as split:
+            x, y = split["x"], split["y"]
+        name = loaded.proto.graph.input[0].name
+        before = accuracy(loaded.proto, {name: x}, y)
+        after = accuracy(model, {name: x}, y)
+        print(f"held-out accuracy ({len(y)} digits): {before:.4f} before, {after:.4f} after")
+    print(f"reports written to {out}/ (analysis.json, analysis.html, qmfrg.graphml, "
+          "compressed.onnx, compress.json)")
     return 0
 
 
@@ -117,6 +184,45 @@ def _write_reports(
         outputs.append((graphml, graph_to_graphml(analysis.graph)))
     for path, text in outputs:
         write_atomic(path, text)
+
+
+def _print_compress_summary(report: Report) -> None:
+    header = (f"{'rewrite':<15} {'operators':<44} {'rank/kept':>9} {'params':>17} "
+              f"{'pred.err':>8} {'status':<11}")
+    print(header)
+    print("-" * len(header))
+    for outcome in report.outcomes:
+        step = outcome.step
+        names = ", ".join(
+            _short(name, full=(i == 0)) for i, name in enumerate(step.operators)
+        )
+        size = (
+            f"{len(step.kept or ())}/{step.channels}"
+            if step.kind == "prune_channels"
+            else str(step.rank)
+        )
+        params = f"{step.before.params:,} -> {step.after.params:,}"
+        print(f"{step.kind:<15} {names[:44]:<44} {size!s:>9} {params:>17} "
+              f"{step.predicted_error:8.4f} {outcome.status:<11}")
+    doc = report.to_dict()
+    v = report.verification
+    print(
+        f"parameters {doc['params_before']:,} -> {doc['params_after']:,}; "
+        f"weight-operator FLOPs {doc['flops_before']:,} -> {doc['flops_after']:,}; "
+        f"kept {doc['keep_achieved']:.3f} of the compressible weights"
+    )
+    print(
+        f"verified on {v.inputs} inputs: relative output error {v.relative_error:.4g}, "
+        f"max abs error {v.max_abs_error:.4g}"
+    )
+
+
+def _short(name: str, *, full: bool) -> str:
+    """``/layers/layers.0/attn/q_proj/MatMul`` -> ``layers.0/attn/q_proj`` (or ``q_proj``)."""
+    parts = [p for p in name.split("/") if p]
+    if len(parts) > 1:
+        parts = parts[:-1]  # the exporter's op-type suffix
+    return "/".join(parts[-3:]) if full else parts[-1]
 
 
 def _print_summary(analysis: Analysis) -> None:

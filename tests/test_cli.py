@@ -92,8 +92,14 @@ def test_demo_runs_with_no_arguments(tmp_path) -> None:
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     written = sorted(p.name for p in (tmp_path / "qmpass-demo").iterdir())
-    assert written == ["analysis.html", "analysis.json", "qmfrg.graphml"]
+    assert written == [
+        "analysis.html", "analysis.json", "compress.json", "compressed.onnx", "qmfrg.graphml"
+    ]
     assert "q_proj" in proc.stdout
+    report = json.loads((tmp_path / "qmpass-demo" / "compress.json").read_text())
+    assert report["params_after"] < report["params_before"]
+    assert report["verification"]["relative_error"] <= 0.05
+    assert "held-out accuracy" in proc.stdout
 
 
 def test_spectral_clustering_option_and_graphml(tmp_path) -> None:

@@ -50,6 +50,12 @@ class Rewrite(ABC):
     def check(self, graph: gs.Graph, step: Step, ops: Mapping[str, Operator]) -> str | None:
         """``None`` when ``step`` can be applied to ``graph``; otherwise the reason."""
 
+    def check_tensors(
+        self, step: Step, ops: Mapping[str, Operator], tensors: StepTensors
+    ) -> str | None:
+        """``None`` when ``tensors`` fit ``step`` (names, shapes, finite values)."""
+        return None
+
     @abstractmethod
     def apply(
         self,

@@ -1,25 +1,106 @@
-"""Running models in onnxruntime: the only place qmpass talks to it."""
+"""Running models in onnxruntime: the only place qmpass talks to it.
+
+Models are serialised in memory and handed to onnxruntime as bytes; nothing is written.
+Protobuf cannot serialise a message over 2 GB, so models larger than that (weights
+included) are out of scope for verification.
+
+Batched runs split the feeds along axis 0 when every graph input has a dynamic first
+dimension and all feeds agree on its length: that is the batch of an exported inference
+graph, and its samples are computed independently. If an output of a batch does not have
+the batch length on axis 0 (the graph reduces over the batch), the feeds are run once,
+whole. Models with a static first dimension are always run once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-__all__ = ["run_model", "session"]
+__all__ = ["DEFAULT_BATCH", "run_batched", "run_model", "session"]
+
+#: samples per onnxruntime call in batched runs; bounds the memory of activations
+DEFAULT_BATCH = 64
 
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
     """A CPU session for ``model`` (serialised in memory; nothing is written)."""
+    return session_from_bytes(model.SerializeToString())
+
+
+def session_from_bytes(data: bytes) -> ort.InferenceSession:
+    """A CPU session, with all graph optimisations, for a serialised model."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def run_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """The outputs of ``model`` on ``feeds``, in graph output order."""
     return [np.asarray(out) for out in session(model).run(None, dict(feeds))]
+
+
+def run_batched(
+    model_or_session: onnx.ModelProto | ort.InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    batch: int = DEFAULT_BATCH,
+    outputs: Sequence[str] | None = None,
+) -> list[np.ndarray]:
+    """The outputs (all, or those named in ``outputs``, in that order) on ``feeds``,
+    computed ``batch`` samples at a time where the model has a dynamic batch dimension
+    (see the module docstring), else in one run."""
+    sess = (
+        model_or_session
+        if isinstance(model_or_session, ort.InferenceSession)
+        else session(model_or_session)
+    )
+    names = list(outputs) if outputs is not None else None
+    chunks = list(feed_batches(sess, feeds, batch))
+    if len(chunks) == 1:
+        return [np.asarray(out) for out in sess.run(names, chunks[0])]
+    parts: list[list[np.ndarray]] = []
+    for chunk in chunks:
+        result = [np.asarray(out) for out in sess.run(names, chunk)]
+        samples = _samples(chunk)
+        if any(out.ndim == 0 or out.shape[0] != samples for out in result):
+            # an output does not carry the batch on axis 0: the samples are not independent
+            return [np.asarray(out) for out in sess.run(names, dict(feeds))]
+        parts.append(result)
+    return [np.concatenate(column, axis=0) for column in zip(*parts, strict=True)]
+
+
+def batch_size(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> int | None:
+    """The common axis-0 length of ``feeds`` if the model's inputs all have a dynamic
+    first dimension (so that the feeds may be split), else None."""
+    lengths: set[int] = set()
+    for meta in sess.get_inputs():
+        shape = meta.shape
+        if meta.name not in feeds:
+            return None
+        array = feeds[meta.name]
+        if not shape or isinstance(shape[0], int) or np.ndim(array) == 0:
+            return None
+        lengths.add(int(np.shape(array)[0]))
+    return lengths.pop() if len(lengths) == 1 else None
+
+
+def feed_batches(
+    sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray], batch: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """``feeds`` split into batches of ``batch`` samples, or whole (see module docstring)."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, not {batch}")
+    total = batch_size(sess, feeds)
+    if total is None or total <= batch:
+        yield dict(feeds)
+        return
+    for start in range(0, total, batch):
+        yield {name: array[start:start + batch] for name, array in feeds.items()}
+
+
+def _samples(chunk: Mapping[str, np.ndarray]) -> int | None:
+    lengths = {int(np.shape(a)[0]) for a in chunk.values() if np.ndim(a) > 0}
+    return lengths.pop() if len(lengths) == 1 else None

@@ -1,0 +1,343 @@
+"""``compress``: analyse -> plan -> rewrite -> verify, keeping only verified rewrites.
+
+Every planned step is applied to a fresh import of the model, so rolling a step back
+is just building the model without it. All steps are tried together first; when the
+result breaks ``tolerance``, steps are added one at a time in order of predicted error
+and each one that breaks it is rolled back, with the measured error as the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from qmpass.errors import QmpassInputError
+from qmpass.extract import Extraction, Operator, extract_operators
+from qmpass.extract.channels import ChannelGroup, channel_groups
+from qmpass.modelio import ModelLike, load_model
+from qmpass.plan import Plan, Step
+from qmpass.plan.planner import METHODS, Method, PlanConfig, make_plan, stats_requests
+from qmpass.rewrite.base import Rewrite, export_like, name_nodes
+from qmpass.rewrite.lowrank_conv import LowRankConv
+from qmpass.rewrite.lowrank_matmul import LowRankMatMul
+from qmpass.rewrite.prune_channels import PruneChannels
+from qmpass.rewrite.shared_basis import SharedBasis
+from qmpass.verify import StatsRequest, Verification, Verifier, collect_stats, synthesize_inputs
+
+__all__ = ["CompressConfig", "Report", "compress"]
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Knobs of :func:`compress` (the CLI flags of ``qmpass compress``).
+
+    Without ``keep`` and ``delta`` the pass keeps what ``delta = 0.05`` allows.
+    ``calib`` feeds (keyed by graph input name) make the plan data-aware and are the
+    verification inputs; without them ``samples`` inputs are synthesised.
+    """
+
+    method: Method = "qmfrg"
+    keep: float | None = None
+    delta: float | None = None
+    tolerance: float = 0.05
+    calib: Mapping[str, np.ndarray] | None = None
+    samples: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise QmpassInputError(
+                f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}."
+            )
+        if self.keep is not None and self.delta is not None:
+            raise QmpassInputError("give --keep or --delta, not both.")
+        if self.keep is not None and not 0.0 < self.keep <= 1.0:
+            raise QmpassInputError(f"--keep must be in (0, 1], got {self.keep}.")
+        if self.delta is not None and not self.delta >= 0.0:
+            raise QmpassInputError(f"--delta must be non-negative, got {self.delta}.")
+        if not self.tolerance >= 0.0:
+            raise QmpassInputError(f"--tolerance must be non-negative, got {self.tolerance}.")
+
+    def plan_config(self) -> PlanConfig:
+        delta = 0.05 if self.keep is None and self.delta is None else self.delta
+        return PlanConfig(self.method, keep=self.keep, delta=delta, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one planned step: ``kept``, ``rolled_back`` or ``declined``."""
+
+    step: Step
+    status: str
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        step = self.step
+        out: dict[str, Any] = {
+            "kind": step.kind,
+            "operators": list(step.operators),
+            "rank": step.rank,
+            "certificate": step.certificate,
+            "predicted_error": step.predicted_error,
+            "params_before": step.before.params,
+            "params_after": step.after.params,
+            "flops_before": step.before.flops,
+            "flops_after": step.after.flops,
+            "status": self.status,
+        }
+        if step.kind == "prune_channels":
+            out.update(group=step.group, channels=step.channels, kept_channels=len(step.kept or ()))
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+@dataclass(frozen=True)
+class Report:
+    """The ``compress`` report (DESIGN.md, "Interfaces"); :meth:`to_dict` is its JSON."""
+
+    model: str
+    plan: Plan
+    outcomes: tuple[Outcome, ...]
+    verification: Verification
+    params: tuple[int, int]
+    flops: tuple[int, int]
+    operator_params: tuple[int, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> tuple[Outcome, ...]:
+        return tuple(o for o in self.outcomes if o.status == "kept")
+
+    def to_dict(self) -> dict[str, Any]:
+        baseline = self.plan.baseline.params
+        # measured: operators outside the plan's reach are unchanged, so what is left of
+        # the compressible ones is the measured total minus those
+        outside = self.operator_params[0] - baseline
+        return {
+            "model": self.model,
+            "method": self.plan.method,
+            "budget": self.plan.budget,
+            "params_before": self.params[0],
+            "params_after": self.params[1],
+            "flops_before": self.flops[0],
+            "flops_after": self.flops[1],
+            "operator_params_before": self.operator_params[0],
+            "operator_params_after": self.operator_params[1],
+            "compressible_params": baseline,
+            "keep_achieved": (self.operator_params[1] - outside) / baseline if baseline else 1.0,
+            "rewrites": [o.to_dict() for o in self.outcomes],
+            "declined_operators": [
+                {"operator": name, "reason": reason} for name, reason in self.plan.declined
+            ],
+            "verification": self.verification.to_dict(),
+            "seconds": self.seconds,
+        }
+
+
+def compress(
+    model: ModelLike, config: CompressConfig = CompressConfig()
+) -> tuple[onnx.ModelProto, Report]:
+    """Compress ``model`` (a path or ModelProto, not modified) as ``config`` says."""
+    seconds: dict[str, float] = {}
+    timer = time.perf_counter()
+    loaded = load_model(model)
+    original = name_nodes(loaded.proto)
+    extraction = extract_operators(original, loaded.external)
+    groups = channel_groups(original)
+    seconds["analyse"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    feeds = dict(config.calib) if config.calib is not None else synthesize_inputs(
+        original, count=config.samples, seed=config.seed
+    )
+    stats = None
+    if config.calib is not None:
+        wanted = stats_requests(extraction, groups, config.method)
+        ops = {op.name: op for op in extraction.operators}
+        requests = {
+            key: StatsRequest(
+                want.tensor, want.kind, want.axis,
+                ops[want.operator].geometry if want.operator else None,
+            )
+            for key, want in wanted.items()
+        }
+        stats = collect_stats(original, feeds, requests) if requests else {}
+    seconds["calibrate"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    initializers = _stored_values(original)
+    plan, tensors = make_plan(
+        extraction, groups, initializers, stats, config.plan_config(), _name(model, original)
+    )
+    seconds["plan"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    verifier = Verifier(original, feeds)
+    applier = _Applier(original, extraction, groups)
+    result, outcomes, verification = _apply_verified(
+        applier, verifier, plan.steps, tensors, config.tolerance
+    )
+    seconds["rewrite_and_verify"] = time.perf_counter() - timer
+
+    after = extract_operators(result)
+    report = Report(
+        model=plan.model,
+        plan=plan,
+        outcomes=tuple(outcomes),
+        verification=verification,
+        params=(_model_params(original), _model_params(result)),
+        flops=(_flops(extraction), _flops(after)),
+        operator_params=(_params(extraction), _params(after)),
+        seconds=seconds,
+    )
+    return result, report
+
+
+class _Applier:
+    """Builds the model with a chosen subset of the steps, on a fresh import each time."""
+
+    def __init__(
+        self, model: onnx.ModelProto, extraction: Extraction, groups: Sequence[ChannelGroup]
+    ) -> None:
+        self.model = model
+        self.ops: dict[str, Operator] = {op.name: op for op in extraction.operators}
+        self.prune = PruneChannels(groups)
+        self.matmul, self.conv, self.shared = LowRankMatMul(), LowRankConv(), SharedBasis()
+
+    def rewrite_for(self, step: Step) -> Rewrite:
+        if step.kind == "prune_channels":
+            return self.prune
+        if step.kind == "shared_basis":
+            return self.shared
+        op = self.ops.get(step.operators[0])
+        return self.conv if op is not None and op.op_type == "Conv" else self.matmul
+
+    def build(
+        self, steps: Sequence[tuple[Step, Mapping[str, np.ndarray]]]
+    ) -> tuple[onnx.ModelProto, dict[int, str]]:
+        """The model with ``steps`` applied and, by position, the steps that declined."""
+        graph = gs.import_onnx(self.model)
+        declined: dict[int, str] = {}
+        for index, (step, arrays) in enumerate(steps):
+            rewrite = self.rewrite_for(step)
+            reason = rewrite.check(graph, step, self.ops) or rewrite.check_tensors(
+                step, self.ops, arrays
+            )
+            if reason is not None:
+                declined[index] = reason
+                continue
+            rewrite.apply(graph, step, self.ops, arrays)
+        model = export_like(graph, self.model)
+        onnx.checker.check_model(model, full_check=True)
+        _check_interface(self.model, model)
+        return model, declined
+
+
+def _apply_verified(
+    applier: _Applier,
+    verifier: Verifier,
+    steps: Sequence[Step],
+    tensors: Sequence[Mapping[str, np.ndarray]],
+    tolerance: float,
+) -> tuple[onnx.ModelProto, list[Outcome], Verification]:
+    pairs = list(zip(steps, tensors, strict=True))
+    model, declined = applier.build(pairs)
+    verification = verifier.check(model)
+    if verification.relative_error <= tolerance:
+        outcomes = [
+            Outcome(step, "declined", declined[i]) if i in declined else Outcome(step, "kept")
+            for i, step in enumerate(steps)
+        ]
+        return model, outcomes, verification
+
+    # too much error together: add steps one at a time, cheapest in error first
+    order = sorted(range(len(steps)), key=lambda i: steps[i].predicted_error)
+    accepted: list[int] = []
+    status: dict[int, Outcome] = {}
+    model, _ = applier.build([])
+    verification = verifier.check(model)
+    for index in order:
+        if index in declined:
+            status[index] = Outcome(steps[index], "declined", declined[index])
+            continue
+        trial = sorted([*accepted, index])
+        candidate, _ = applier.build([pairs[i] for i in trial])
+        measured = verifier.check(candidate)
+        if measured.relative_error <= tolerance:
+            accepted = trial
+            model, verification = candidate, measured
+            status[index] = Outcome(steps[index], "kept")
+        else:
+            status[index] = Outcome(
+                steps[index],
+                "rolled_back",
+                f"relative output error {measured.relative_error:.4g} with this step exceeds "
+                f"the tolerance {tolerance:g}",
+            )
+    return model, [status[i] for i in range(len(steps))], verification
+
+
+def _check_interface(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
+    """Rewrites must keep the model's inputs, outputs and opsets exactly."""
+    for kind in ("input", "output"):
+        before = [v.SerializeToString() for v in getattr(original.graph, kind)]
+        after = [v.SerializeToString() for v in getattr(rewritten.graph, kind)]
+        if before != after:
+            raise RuntimeError(f"a rewrite changed the graph {kind}s")
+    if list(original.opset_import) != list(rewritten.opset_import) or \
+            original.ir_version != rewritten.ir_version:
+        raise RuntimeError("a rewrite changed the opset or IR version")
+
+
+def _name(model: ModelLike, proto: onnx.ModelProto) -> str:
+    return proto.graph.name or "model" if isinstance(model, onnx.ModelProto) else str(model)
+
+
+def _stored_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and ``Constant`` node values of the main graph, by tensor name (the
+    names channel groups give for weights)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def _params(extraction: Extraction) -> int:
+    return sum(op.params for op in extraction.operators)
+
+
+def _flops(extraction: Extraction) -> int:
+    return sum(op.flops for op in extraction.operators)
+
+
+def _model_params(model: onnx.ModelProto) -> int:
+    """Every value the model stores in floating-point initializers and Constant nodes."""
+    tensors = list(model.graph.initializer) + [
+        attr.t
+        for node in model.graph.node
+        if node.op_type == "Constant"
+        for attr in node.attribute
+        if attr.name == "value"
+    ]
+    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in _FLOAT_TYPES)
+
+
+_FLOAT_TYPES = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+    }
+)

@@ -1,0 +1,178 @@
+"""The new weights a planned step needs, derived from the model and calibration data.
+
+Low-rank and shared-basis steps use one construction. Stack the members' matrices
+``W = [W_1; ...; W_n]`` (one operator is the case ``n = 1``), weight member ``i`` by
+``1/||W_i S||_F`` (``D``) so each counts by its *relative* error, and take the left
+singular vectors ``U_q`` of ``D W S``, where ``S = C^(1/2)`` is the square root of the
+input covariance (the identity when the pass is data-free). Then
+
+    W' = D^-1 U_q U_q^T D W,   first = U_q^T D W  (q x d_in),  second = D^-1 U_q.
+
+With ``S = I`` and ``n = 1`` this is the truncated SVD (``first = S_q V_q^T``,
+``second = U_q``). With data it is the whitened truncation ``[W C^(1/2)]_q C^(-1/2)``
+of DESIGN.md, written as an output-side projection so no inverse of ``C`` is needed
+(when ``C`` is singular it reaches the same minimum of ``E||(W - W')(x - mu)||^2``). The
+bias absorbs the mean of what was cut: ``b' = b + (W - W') mu``. The relative error
+after keeping ``q`` directions is the tail energy of the singular values.
+
+Channel pruning keeps channels ``S`` of an activation and, for each consumer, replaces
+the removed channels ``R`` by their least-squares estimate from the kept ones:
+``x_R ~ mu_R + C_RS C_SS^-1 (x_S - mu_S)``; the consumer folds this map (``mix``) and its
+constant part (``shift``) into its weights and bias.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+__all__ = [
+    "Projection",
+    "compensation",
+    "greedy_channel_order",
+    "projection",
+    "sqrt_psd",
+]
+
+
+def sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a covariance (negative rounding noise clipped to 0)."""
+    values, vectors = scipy.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+@dataclass(frozen=True)
+class Projection:
+    """The decomposition behind every rank of a (stacked) low-rank step.
+
+    ``energy[j]`` is the squared j-th singular value of ``D W S``; ``tail(q)`` is the
+    summed relative error of the members when ``q`` directions are kept.
+    """
+
+    weight: np.ndarray  # stacked W, sum(d_out) x d_in
+    scale: np.ndarray  # D as a vector over the stacked rows
+    basis: np.ndarray  # U, sum(d_out) x r
+    energy: np.ndarray  # r squared singular values, descending
+    member_rows: tuple[int, ...]
+
+    def tail(self, rank: int) -> float:
+        return float(self.energy[rank:].sum())
+
+    def member_errors(self, rank: int) -> np.ndarray:
+        """Relative error of each member at ``rank`` (energy outside the kept space)."""
+        bounds = np.cumsum((0, *self.member_rows))
+        projected_out = self.basis[:, rank:] * np.sqrt(self.energy[rank:])
+        return np.array(
+            [
+                float(np.sum(projected_out[lo:hi] ** 2))
+                for lo, hi in itertools.pairwise(bounds)
+            ]
+        )
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """``first`` (rank x d_in) and ``second`` (sum d_out x rank)."""
+        u = self.basis[:, :rank]
+        first = u.T @ (self.scale[:, None] * self.weight)
+        second = u / self.scale[:, None]
+        return first, second
+
+
+def projection(weights: Sequence[np.ndarray], sqrt_cov: np.ndarray | None) -> Projection:
+    """The :class:`Projection` of members ``weights`` (each d_out_i x d_in) under the
+    input covariance whose square root is ``sqrt_cov`` (None: data-free, ``S = I``)."""
+    stacked = np.vstack(weights)
+    seen = stacked if sqrt_cov is None else stacked @ sqrt_cov
+    scale = np.concatenate(
+        [np.full(w.shape[0], 1.0 / _norm(seen_rows)) for w, seen_rows in
+         zip(weights, np.split(seen, np.cumsum([w.shape[0] for w in weights])[:-1]), strict=True)]
+    )
+    u, s, _ = scipy.linalg.svd(scale[:, None] * seen, full_matrices=False, lapack_driver="gesdd")
+    return Projection(
+        weight=stacked,
+        scale=scale,
+        basis=u,
+        energy=s**2,
+        member_rows=tuple(w.shape[0] for w in weights),
+    )
+
+
+def _norm(rows: np.ndarray) -> float:
+    norm = float(np.linalg.norm(rows))
+    return norm if norm > 0 else 1.0
+
+
+def greedy_channel_order(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> tuple[list[int], np.ndarray]:
+    """Forward selection of channels that best predict the rest, seen by consumers.
+
+    ``pairs`` holds, per consumer, ``(A, C)``: ``A = W^T W`` of its weight over the
+    channels (summed over kernel taps) and ``C`` the channels' covariance. Keeping the
+    set ``S`` and predicting the others by least squares leaves the output error
+    ``tr(A (C - C_:S C_SS^-1 C_S:))`` per consumer. Each step adds the channel that
+    lowers the summed error the most (a rank-one update of every Schur complement).
+
+    Returns the order (best first) and ``errors[k]``: the summed relative error of the
+    consumers when the first ``k`` channels of the order are kept (``errors[C] = 0``).
+    """
+    channels = pairs[0][1].shape[0]
+    schur = [c.astype(np.float64).copy() for _, c in pairs]
+    totals = [max(float(np.trace(a @ c)), 1e-300) for a, c in pairs]
+    errors = np.zeros(channels + 1)
+    errors[0] = sum(float(np.trace(a @ s)) / t for (a, _), s, t in zip(pairs, schur, totals,
+                                                                       strict=True))
+    order: list[int] = []
+    free = np.ones(channels, dtype=bool)
+    for k in range(channels):
+        gain = np.zeros(channels)
+        for (a, _), s, t in zip(pairs, schur, totals, strict=True):
+            diag = np.diag(s).copy()
+            ok = diag > 1e-12 * max(float(diag.max()), 1e-300)
+            gain += np.where(ok, np.einsum("ij,ij->j", a @ s, s) / np.where(ok, diag, 1.0), 0) / t
+        gain[~free] = -np.inf
+        # a channel with no variance left gains nothing; take the largest remaining then
+        j = int(np.argmax(gain))
+        order.append(j)
+        free[j] = False
+        for index, s in enumerate(schur):
+            pivot = s[j, j]
+            if pivot > 1e-12 * max(float(np.abs(np.diag(s)).max()), 1e-300):
+                schur[index] = s - np.outer(s[:, j], s[j, :]) / pivot
+            schur[index][j, :] = 0.0
+            schur[index][:, j] = 0.0
+        errors[k + 1] = max(
+            sum(float(np.trace(a @ s)) / t for (a, _), s, t in zip(pairs, schur, totals,
+                                                                   strict=True)),
+            0.0,
+        )
+    errors[channels] = 0.0
+    return order, errors
+
+
+def compensation(
+    kept: Sequence[int], cov: np.ndarray, mean: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``mix`` (C x k) and ``shift`` (C,) with ``x ~ mix @ x[kept] + shift`` in the least-
+    squares sense for channels of covariance ``cov`` and mean ``mean``."""
+    channels = cov.shape[0]
+    kept_idx = np.asarray(kept, dtype=int)
+    removed = np.setdiff1d(np.arange(channels), kept_idx)
+    mix = np.zeros((channels, kept_idx.size))
+    mix[kept_idx, np.arange(kept_idx.size)] = 1.0
+    shift = np.zeros(channels)
+    if removed.size and kept_idx.size:
+        c_ss = cov[np.ix_(kept_idx, kept_idx)]
+        c_rs = cov[np.ix_(removed, kept_idx)]
+        ridge = 1e-8 * max(float(np.trace(c_ss)) / kept_idx.size, 1e-300)
+        coef = scipy.linalg.solve(
+            c_ss + ridge * np.eye(kept_idx.size), c_rs.T, assume_a="pos"
+        ).T  # removed x kept
+        mix[removed] = coef
+        shift[removed] = mean[removed] - coef @ mean[kept_idx]
+    elif removed.size:
+        shift[removed] = mean[removed]
+    return mix, shift

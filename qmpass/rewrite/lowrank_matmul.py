@@ -1,0 +1,250 @@
+"""Low-rank factorisation of a MatMul or Gemm: ``y = W x + b`` becomes ``y' = B (A x) + b``.
+
+The planner replaces the ``d_out x d_in`` matrix view ``W`` of an operator by the product
+``second @ first`` of ``first`` (``q x d_in``) and ``second`` (``d_out x q``); for a
+truncated SVD ``W = U S V^T`` that is e.g. ``first = S_q V_q^T``, ``second = U_q``. A row
+``x`` of the activation then maps as
+
+    y' = second (first x) + b  =  x @ first^T @ second^T + b
+
+ONNX MatMul multiplies the activation from the left, hence the transposes: the rewrite
+stores ``first^T`` (``d_in x q``) and ``second^T`` (``q x d_out``) and emits
+``x -> MatMul -> MatMul [-> Add(bias)] -> op.output``. MatMul broadcasts over leading
+dimensions, so N-D activations (batch, tokens, d_in) and dynamic batch sizes need nothing
+more. A Gemm (2-D input, ``transA=0``) becomes the same chain: its ``alpha``, ``beta``
+and ``transB`` are folded into the matrix view by extraction already.
+
+Error: ``||y - y'|| = ||(W - second first) x|| <= ||W - second first||_op ||x||``, which
+is ``sigma_{q+1}`` for the truncated SVD (DESIGN.md, "The math"). Cost per input vector:
+``q (d_in + d_out)`` weights and multiply-adds instead of ``d_in d_out``; a rank that
+does not make both smaller is declined.
+
+The rules on operators (extracted, in the main graph, still in place) and on the new
+tensors (present, finite, of the operator's shapes) defined here are shared by
+:mod:`qmpass.rewrite.lowrank_conv` and :mod:`qmpass.rewrite.shared_basis`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qmpass.extract import Operator
+from qmpass.plan.plan import Step, StepKind
+from qmpass.rewrite.base import (
+    Rewrite,
+    StepTensors,
+    detach_output,
+    find_node,
+    new_constant,
+    unique_name,
+    weight_dtype,
+)
+
+__all__ = ["LowRankMatMul"]
+
+
+class LowRankMatMul(Rewrite):
+    """Replace one MatMul/Gemm (with its bias ``Add``) by two thinner MatMuls and an Add.
+
+    ``step.operators`` is one operator, ``step.rank`` the inner width q. Tensors (matrix
+    views, float64): ``"first"`` (``q x d_in``), ``"second"`` (``d_out x q``) and
+    ``"bias"`` (``d_out``), the last required when the operator has a bias. Belongs
+    before any fusion of the model's MatMuls (e.g. Relax ``CombineParallelMatmul``),
+    after extraction named the nodes (:func:`qmpass.rewrite.base.name_nodes`).
+    """
+
+    kind: ClassVar[StepKind] = "lowrank"
+
+    def check(self, graph: gs.Graph, step: Step, ops: Mapping[str, Operator]) -> str | None:
+        if step.kind != self.kind:
+            return f"a '{step.kind}' step is not a low-rank factorisation"
+        if len(step.operators) != 1:
+            return f"a low-rank step names one operator, not {len(step.operators)}"
+        name = step.operators[0]
+        reason = decline_node(graph, ops, name)
+        if reason is not None:
+            return reason
+        op = ops[name]
+        reason = decline_matmul(graph, op)
+        if reason is not None:
+            return reason
+        d_out, d_in = op.shape
+        return decline_rank(step.rank, d_in, (d_out,))
+
+    def check_tensors(
+        self, step: Step, ops: Mapping[str, Operator], tensors: StepTensors
+    ) -> str | None:
+        """``None`` when ``tensors`` fit the step's operator; otherwise why not.
+
+        :meth:`apply` raises ``ValueError`` with this sentence when they do not fit, so a
+        driver that wants to decline instead of failing calls it first.
+        """
+        op = ops[step.operators[0]]
+        d_out, d_in = op.shape
+        return decline_factors(tensors, step.rank, d_in, d_out, needs_bias=op.bias is not None)
+
+    def apply(
+        self,
+        graph: gs.Graph,
+        step: Step,
+        ops: Mapping[str, Operator],
+        tensors: StepTensors,
+    ) -> None:
+        reason = self.check_tensors(step, ops, tensors)
+        if reason is not None:
+            raise ValueError(f"cannot rewrite '{step.operators[0]}': {reason}")
+        op = ops[step.operators[0]]
+        x = graph.tensors()[op.input]
+        output = detach_output(graph, op.output)
+        matmul_chain(
+            graph,
+            f"{op.name}/lowrank",
+            x,
+            output,
+            tensors["first"],
+            tensors["second"],
+            tensors.get("bias"),
+            weight_dtype(graph, op),
+        )
+
+
+# -- rules shared by the low-rank and shared-basis rewrites -----------------------------------
+
+
+def decline_node(graph: gs.Graph, ops: Mapping[str, Operator], name: str) -> str | None:
+    """Why operator ``name`` cannot be replaced in ``graph`` (``None`` if it can): it must
+    have been extracted, live in the main graph and still produce ``op.output``."""
+    op = ops.get(name)
+    if op is None:
+        return f"operator '{name}' was not extracted from this model"
+    if op.in_subgraph:
+        return f"operator inside a subgraph ({op.graph}) is left untouched"
+    node = find_node(graph, name)
+    if node is None or node.op != op.op_type:
+        return f"operator '{name}' ({op.op_type}) is not a node of the main graph"
+    out = graph.tensors().get(op.output)
+    if not isinstance(out, gs.Variable) or len(out.inputs) != 1:
+        return f"output '{op.output}' of operator '{name}' is not produced by one node"
+    producer = out.inputs[0]
+    # the node itself, or its bias Add / folded BatchNormalization reading its output
+    if producer is not node and not any(t in node.outputs for t in producer.inputs):
+        return f"output '{op.output}' is no longer produced by '{name}' (rewritten already?)"
+    return None
+
+
+def decline_matmul(graph: gs.Graph, op: Operator) -> str | None:
+    """Why a MatMul/Gemm cannot become a chain of MatMuls reading ``op.input``."""
+    if op.op_type not in ("MatMul", "Gemm"):
+        return f"'{op.name}' is a {op.op_type}; this rewrite handles MatMul and Gemm"
+    if op.weight_side != "right":
+        return (
+            f"'{op.name}' has its weight on the left (W @ x); only x @ W operators are "
+            "factorised"
+        )
+    node = find_node(graph, op.name)
+    if node is None:
+        return f"operator '{op.name}' is not a node of the main graph"
+    if op.op_type == "Gemm":
+        if int(node.attrs.get("transA", 0)):
+            return "Gemm with transA=1 is not rewritten"
+        has_c = len(node.inputs) > 2 and node.inputs[2].name != ""
+        if has_c and op.bias is None:
+            return (
+                f"bias C of Gemm '{op.name}' is not a constant per-output vector; "
+                "the node is left untouched"
+            )
+    return None
+
+
+def decline_rank(rank: int | None, d_in: int, d_outs: Sequence[int]) -> str | None:
+    """Why ``rank`` does not reduce both weights and FLOPs of ``d_in -> sum(d_outs)``.
+
+    Both are ``rank * (d_in + sum(d_outs))`` against ``d_in * sum(d_outs)`` per input
+    vector (biases are the same on both sides).
+    """
+    if rank is None or rank < 1:
+        return f"step has no usable rank ({rank})"
+    total = sum(d_outs)
+    if rank * (d_in + total) >= d_in * total:
+        if len(d_outs) == 1:
+            return (
+                f"rank {rank} of a {total}x{d_in} matrix saves nothing: "
+                f"{rank}*({d_in}+{total}) >= {total}*{d_in}"
+            )
+        return (
+            f"rank {rank} shared by {len(d_outs)} operators saves nothing: "
+            f"{rank}*({d_in}+{total}) >= {d_in}*{total}"
+        )
+    return None
+
+
+def decline_factors(
+    tensors: StepTensors, rank: int | None, d_in: int, d_out: int, *, needs_bias: bool
+) -> str | None:
+    """Why ``tensors`` are not factors ``first`` (q x d_in), ``second`` (d_out x q) and
+    ``bias`` (d_out) of a ``d_out x d_in`` matrix view at rank ``q = rank``."""
+    missing = [k for k in ("first", "second") if k not in tensors]
+    if needs_bias and "bias" not in tensors:
+        missing.append("bias")
+    if missing:
+        return f"the step's tensors lack {', '.join(repr(k) for k in missing)}"
+    q = rank if rank is not None else np.shape(tensors["first"])[0]
+    expected: dict[str, tuple[int, ...]] = {"first": (q, d_in), "second": (d_out, q)}
+    if "bias" in tensors:
+        expected["bias"] = (d_out,)
+    for key, shape in expected.items():
+        array = np.asarray(tensors[key])
+        if array.shape != shape:
+            return f"tensor '{key}' has shape {array.shape}, expected {shape}"
+        if array.dtype.kind != "f" or not np.isfinite(array).all():
+            return f"tensor '{key}' is not a finite floating-point array"
+    return None
+
+
+def add_node(
+    graph: gs.Graph,
+    op_type: str,
+    name: str,
+    inputs: Sequence[gs.Tensor],
+    outputs: Sequence[gs.Tensor],
+    attrs: Mapping[str, object] | None = None,
+) -> None:
+    """Append a node named after ``name`` (made unique) to ``graph``."""
+    graph.nodes.append(
+        gs.Node(
+            op_type,
+            unique_name(graph, name),
+            attrs=dict(attrs or {}),
+            inputs=list(inputs),
+            outputs=list(outputs),
+        )
+    )
+
+
+def matmul_chain(
+    graph: gs.Graph,
+    base: str,
+    x: gs.Tensor,
+    output: gs.Variable,
+    first: np.ndarray,
+    second: np.ndarray,
+    bias: np.ndarray | None,
+    dtype: np.dtype,
+) -> None:
+    """Append ``x -> MatMul(first^T) -> MatMul(second^T) [-> Add(bias)] -> output``;
+    names start with ``base``, weights are stored in ``dtype``."""
+    first_t = new_constant(graph, f"{base}/first", np.asarray(first).T, dtype)
+    second_t = new_constant(graph, f"{base}/second", np.asarray(second).T, dtype)
+    hidden = gs.Variable(unique_name(graph, f"{base}/hidden"), dtype=dtype)
+    add_node(graph, "MatMul", f"{base}/MatMul_first", [x, first_t], [hidden])
+    if bias is None:
+        add_node(graph, "MatMul", f"{base}/MatMul_second", [hidden, second_t], [output])
+        return
+    product = gs.Variable(unique_name(graph, f"{base}/product"), dtype=dtype)
+    add_node(graph, "MatMul", f"{base}/MatMul_second", [hidden, second_t], [product])
+    bias_c = new_constant(graph, f"{base}/bias", np.asarray(bias), dtype)
+    add_node(graph, "Add", f"{base}/Add_bias", [product, bias_c], [output])

@@ -1,0 +1,126 @@
+"""One shared basis for the MatMul/Gemm operators that read the same tensor (Q/K/V).
+
+Members ``i = 1..n`` map the same row ``x`` (``d_in``) to ``y_i = W_i x + b_i``. Stacking
+them, ``[y_1; ...; y_n] = W x + b`` with ``W = [W_1; ...; W_n]`` (``sum d_out_i x d_in``).
+The planner replaces ``W`` by ``second @ first``: ``first`` (``q x d_in``) is a basis of
+the input space shared by all members (e.g. the top right singular vectors of ``W``, or
+the top eigenvectors of the cluster's mixed state ``rho_C``), ``second`` stacks each
+member's ``d_out_i x q`` coefficients in member order. The graph becomes
+
+    x -> MatMul(first^T) -> MatMul(second^T) -> Add(b) -> Split(axis=-1) -> y_1 ... y_n
+
+Error: ``||y - y'|| <= ||W - second first||_op ||x||`` for the stacked output, hence for
+every member. Cost per input vector: ``q (d_in + sum d_out_i)`` weights and
+multiply-adds instead of ``d_in sum d_out_i``; a rank that saves nothing is declined.
+Split takes its sizes as an int64 input from opset 13 on, as an attribute before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qmpass.extract import Operator
+from qmpass.plan.plan import Step, StepKind
+from qmpass.rewrite.base import (
+    Rewrite,
+    StepTensors,
+    detach_output,
+    new_constant,
+    unique_name,
+    weight_dtype,
+)
+from qmpass.rewrite.lowrank_matmul import (
+    add_node,
+    decline_factors,
+    decline_matmul,
+    decline_node,
+    decline_rank,
+    matmul_chain,
+)
+
+__all__ = ["SharedBasis"]
+
+_SPLIT_SIZES_AS_INPUT = 13  # opset from which Split reads its sizes from an input
+
+
+class SharedBasis(Rewrite):
+    """Replace n MatMul/Gemm operators reading one tensor by two MatMuls, an Add and a Split.
+
+    ``step.operators`` are the members in output order (``Extraction.fusion_groups``
+    lists candidates), ``step.rank`` the width q of the shared basis. Tensors (matrix
+    views, float64): ``"first"`` (``q x d_in``), ``"second"`` (``sum d_out_i x q``) and
+    ``"bias"`` (``sum d_out_i``, zeros for members without one), the last required when
+    any member has a bias.
+    """
+
+    kind: ClassVar[StepKind] = "shared_basis"
+
+    def check(self, graph: gs.Graph, step: Step, ops: Mapping[str, Operator]) -> str | None:
+        if step.kind != self.kind:
+            return f"a '{step.kind}' step is not a shared-basis fusion"
+        names = step.operators
+        if len(names) < 2:
+            return f"a shared basis needs two or more operators, not {len(names)}"
+        if len(set(names)) != len(names):
+            return "the step names an operator more than once"
+        for name in names:
+            reason = decline_node(graph, ops, name)
+            if reason is None:
+                reason = decline_matmul(graph, ops[name])
+            if reason is not None:
+                return f"member '{name}' is declined: {reason}"
+        members = [ops[name] for name in names]
+        inputs = sorted({op.input for op in members})
+        if len(inputs) > 1:
+            return f"members read different tensors ({', '.join(repr(t) for t in inputs)})"
+        widths = sorted({op.shape[1] for op in members})
+        if len(widths) > 1:
+            return f"members differ in input width ({', '.join(map(str, widths))})"
+        dtypes = {weight_dtype(graph, op) for op in members}
+        if len(dtypes) > 1:
+            return f"members store weights in different types ({', '.join(map(str, dtypes))})"
+        return decline_rank(step.rank, widths[0], [op.shape[0] for op in members])
+
+    def check_tensors(
+        self, step: Step, ops: Mapping[str, Operator], tensors: StepTensors
+    ) -> str | None:
+        """``None`` when ``tensors`` fit the step's members; otherwise why not.
+
+        :meth:`apply` raises ``ValueError`` with this sentence when they do not fit.
+        """
+        members = [ops[name] for name in step.operators]
+        d_in = members[0].shape[1]
+        d_out = sum(op.shape[0] for op in members)
+        needs_bias = any(op.bias is not None for op in members)
+        return decline_factors(tensors, step.rank, d_in, d_out, needs_bias=needs_bias)
+
+    def apply(
+        self,
+        graph: gs.Graph,
+        step: Step,
+        ops: Mapping[str, Operator],
+        tensors: StepTensors,
+    ) -> None:
+        reason = self.check_tensors(step, ops, tensors)
+        if reason is not None:
+            raise ValueError(f"cannot fuse {', '.join(step.operators)}: {reason}")
+        members = [ops[name] for name in step.operators]
+        dtype = weight_dtype(graph, members[0])
+        base = f"{members[0].name}/shared_basis"
+        x = graph.tensors()[members[0].input]
+        outputs = [detach_output(graph, op.output) for op in members]
+        fused = gs.Variable(unique_name(graph, f"{base}/fused"), dtype=dtype)
+        matmul_chain(
+            graph, base, x, fused, tensors["first"], tensors["second"], tensors.get("bias"), dtype
+        )
+        sizes = [op.shape[0] for op in members]
+        if graph.opset >= _SPLIT_SIZES_AS_INPUT:
+            split = new_constant(graph, f"{base}/split", np.array(sizes), np.dtype(np.int64))
+            add_node(graph, "Split", f"{base}/Split", [fused, split], outputs, {"axis": -1})
+        else:
+            attrs = {"axis": -1, "split": sizes}
+            add_node(graph, "Split", f"{base}/Split", [fused], outputs, attrs)

@@ -1,0 +1,163 @@
+"""Numerical comparison of a candidate model's outputs with the original's.
+
+The figure of merit is the relative error over all outputs taken together,
+``||y' - y||_F / ||y||_F`` with ``y`` every output flattened and concatenated: the
+quantity ``--tolerance`` bounds. Where the reference is all zeros the relative error is
+0 if the candidate is exactly equal and infinite otherwise; a candidate that produces
+NaN or infinity where the reference does not has an infinite error, so a tolerance check
+``relative_error <= T`` fails as it should.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from qmpass.verify.runner import DEFAULT_BATCH, run_batched, session
+
+__all__ = ["Verification", "Verifier", "accuracy", "compare", "sample_count"]
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How far a candidate's outputs are from the reference on ``inputs`` samples."""
+
+    max_abs_error: float
+    relative_error: float
+    inputs: int
+    per_output: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's ``verification`` record. JSON has no infinity: an infinite or NaN
+        error is written as ``null``."""
+        return {
+            "max_abs_error": _json_float(self.max_abs_error),
+            "relative_error": _json_float(self.relative_error),
+            "inputs": self.inputs,
+            "per_output": [_json_float(e) for e in self.per_output],
+        }
+
+
+def compare(
+    reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], inputs: int
+) -> Verification:
+    """Compare outputs position by position (same count, same shapes, any numeric dtype)."""
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference outputs but {len(candidate)} candidates")
+    diff_sq = ref_sq = 0.0
+    max_abs = 0.0
+    per_output: list[float] = []
+    for index, (ref, cand) in enumerate(zip(reference, candidate, strict=True)):
+        r = np.asarray(ref, dtype=np.float64)
+        c = np.asarray(cand, dtype=np.float64)
+        if r.shape != c.shape:
+            raise ValueError(f"output {index}: reference shape {r.shape}, candidate {c.shape}")
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.abs(c - r)
+        # equal values are equal, whatever they are (NaN where both are NaN, equal infinities)
+        diff[(r == c) | (np.isnan(r) & np.isnan(c))] = 0.0
+        diff[np.isnan(diff)] = np.inf
+        d_sq = float(np.sum(np.square(diff))) if diff.size else 0.0
+        r_sq = float(np.sum(np.square(r[np.isfinite(r)])))
+        diff_sq += d_sq
+        ref_sq += r_sq
+        max_abs = max(max_abs, float(diff.max()) if diff.size else 0.0)
+        per_output.append(_relative(d_sq, r_sq))
+    return Verification(
+        max_abs_error=max_abs,
+        relative_error=_relative(diff_sq, ref_sq),
+        inputs=int(inputs),
+        per_output=tuple(per_output),
+    )
+
+
+class Verifier:
+    """The original model's outputs on fixed feeds, and checks of candidates against them.
+
+    The reference outputs are computed once, at construction; :meth:`check` costs one
+    onnxruntime session (graph optimisations on) and one batched run of the candidate on
+    the same feeds. The compress loop calls it once per trial rewrite.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        feeds: Mapping[str, np.ndarray],
+        batch: int = DEFAULT_BATCH,
+    ) -> None:
+        self._feeds = dict(feeds)
+        self._batch = batch
+        self._outputs = [out.name for out in model.graph.output]
+        self._reference = tuple(run_batched(session(model), self._feeds, batch, self._outputs))
+        self._inputs = sample_count(model, self._feeds)
+
+    @property
+    def reference(self) -> tuple[np.ndarray, ...]:
+        """The original model's outputs, in graph output order."""
+        return self._reference
+
+    @property
+    def inputs(self) -> int:
+        """The number of samples the checks run on."""
+        return self._inputs
+
+    def check(self, candidate: onnx.ModelProto) -> Verification:
+        """Run ``candidate`` on the feeds and compare its outputs (matched by name)."""
+        names = {out.name for out in candidate.graph.output}
+        missing = [name for name in self._outputs if name not in names]
+        if missing:
+            raise ValueError(f"the candidate model lacks the output(s) {', '.join(missing)}")
+        outputs = run_batched(session(candidate), self._feeds, self._batch, self._outputs)
+        return compare(self._reference, outputs, self._inputs)
+
+
+def accuracy(
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    batch: int = DEFAULT_BATCH,
+) -> float:
+    """Top-1 accuracy of a classifier: the argmax of its first output (one row of scores
+    per sample) against integer ``labels``."""
+    (scores, *_) = run_batched(session(model), feeds, batch)
+    labels = np.asarray(labels).reshape(-1)
+    if scores.ndim == 0 or scores.shape[0] != labels.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels but the first output has shape "
+                         f"{scores.shape}")
+    predicted = np.argmax(scores.reshape(labels.shape[0], -1), axis=1)
+    return float(np.mean(predicted == labels))
+
+
+def sample_count(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
+    """How many samples ``feeds`` hold, by the batch-first convention: the common axis-0
+    length of the graph inputs when each has a dynamic first dimension, or a static one
+    and rank 2 or more (a batch of vectors or images); else 1."""
+    initializers = {t.name for t in model.graph.initializer}
+    lengths: set[int] = set()
+    for info in model.graph.input:
+        if info.name in initializers:
+            continue
+        array = feeds.get(info.name)
+        if array is None or np.ndim(array) == 0:
+            return 1
+        dims = info.type.tensor_type.shape.dim
+        dynamic = not dims or not dims[0].HasField("dim_value")
+        if not dynamic and np.ndim(array) < 2:
+            return 1
+        lengths.add(int(np.shape(array)[0]))
+    return lengths.pop() if len(lengths) == 1 else 1
+
+
+def _relative(diff_sq: float, ref_sq: float) -> float:
+    if ref_sq == 0.0:
+        return 0.0 if diff_sq == 0.0 else math.inf
+    return math.sqrt(diff_sq / ref_sq)
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -1,0 +1,85 @@
+"""The decompositions behind low-rank, shared-basis and pruning steps, against the
+closed forms of DESIGN.md computed here with plain numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import trained_matrix
+
+from qmpass.plan.factors import compensation, greedy_channel_order, projection, sqrt_psd
+
+
+def _covariance(d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((d, d)) * np.linspace(2.0, 0.05, d)
+    return mix @ mix.T / d
+
+
+def test_data_free_projection_is_the_truncated_svd() -> None:
+    w = trained_matrix(48, 64).astype(np.float64)
+    proj = projection([w], None)
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    for rank in (1, 7, 30):
+        first, second = proj.factors(rank)
+        assert first.shape == (rank, 64) and second.shape == (48, rank)
+        expected = (u[:, :rank] * s[:rank]) @ vt[:rank]
+        np.testing.assert_allclose(second @ first, expected, atol=1e-10)
+        # the predicted error is the relative tail energy
+        assert proj.tail(rank) == pytest.approx(np.sum(s[rank:] ** 2) / np.sum(s**2))
+
+
+def test_whitened_projection_reaches_the_design_optimum() -> None:
+    w = trained_matrix(32, 40).astype(np.float64)
+    cov = _covariance(40)
+    root = sqrt_psd(cov)
+    np.testing.assert_allclose(root @ root, cov, atol=1e-10)
+    proj = projection([w], root)
+    rank = 10
+    first, second = proj.factors(rank)
+    # DESIGN.md: W' = [W C^(1/2)]_q C^(-1/2)
+    u, s, vt = np.linalg.svd(w @ root)
+    optimum = (u[:, :rank] * s[:rank]) @ vt[:rank] @ np.linalg.inv(root)
+    np.testing.assert_allclose(second @ first, optimum, atol=1e-8)
+
+    def error(approx: np.ndarray) -> float:
+        return float(np.trace((w - approx) @ cov @ (w - approx).T))
+
+    plain = projection([w], None).factors(rank)
+    assert error(second @ first) < error(plain[1] @ plain[0])
+    assert proj.tail(rank) == pytest.approx(error(second @ first) / np.trace(w @ cov @ w.T))
+
+
+def test_shared_basis_member_errors_sum_to_the_tail() -> None:
+    base = trained_matrix(96, 64).astype(np.float64)
+    members = [base[:32], base[32:64], base[64:]]
+    proj = projection(members, None)
+    first, second = proj.factors(20)
+    errors = proj.member_errors(20)
+    assert errors.sum() == pytest.approx(proj.tail(20))
+    stacked = second @ first
+    for i, w in enumerate(members):
+        rows = stacked[32 * i: 32 * (i + 1)]
+        assert errors[i] == pytest.approx(np.linalg.norm(w - rows) ** 2 / np.linalg.norm(w) ** 2)
+
+
+def test_compensation_is_exact_for_dependent_channels() -> None:
+    rng = np.random.default_rng(1)
+    kept_data = rng.standard_normal((500, 3)) + np.array([1.0, -2.0, 0.5])
+    combo = np.array([[0.5, -1.0, 2.0], [1.0, 1.0, 0.0]])
+    data = np.column_stack([kept_data[:, 0], kept_data @ combo[0] + 3.0, kept_data[:, 1],
+                            kept_data @ combo[1] - 1.0, kept_data[:, 2]])
+    mix, shift = compensation([0, 2, 4], np.cov(data.T), data.mean(axis=0))
+    np.testing.assert_allclose(data[:, [0, 2, 4]] @ mix.T + shift, data, atol=1e-6)
+
+
+def test_greedy_keeps_independent_channels_first() -> None:
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((400, 3))
+    data = np.column_stack([base, base @ rng.standard_normal((3, 3))])  # 3 dependent copies
+    consumer = rng.standard_normal((4, 6))
+    order, errors = greedy_channel_order([(consumer.T @ consumer, np.cov(data.T))])
+    assert errors[0] == pytest.approx(1.0)
+    assert np.all(np.diff(errors) <= 1e-12)  # keeping more never predicts more error
+    assert errors[3] == pytest.approx(0.0, abs=1e-9)  # three channels explain all six
+    assert len(set(order)) == 6
