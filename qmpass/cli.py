@@ -62,7 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     compress_cmd.add_argument("model", type=Path)
     compress_cmd.add_argument("-o", "--output", type=Path, required=True,
                               help="where to write the compressed model")
-    compress_cmd.add_argument("--method", choices=METHODS, default="qmfrg")
+    compress_cmd.add_argument(
+        "--method",
+        choices=METHODS,
+        default="qmfrg",
+        help="qmfrg (default); svd: plain truncated SVD; whitened: per-operator whitened "
+        "truncation (needs --calib); magnitude, random: channel-pruning baselines",
+    )
     budget = compress_cmd.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=float,
                         help="fraction (0, 1] of the compressible weight parameters to keep")
@@ -70,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="relative-entropy bound per operator or cluster (default 0.05)")
     compress_cmd.add_argument("--tolerance", type=float, default=CompressConfig.tolerance,
                               help="largest relative output error on the verification inputs")
+    compress_cmd.add_argument(
+        "--align", type=int, default=CompressConfig.align,
+        help="ranks and kept channel counts are multiples of this (default 8: onnxruntime's "
+        "CPU kernels are much slower on odd channel counts)",
+    )
     compress_cmd.add_argument("--calib", type=Path,
                               help=".npz of inputs keyed by graph input name (data-aware)")
     compress_cmd.add_argument("--report", type=Path, help="write the JSON report here")
@@ -116,6 +127,7 @@ def _compress(args: argparse.Namespace) -> int:
         keep=args.keep,
         delta=args.delta,
         tolerance=args.tolerance,
+        align=args.align,
         calib=None if args.calib is None else load_calib(args.calib, loaded.proto),
     )
     model, report = compress(loaded.proto, config)

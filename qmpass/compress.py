@@ -16,14 +16,21 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 
 from qmpass.errors import QmpassInputError
 from qmpass.extract import Extraction, Operator, extract_operators
 from qmpass.extract.channels import ChannelGroup, channel_groups
-from qmpass.modelio import ModelLike, load_model
+from qmpass.modelio import ModelLike, load_model, stored_values
 from qmpass.plan import Plan, Step
-from qmpass.plan.planner import METHODS, Method, PlanConfig, make_plan, stats_requests
+from qmpass.plan.planner import (
+    METHODS,
+    Method,
+    PlanConfig,
+    Planned,
+    make_plan,
+    stats_requests,
+)
+from qmpass.plan.units import Built
 from qmpass.rewrite.base import Rewrite, export_like, name_nodes
 from qmpass.rewrite.lowrank_conv import LowRankConv
 from qmpass.rewrite.lowrank_matmul import LowRankMatMul
@@ -40,7 +47,8 @@ class CompressConfig:
 
     Without ``keep`` and ``delta`` the pass keeps what ``delta = 0.05`` allows.
     ``calib`` feeds (keyed by graph input name) make the plan data-aware and are the
-    verification inputs; without them ``samples`` inputs are synthesised.
+    verification inputs; without them ``samples`` inputs are synthesised. ``align``:
+    ranks and kept channel counts are multiples of it (see ``PlanConfig``).
     """
 
     method: Method = "qmfrg"
@@ -50,6 +58,7 @@ class CompressConfig:
     calib: Mapping[str, np.ndarray] | None = None
     samples: int = 64
     seed: int = 0
+    align: int = 8
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,12 +71,16 @@ class CompressConfig:
             raise QmpassInputError(f"--keep must be in (0, 1], got {self.keep}.")
         if self.delta is not None and not self.delta >= 0.0:
             raise QmpassInputError(f"--delta must be non-negative, got {self.delta}.")
+        if self.align < 1:
+            raise QmpassInputError(f"--align must be a positive integer, got {self.align}.")
         if not self.tolerance >= 0.0:
             raise QmpassInputError(f"--tolerance must be non-negative, got {self.tolerance}.")
 
     def plan_config(self) -> PlanConfig:
         delta = 0.05 if self.keep is None and self.delta is None else self.delta
-        return PlanConfig(self.method, keep=self.keep, delta=delta, seed=self.seed)
+        return PlanConfig(
+            self.method, keep=self.keep, delta=delta, seed=self.seed, align=self.align
+        )
 
 
 @dataclass(frozen=True)
@@ -173,17 +186,18 @@ def compress(
     seconds["calibrate"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    initializers = _stored_values(original)
-    plan, tensors = make_plan(
-        extraction, groups, initializers, stats, config.plan_config(), _name(model, original)
+    planned = make_plan(
+        extraction, groups, stored_values(original), stats, config.plan_config(),
+        _name(model, original),
     )
+    plan = planned.plan
     seconds["plan"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
     verifier = Verifier(original, feeds)
     applier = _Applier(original, extraction, groups)
     result, outcomes, verification = _apply_verified(
-        applier, verifier, plan.steps, tensors, config.tolerance
+        applier, verifier, planned, config.tolerance
     )
     seconds["rewrite_and_verify"] = time.perf_counter() - timer
 
@@ -242,47 +256,60 @@ class _Applier:
 
 
 def _apply_verified(
-    applier: _Applier,
-    verifier: Verifier,
-    steps: Sequence[Step],
-    tensors: Sequence[Mapping[str, np.ndarray]],
-    tolerance: float,
+    applier: _Applier, verifier: Verifier, planned: Planned, tolerance: float
 ) -> tuple[onnx.ModelProto, list[Outcome], Verification]:
-    pairs = list(zip(steps, tensors, strict=True))
-    model, declined = applier.build(pairs)
+    """Apply the plan, keeping only what verification accepts (see module docstring)."""
+    everything = list(zip(planned.plan.steps, planned.tensors, strict=True))
+    model, declined = applier.build(everything)
     verification = verifier.check(model)
     if verification.relative_error <= tolerance:
-        outcomes = [
-            Outcome(step, "declined", declined[i]) if i in declined else Outcome(step, "kept")
-            for i, step in enumerate(steps)
-        ]
-        return model, outcomes, verification
+        return model, [_outcome(step, declined.get(i)) for i, (step, _) in
+                       enumerate(everything)], verification
 
-    # too much error together: add steps one at a time, cheapest in error first
-    order = sorted(range(len(steps)), key=lambda i: steps[i].predicted_error)
-    accepted: list[int] = []
-    status: dict[int, Outcome] = {}
+    # Too much error together: take the units one at a time, least predicted error first.
+    # A unit whose variant breaks the tolerance falls back to milder variants of itself.
+    accepted: Built = []
+    outcomes: list[Outcome] = []
     model, _ = applier.build([])
     verification = verifier.check(model)
-    for index in order:
-        if index in declined:
-            status[index] = Outcome(steps[index], "declined", declined[index])
-            continue
-        trial = sorted([*accepted, index])
-        candidate, _ = applier.build([pairs[i] for i in trial])
-        measured = verifier.check(candidate)
-        if measured.relative_error <= tolerance:
-            accepted = trial
-            model, verification = candidate, measured
-            status[index] = Outcome(steps[index], "kept")
-        else:
-            status[index] = Outcome(
-                steps[index],
-                "rolled_back",
-                f"relative output error {measured.relative_error:.4g} with this step exceeds "
-                f"the tolerance {tolerance:g}",
-            )
-    return model, [status[i] for i in range(len(steps))], verification
+    units = sorted(planned.units, key=lambda u: sum(
+        planned.plan.steps[i].predicted_error for i in u.steps))
+    for unit in units:
+        attempts = [[everything[i] for i in unit.steps], *_spread(unit.fallbacks())]
+        for number, built in enumerate(attempts):
+            candidate, declined = applier.build([*accepted, *built])
+            refused = {i - len(accepted): why for i, why in declined.items()
+                       if i >= len(accepted)}
+            measured = verifier.check(candidate)
+            if measured.relative_error <= tolerance:
+                note = None if number == 0 else "a milder variant than planned (see above)"
+                outcomes += [_outcome(step, refused.get(i), note)
+                             for i, (step, _) in enumerate(built)]
+                accepted += [pair for i, pair in enumerate(built) if i not in refused]
+                model, verification = candidate, measured
+                break
+            outcomes += [
+                Outcome(step, "rolled_back",
+                        f"relative output error {measured.relative_error:.4g} with this step "
+                        f"exceeds the tolerance {tolerance:g}")
+                for step, _ in built
+            ]
+    return model, outcomes, verification
+
+
+def _outcome(step: Step, declined: str | None, note: str | None = None) -> Outcome:
+    if declined is not None:
+        return Outcome(step, "declined", declined)
+    return Outcome(step, "kept", note)
+
+
+def _spread(fallbacks: list[Built], most: int = 4) -> list[Built]:
+    """At most ``most`` fallbacks, evenly spread from the least to the most conservative
+    (each costs one verification run)."""
+    if len(fallbacks) <= most:
+        return fallbacks
+    picks = np.unique(np.linspace(0, len(fallbacks) - 1, most).round().astype(int))
+    return [fallbacks[i] for i in picks]
 
 
 def _check_interface(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
@@ -299,18 +326,6 @@ def _check_interface(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> N
 
 def _name(model: ModelLike, proto: onnx.ModelProto) -> str:
     return proto.graph.name or "model" if isinstance(model, onnx.ModelProto) else str(model)
-
-
-def _stored_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and ``Constant`` node values of the main graph, by tensor name (the
-    names channel groups give for weights)."""
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
 
 
 def _params(extraction: Extraction) -> int:

@@ -13,12 +13,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from qmpass.errors import QmpassInputError
 
-__all__ = ["LoadedModel", "ModelLike", "load_model", "write_atomic"]
+__all__ = ["LoadedModel", "ModelLike", "load_model", "stored_values", "write_atomic"]
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
 
@@ -77,6 +79,18 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def stored_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and ``Constant`` node values of the main graph, by tensor name (the
+    names channel groups give for weights)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
 
 
 def _umask() -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from channel_helpers import bias, conv, relu, residual_model
 from conftest import const, fixture_path, make_model, tensor, trained_conv, trained_matrix
 from onnx import TensorProto, helper
 
@@ -21,50 +22,11 @@ def prunable(groups: dict[str, ChannelGroup]) -> set[str]:
     return {name for name, g in groups.items() if g.reason is None}
 
 
-def bias(n: int) -> np.ndarray:
-    return 0.1 * trained_matrix(1, n)[0]
-
-
-def conv(
-    name: str, x: str, w: str, y: str, b: str | None = None, **attrs: object
-) -> onnx.NodeProto:
-    inputs = [x, w] if b is None else [x, w, b]
-    return helper.make_node("Conv", inputs, [y], name=name, **attrs)
-
-
-def relu(x: str, y: str) -> onnx.NodeProto:
-    return helper.make_node("Relu", [x], [y], name=f"relu_{y}")
-
-
 X = tensor("x", ["batch", 3, 6, 6])
 
 
-def residual_model() -> onnx.ModelProto:
-    """a -> relu -> [b1 -> relu -> b2] + skip -> relu -> c (a 1x1 conv head)."""
-    return make_model(
-        [
-            conv("a", "x", "wa", "h", "ba", pads=[1, 1, 1, 1]),
-            relu("h", "r"),
-            conv("b1", "r", "wb1", "t", "bb1", pads=[1, 1, 1, 1]),
-            relu("t", "tr"),
-            conv("b2", "tr", "wb2", "u", "bb2", pads=[1, 1, 1, 1]),
-            helper.make_node("Add", ["u", "r"], ["s"], name="add"),
-            relu("s", "sr"),
-            conv("c", "sr", "wc", "y"),
-        ],
-        [X],
-        [tensor("y", ["batch", 4, 6, 6])],
-        [
-            const("wa", trained_conv(8, 3, 3)), const("ba", bias(8)),
-            const("wb1", trained_conv(8, 8, 3)), const("bb1", bias(8)),
-            const("wb2", trained_conv(8, 8, 3)[::-1]), const("bb2", bias(8)[::-1]),
-            const("wc", trained_conv(4, 8, 1)),
-        ],
-    )
-
-
 def test_residual_add_unites_both_branches() -> None:
-    groups = groups_of(residual_model())
+    groups = groups_of(residual_model(size=6))
     assert list(groups) == ["x", "a", "b1", "c"]
     assert prunable(groups) == {"a", "b1"}
     a = groups["a"]

@@ -17,6 +17,13 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import const, fixture_path, make_model, tensor, trained_matrix
 from onnx import TensorProto, helper, numpy_helper
+from rewrite_helpers import (
+    assert_envelope_kept,
+    factors_for,
+    initializer_shapes,
+    lowrank_step,
+    op_types,
+)
 
 import models
 from qmpass.extract import Operator, extract_operators
@@ -32,34 +39,6 @@ RNG = np.random.default_rng(7)
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def truncated(w: np.ndarray, q: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Rank-q SVD factors ``first = S_q V_q^T``, ``second = U_q`` and sigma_{q+1}."""
-    u, s, vt = np.linalg.svd(w, full_matrices=False)
-    sigma_next = float(s[q]) if q < len(s) else 0.0
-    return s[:q, None] * vt[:q], np.ascontiguousarray(u[:, :q]), sigma_next
-
-
-def lowrank_step(op: Operator, q: int, sigma_next: float = 0.0) -> Step:
-    d_out, d_in = op.shape
-    return Step(
-        kind="lowrank",
-        operators=(op.name,),
-        before=Cost(op.params, op.flops),
-        after=Cost(q * (d_in + d_out), op.flops * q * (d_in + d_out) // (d_in * d_out)),
-        predicted_error=sigma_next,
-        rank=q,
-        certificate={"sigma_next": sigma_next},
-    )
-
-
-def factors_for(op: Operator, q: int) -> tuple[dict[str, np.ndarray], float]:
-    first, second, sigma_next = truncated(op.weight, q)
-    tensors = {"first": first, "second": second}
-    if op.bias is not None:
-        tensors["bias"] = np.array(op.bias)
-    return tensors, sigma_next
-
-
 def rewrite(
     model: onnx.ModelProto, steps: list[Step], ops: Mapping[str, Operator],
     tensors: list[dict[str, np.ndarray]], *, checked: bool = True,
@@ -72,22 +51,6 @@ def rewrite(
         assert rule.check_tensors(step, ops, arrays) is None
         rule.apply(graph, step, ops, arrays)
     return export_like(graph, model)
-
-
-def op_types(model: onnx.ModelProto) -> Counter[str]:
-    return Counter(node.op_type for node in model.graph.node)
-
-
-def initializer_shapes(model: onnx.ModelProto) -> list[tuple[int, ...]]:
-    return sorted(tuple(init.dims) for init in model.graph.initializer)
-
-
-def assert_envelope_kept(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
-    assert list(after.graph.input) == list(before.graph.input)
-    assert list(after.graph.output) == list(before.graph.output)
-    assert after.ir_version == before.ir_version
-    assert list(after.opset_import) == list(before.opset_import)
-    onnx.checker.check_model(after, full_check=True)
 
 
 def slack(w: np.ndarray, q: int, x_norm: np.ndarray, b: np.ndarray | None) -> np.ndarray:

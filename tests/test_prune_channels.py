@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from channel_helpers import bias, conv, relu, residual_model, zero_rows
 from conftest import const, fixture_path, make_model, tensor, trained_conv, trained_matrix
 from onnx import TensorProto, helper, numpy_helper
 
@@ -106,20 +107,6 @@ def compensation(h: np.ndarray, kept: Sequence[int]) -> tuple[np.ndarray, np.nda
     return mix, mean - mix @ mean[index]
 
 
-def bias(n: int) -> np.ndarray:
-    return 0.1 * trained_matrix(1, n)[0]
-
-
-def conv(
-    name: str, x: str, w: str, y: str, b: str | None = None, **attrs: object
-) -> onnx.NodeProto:
-    return helper.make_node("Conv", [x, w] if b is None else [x, w, b], [y], name=name, **attrs)
-
-
-def relu(x: str, y: str) -> onnx.NodeProto:
-    return helper.make_node("Relu", [x], [y], name=f"relu_{y}")
-
-
 def redundant(w: np.ndarray, b: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Producer weights with channels 5 = 0.5 x channel 1, 7 = 2 x channel 2 (exact after a
     Relu, as the scale is positive) and 6 = the constant relu(0.7)."""
@@ -134,38 +121,7 @@ REMOVED = (5, 6, 7)
 KEPT = (0, 1, 2, 3, 4)
 
 
-def zero_rows(w: np.ndarray, rows: Sequence[int], axis: int = 0) -> np.ndarray:
-    w = np.moveaxis(w.copy(), axis, 0)
-    w[list(rows)] = 0.0
-    return np.moveaxis(w, 0, axis)
-
-
 # -- (a) channels whose producers are zero: pruning them changes nothing ---------------------
-
-
-def residual_model(dead: Sequence[int] = ()) -> onnx.ModelProto:
-    wa, ba = zero_rows(trained_conv(8, 3, 3), dead), zero_rows(bias(8), dead)
-    wb2, bb2 = zero_rows(trained_conv(8, 8, 3)[::-1], dead), zero_rows(bias(8)[::-1], dead)
-    return make_model(
-        [
-            conv("a", "x", "wa", "h", "ba", pads=[1, 1, 1, 1]),
-            relu("h", "r"),
-            conv("b1", "r", "wb1", "t", "bb1", pads=[1, 1, 1, 1]),
-            relu("t", "tr"),
-            conv("b2", "tr", "wb2", "u", "bb2", pads=[1, 1, 1, 1]),
-            helper.make_node("Add", ["u", "r"], ["s"], name="add"),
-            relu("s", "sr"),
-            conv("c", "sr", "wc", "y"),
-        ],
-        [tensor("x", ["batch", 3, 8, 8])],
-        [tensor("y", ["batch", 4, 8, 8])],
-        [
-            const("wa", wa), const("ba", ba),
-            const("wb1", trained_conv(8, 8, 3)), const("bb1", bias(8)),
-            const("wb2", wb2), const("bb2", bb2),
-            const("wc", trained_conv(4, 8, 1)),
-        ],
-    )
 
 
 def test_residual_group_with_zero_channels_prunes_exactly() -> None:

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import const, fixture_path, make_model, tensor, trained_matrix
 from onnx import TensorProto, helper, numpy_helper
+from rewrite_helpers import assert_envelope_kept, op_types
 
 import models
 from qmpass.extract import Operator, extract_operators
@@ -83,18 +84,6 @@ def fuse(
         rule.apply(graph, step, ops, tensors)
         sigmas.append(sigma_next)
     return export_like(graph, model), sigmas
-
-
-def op_types(model: onnx.ModelProto) -> Counter[str]:
-    return Counter(node.op_type for node in model.graph.node)
-
-
-def assert_envelope_kept(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
-    assert list(after.graph.input) == list(before.graph.input)
-    assert list(after.graph.output) == list(before.graph.output)
-    assert after.ir_version == before.ir_version
-    assert list(after.opset_import) == list(before.opset_import)
-    onnx.checker.check_model(after, full_check=True)
 
 
 def slack(weight: np.ndarray, bias: np.ndarray, q: int, x_norm: np.ndarray) -> np.ndarray:

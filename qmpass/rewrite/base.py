@@ -56,7 +56,6 @@ class Rewrite(ABC):
         """``None`` when ``tensors`` fit ``step`` (names, shapes, finite values)."""
         return None
 
-    @abstractmethod
     def apply(
         self,
         graph: gs.Graph,
@@ -64,7 +63,25 @@ class Rewrite(ABC):
         ops: Mapping[str, Operator],
         tensors: StepTensors,
     ) -> None:
-        """Rewrite ``graph`` in place (only after :meth:`check` returned ``None``)."""
+        """Rewrite ``graph`` in place (only after :meth:`check` returned ``None``).
+
+        Raises ``ValueError`` with :meth:`check_tensors`' sentence when the tensors do not
+        fit the step; the graph is then untouched.
+        """
+        reason = self.check_tensors(step, ops, tensors)
+        if reason is not None:
+            raise ValueError(f"cannot apply {step.kind} to {', '.join(step.operators)}: {reason}")
+        self._rewrite(graph, step, ops, tensors)
+
+    @abstractmethod
+    def _rewrite(
+        self,
+        graph: gs.Graph,
+        step: Step,
+        ops: Mapping[str, Operator],
+        tensors: StepTensors,
+    ) -> None:
+        """The graph change itself, on a step whose tensors fit."""
 
 
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:

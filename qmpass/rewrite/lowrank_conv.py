@@ -90,16 +90,13 @@ class LowRankConv(Rewrite):
         d_out, d_in = op.shape
         return decline_factors(tensors, step.rank, d_in, d_out, needs_bias=op.bias is not None)
 
-    def apply(
+    def _rewrite(
         self,
         graph: gs.Graph,
         step: Step,
         ops: Mapping[str, Operator],
         tensors: StepTensors,
     ) -> None:
-        reason = self.check_tensors(step, ops, tensors)
-        if reason is not None:
-            raise ValueError(f"cannot rewrite '{step.operators[0]}': {reason}")
         op = ops[step.operators[0]]
         geometry = op.geometry
         if geometry is None or geometry.groups != 1:

@@ -163,16 +163,13 @@ class PruneChannels(Rewrite):
         return offset, width
 
     # -- apply -------------------------------------------------------------------------------
-    def apply(
+    def _rewrite(
         self,
         graph: gs.Graph,
         step: Step,
         ops: Mapping[str, Operator],
         tensors: StepTensors,
     ) -> None:
-        reason = self.check_tensors(step, ops, tensors)
-        if reason is not None:
-            raise ValueError(f"cannot prune group '{step.group}': {reason}")
         group = self.groups[str(step.group)]
         kept = np.asarray(step.kept, dtype=np.int64)
         nodes = {n.name: n for n in graph.nodes}

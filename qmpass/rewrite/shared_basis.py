@@ -98,16 +98,13 @@ class SharedBasis(Rewrite):
         needs_bias = any(op.bias is not None for op in members)
         return decline_factors(tensors, step.rank, d_in, d_out, needs_bias=needs_bias)
 
-    def apply(
+    def _rewrite(
         self,
         graph: gs.Graph,
         step: Step,
         ops: Mapping[str, Operator],
         tensors: StepTensors,
     ) -> None:
-        reason = self.check_tensors(step, ops, tensors)
-        if reason is not None:
-            raise ValueError(f"cannot fuse {', '.join(step.operators)}: {reason}")
         members = [ops[name] for name in step.operators]
         dtype = weight_dtype(graph, members[0])
         base = f"{members[0].name}/shared_basis"
