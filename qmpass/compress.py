@@ -36,7 +36,14 @@ from qmpass.rewrite.lowrank_conv import LowRankConv
 from qmpass.rewrite.lowrank_matmul import LowRankMatMul
 from qmpass.rewrite.prune_channels import PruneChannels
 from qmpass.rewrite.shared_basis import SharedBasis
-from qmpass.verify import StatsRequest, Verification, Verifier, collect_stats, synthesize_inputs
+from qmpass.verify import (
+    StatsRequest,
+    Verification,
+    Verifier,
+    check_feeds,
+    collect_stats,
+    synthesize_inputs,
+)
 
 __all__ = ["CompressConfig", "Report", "compress"]
 
@@ -168,7 +175,7 @@ def compress(
     seconds["analyse"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    feeds = dict(config.calib) if config.calib is not None else synthesize_inputs(
+    feeds = check_feeds(config.calib, original) if config.calib is not None else synthesize_inputs(
         original, count=config.samples, seed=config.seed
     )
     stats = None

@@ -9,7 +9,10 @@ import qmpass
 
 
 def test_public_api_is_small() -> None:
-    assert sorted(qmpass.__all__) == ["Analysis", "AnalysisConfig", "QmpassInputError", "analyze"]
+    assert sorted(qmpass.__all__) == [
+        "Analysis", "AnalysisConfig", "CompressConfig", "QmpassInputError", "Report", "analyze",
+        "compress",
+    ]
 
 
 def test_analyze_accepts_a_path_or_a_proto_and_gives_the_same_answer() -> None:

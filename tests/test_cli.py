@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from conftest import const, fixture_path, make_model, tensor, trained_matrix
@@ -112,3 +113,48 @@ def test_spectral_clustering_option_and_graphml(tmp_path) -> None:
     clustered = [name for cluster in data["spectral_clusters"] for name in cluster]
     assert len(clustered) == len(set(clustered)) >= 2  # a partition, not overlapping groups
     assert graphml.read_text().count("<node ") == len(data["operators"])
+
+
+def test_compress_writes_a_model_and_the_report_of_the_contract(tmp_path, capsys) -> None:
+    out, report = tmp_path / "small.onnx", tmp_path / "report.json"
+    calib = fixture_path("mlp_digits").with_name("mlp_digits_calib.npz")
+    assert main(["compress", str(fixture_path("mlp_digits")), "-o", str(out), "--keep", "0.5",
+                 "--calib", str(calib), "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    for key in ("params_before", "params_after", "flops_before", "flops_after", "rewrites",
+                "verification"):
+        assert key in data
+    assert {"max_abs_error", "relative_error", "inputs"} <= set(data["verification"])
+    assert data["verification"]["inputs"] == 64
+    for rewrite in data["rewrites"]:
+        assert {"kind", "operators", "rank", "certificate"} <= set(rewrite)
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert data["params_after"] < data["params_before"]
+    assert "relative output error" in capsys.readouterr().out
+
+
+def test_compress_bad_input_gets_one_line_exit_2_and_no_file(tmp_path) -> None:
+    model = str(fixture_path("mlp_digits"))
+    broken_calib = tmp_path / "calib.npz"
+    np.savez(broken_calib, wrong=np.zeros((2, 64), dtype=np.float32))
+    cases = {kind: [str(path)] for kind, path in _bad_inputs(tmp_path).items()}
+    cases.update({
+        "keep": [model, "--keep", "1.5"],
+        "delta": [model, "--delta", "-1"],
+        "both": [model, "--keep", "0.5", "--delta", "0.1"],
+        "method": [model, "--method", "nope"],
+        "calib": [model, "--calib", str(broken_calib)],
+        "no calib": [model, "--calib", str(tmp_path / "none.npz")],
+    })
+    for kind, args in cases.items():
+        out = tmp_path / "out" / "model.onnx"
+        proc = subprocess.run(
+            [sys.executable, "-m", "qmpass", "compress", *args, "-o", str(out),
+             "--report", str(out.with_suffix(".json"))],
+            capture_output=True, text=True, check=False,
+        )
+        assert proc.returncode == 2, (kind, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("qmpass: "), (kind, proc.stderr)
+        assert not (tmp_path / "out").exists(), kind

@@ -42,8 +42,8 @@ def test_public_api_of_verify_is_small() -> None:
 
     assert sorted(qmpass.verify.__all__) == [
         "DEFAULT_BATCH", "StatsRequest", "TensorStats", "Verification", "Verifier",
-        "accuracy", "collect_stats", "compare", "load_calib", "run_batched", "run_model",
-        "session", "synthesize_inputs",
+        "accuracy", "check_feeds", "collect_stats", "compare", "load_calib", "run_batched",
+        "run_model", "session", "synthesize_inputs",
     ]
 
 

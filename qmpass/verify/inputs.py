@@ -23,7 +23,7 @@ from onnx import TensorProto
 from qmpass.errors import QmpassInputError
 from qmpass.extract.shapes import infer_shapes
 
-__all__ = ["load_calib", "synthesize_inputs"]
+__all__ = ["check_feeds", "load_calib", "synthesize_inputs"]
 
 _FLOATS = frozenset(
     {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -64,7 +64,16 @@ def load_calib(path: str | os.PathLike[str], model: onnx.ModelProto) -> dict[str
     file = Path(path)
     if not file.is_file():
         raise QmpassInputError(f"{file}: no such calibration file.")
-    arrays = _read_npz(file)
+    return check_feeds(_read_npz(file), model, str(file))
+
+
+def check_feeds(
+    arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, source: str = "calibration inputs"
+) -> dict[str, np.ndarray]:
+    """The checks of :func:`load_calib` on feeds given in memory (``source`` names them in
+    messages); returns them cast to the inputs' element types."""
+    file = source
+    arrays = {key: np.asarray(value) for key, value in arrays.items()}
     specs = _input_specs(model)
     expected = ", ".join(repr(s.name) for s in specs)
     missing = [s.name for s in specs if s.name not in arrays]
@@ -209,7 +218,7 @@ def _read_npz(file: Path) -> dict[str, np.ndarray]:
                                    f"({_first_line(exc)}); write it again.") from exc
 
 
-def _checked(file: Path, spec: _InputSpec, array: np.ndarray) -> np.ndarray:
+def _checked(file: str, spec: _InputSpec, array: np.ndarray) -> np.ndarray:
     where = f"{file}: array {spec.name!r}"
     if array.dtype.kind not in "biuf":
         raise QmpassInputError(f"{where} has dtype {array.dtype}; inputs must be numeric.")
@@ -246,7 +255,7 @@ def _checked(file: Path, spec: _InputSpec, array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array.astype(target, copy=False))
 
 
-def _check_dims_agree(file: Path, specs: list[_InputSpec], feeds: Mapping[str, np.ndarray]
+def _check_dims_agree(file: str, specs: list[_InputSpec], feeds: Mapping[str, np.ndarray]
                       ) -> None:
     seen: dict[str, tuple[str, int]] = {}  # dimension -> (first input, size)
     for spec in specs:

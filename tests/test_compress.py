@@ -1,0 +1,134 @@
+"""``qmpass.compress`` end to end: every fixture, verification and rollback, awkward graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import const, fixture_path, make_model, tensor, trained_matrix
+from onnx import helper, numpy_helper
+
+import models
+import qmpass
+from qmpass import CompressConfig, QmpassInputError
+from qmpass.verify import accuracy, compare, load_calib, run_model
+
+TOLERANCE = 0.05
+
+
+def _calib(name: str, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return load_calib(models.MODELS_DIR / f"{name}_calib.npz", model)
+
+
+@pytest.mark.parametrize("name", models.FIXTURES)
+def test_every_fixture_at_keep_half_is_smaller_valid_and_within_tolerance(name: str) -> None:
+    original = onnx.load(str(fixture_path(name)))
+    calib = _calib(name, original)
+    model, report = qmpass.compress(original, CompressConfig(keep=0.5, calib=calib))
+    doc = report.to_dict()
+
+    assert doc["params_after"] < doc["params_before"]
+    assert doc["flops_after"] < doc["flops_before"]
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.SerializeToString() for i in model.graph.input] == \
+        [i.SerializeToString() for i in original.graph.input]
+    assert [o.SerializeToString() for o in model.graph.output] == \
+        [o.SerializeToString() for o in original.graph.output]
+    assert model.ir_version == original.ir_version
+    assert list(model.opset_import) == list(original.opset_import)
+
+    # the report's verification is what onnxruntime measures independently
+    measured = compare(run_model(original, calib), run_model(model, calib), len(calib["input"]))
+    assert doc["verification"]["relative_error"] == pytest.approx(measured.relative_error,
+                                                                  rel=1e-4, abs=1e-7)
+    assert measured.relative_error <= TOLERANCE
+    kept = [r for r in doc["rewrites"] if r["status"] == "kept"]
+    assert kept and all({"kind", "operators", "rank", "certificate"} <= set(r) for r in kept)
+    assert all(r["certificate"]["op_norm"] >= 0 for r in kept)
+    # the held-out split, which neither planning nor verification saw
+    x, y = models.load_test_split(name)
+    before = accuracy(original, {"input": x}, y)
+    assert accuracy(model, {"input": x}, y) >= before - 0.05
+
+
+def test_the_plan_round_trips_through_json() -> None:
+    original = onnx.load(str(fixture_path("transformer_digits")))
+    _, report = qmpass.compress(original, CompressConfig(keep=0.5,
+                                                         calib=_calib("transformer_digits",
+                                                                      original)))
+    plan = report.plan
+    assert type(plan).from_json(plan.to_json()) == plan
+    assert {s.kind for s in plan.steps} == {"shared_basis", "lowrank"}
+
+
+def test_a_broken_tolerance_rolls_everything_back() -> None:
+    original = onnx.load(str(fixture_path("mlp_digits")))
+    model, report = qmpass.compress(original, CompressConfig(keep=0.3, tolerance=0.0))
+    statuses = {o.status for o in report.outcomes}
+    assert statuses == {"rolled_back"}
+    assert all("exceeds the tolerance 0" in (o.reason or "") for o in report.outcomes)
+    assert report.verification.relative_error == 0.0
+    feeds = {"input": np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)}
+    np.testing.assert_array_equal(run_model(model, feeds)[0], run_model(original, feeds)[0])
+
+
+def test_each_kept_rewrite_respects_an_intermediate_tolerance() -> None:
+    original = onnx.load(str(fixture_path("transformer_digits")))
+    calib = _calib("transformer_digits", original)
+    model, report = qmpass.compress(original, CompressConfig(keep=0.3, tolerance=0.02,
+                                                             calib=calib))
+    statuses = [o.status for o in report.outcomes]
+    assert "rolled_back" in statuses and "kept" in statuses
+    assert report.verification.relative_error <= 0.02
+    doc = report.to_dict()
+    assert 0.3 < doc["keep_achieved"] < 1.0  # backed off from the budget, not all the way
+    measured = compare(run_model(original, calib), run_model(model, calib), 64)
+    assert measured.relative_error <= 0.02
+
+
+def test_weights_in_constant_nodes_are_rewritten() -> None:
+    w1, w2 = trained_matrix(64, 64), trained_matrix(32, 64)
+    nodes = [
+        helper.make_node("Constant", [], ["w1"], value=numpy_helper.from_array(w1.T, "w1")),
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="second"),
+    ]
+    original = make_model(nodes, [tensor("x", ["batch", 64])], [tensor("y", ["batch", 32])],
+                          [const("w2", w2.T)])
+    model, report = qmpass.compress(original, CompressConfig(method="svd", keep=0.6,
+                                                             tolerance=1.0))
+    changed = {name for o in report.kept for name in o.step.operators}
+    assert "first" in changed
+    assert not any(n.op_type == "Constant" for n in model.graph.node)  # w1 replaced
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_operators_inside_subgraphs_are_left_untouched_and_say_so() -> None:
+    w = trained_matrix(64, 64)
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["z"], name="inner")], "then", [],
+        [tensor("z", ["batch", 64])])
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["z2"])], "else", [], [tensor("z2", ["batch", 64])])
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["c"]),
+        helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other),
+    ]
+    original = make_model(nodes, [tensor("x", ["batch", 64])], [tensor("y", ["batch", 64])],
+                          [const("w", w.T), numpy_helper.from_array(np.float32(0), "zero")])
+    _, report = qmpass.compress(original, CompressConfig(keep=0.5))
+    reasons = dict(report.plan.declined)
+    assert "subgraph" in reasons["inner"]
+    assert not report.outcomes
+
+
+def test_bad_configuration_and_calibration_raise_input_errors() -> None:
+    original = onnx.load(str(fixture_path("mlp_digits")))
+    for kwargs in ({"keep": 0.0}, {"keep": 1.5}, {"delta": -1.0}, {"keep": 0.5, "delta": 0.1},
+                   {"tolerance": -1.0}, {"method": "nope"}, {"align": 0}):
+        with pytest.raises(QmpassInputError):
+            CompressConfig(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(QmpassInputError, match="input"):
+        qmpass.compress(original, CompressConfig(keep=0.5, calib={"wrong": np.zeros((2, 64))}))
