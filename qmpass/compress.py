@@ -169,6 +169,11 @@ def compress(
     seconds: dict[str, float] = {}
     timer = time.perf_counter()
     loaded = load_model(model)
+    if loaded.proto.ByteSize() >= _PROTOBUF_LIMIT:
+        raise QmpassInputError(
+            "the model is 2 GB or larger; protobuf cannot hold it in one message, and "
+            "compress does not support such models yet."
+        )
     original = name_nodes(loaded.proto)
     extraction = extract_operators(original, loaded.external)
     groups = channel_groups(original)
@@ -354,6 +359,8 @@ def _model_params(model: onnx.ModelProto) -> int:
     ]
     return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in _FLOAT_TYPES)
 
+
+_PROTOBUF_LIMIT = 2**31 - 1
 
 _FLOAT_TYPES = frozenset(
     {

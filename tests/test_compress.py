@@ -132,3 +132,15 @@ def test_bad_configuration_and_calibration_raise_input_errors() -> None:
             CompressConfig(**kwargs)  # type: ignore[arg-type]
     with pytest.raises(QmpassInputError, match="input"):
         qmpass.compress(original, CompressConfig(keep=0.5, calib={"wrong": np.zeros((2, 64))}))
+
+
+def test_external_data_models_are_compressed_and_written_whole(tmp_path) -> None:
+    original = onnx.load(str(fixture_path("mlp_digits")))
+    path = tmp_path / "external.onnx"
+    onnx.save_model(original, str(path), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)
+    model, report = qmpass.compress(path, CompressConfig(keep=0.5, tolerance=1.0))
+    assert report.kept
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in model.graph.initializer)
+    onnx.checker.check_model(model, full_check=True)
