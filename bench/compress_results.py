@@ -7,7 +7,8 @@ A. **Table 1 of the paper, measured**: the trained CNNs (``resnet_digits`` and i
    0.50/0.70/0.90/0.95 (``--keep 1 - sparsity`` of the prunable operators' weights), for
    ``qmfrg`` (data-aware: the fixture's calibration split), ``magnitude`` and
    ``random`` (mean and spread over seeds), one-shot, no fine-tuning, no rollback
-   (``tolerance = inf``: the budget is what is compared), ``align = 1``.
+   (``tolerance = inf``: the budget is what is compared), ``align = 1``, and ``qmfrg``
+   held to pruning (``convs = "prune"``).
 B. **Fidelity vs parameters**: relative output error ``||y' - y||_F / ||y||_F`` of the
    logits on the test split, and accuracy, against the fraction of weight-operator
    parameters kept (measured on the output model), for qmfrg, svd, whitened (the
@@ -36,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -51,7 +53,7 @@ from qmpass.extract import Operator, extract_operators  # noqa: E402
 from qmpass.extract.channels import channel_groups  # noqa: E402
 from qmpass.modelio import stored_values  # noqa: E402
 from qmpass.plan.factors import projection, sqrt_psd  # noqa: E402
-from qmpass.plan.planner import PlanConfig, make_plan, stats_requests  # noqa: E402
+from qmpass.plan.planner import Method, PlanConfig, make_plan, stats_requests  # noqa: E402
 from qmpass.rewrite.base import name_nodes  # noqa: E402
 from qmpass.verify import (  # noqa: E402
     StatsRequest,
@@ -67,7 +69,7 @@ SPARSITIES = (0.5, 0.7, 0.9, 0.95)
 RANDOM_SEEDS = (0, 1, 2, 3, 4)
 CNNS = ("resnet_digits", "resnet_digits_bn")
 CURVE_MODELS = ("resnet_digits", "transformer_digits")
-CURVE_METHODS = ("qmfrg", "svd", "whitened", "magnitude", "random")
+CURVE_METHODS: tuple[Method, ...] = ("qmfrg", "svd", "whitened", "magnitude", "random")
 INF = float("inf")
 
 
@@ -81,11 +83,13 @@ def _input(model: onnx.ModelProto) -> str:
     return model.graph.input[0].name
 
 
-def _run(model: onnx.ModelProto, calib: Mapping[str, np.ndarray] | None, method: str,
-         keep: float, seed: int = 0, align: int = 1) -> tuple[onnx.ModelProto, dict]:
+def _run(model: onnx.ModelProto, calib: Mapping[str, np.ndarray] | None, method: Method,
+         keep: float, seed: int = 0, align: int = 1,
+         convs: Literal["auto", "prune", "factorise"] = "auto"
+         ) -> tuple[onnx.ModelProto, dict]:
     """One-shot compression: no rollback, so every method spends the same budget."""
-    config = CompressConfig(method=method, keep=keep, calib=calib,  # type: ignore[arg-type]
-                            tolerance=INF, seed=seed, align=align)
+    config = CompressConfig(method=method, keep=keep, calib=calib, tolerance=INF, seed=seed,
+                            align=align, convs=convs)
     out, report = compress(model, config)
     return out, report.to_dict()
 
@@ -102,7 +106,7 @@ def table1(sparsities: Sequence[float], seeds: Sequence[int]) -> None:
         print("|---|---|---|---|---|")
         for sparsity in sparsities:
             keep = 1.0 - sparsity
-            out, rep = _run(model, calib, "qmfrg", keep)
+            out, rep = _run(model, calib, "qmfrg", keep, convs="prune")
             acc_q = accuracy(out, feeds, y)
             out, rep_m = _run(model, None, "magnitude", keep)
             acc_m = accuracy(out, feeds, y)
@@ -182,13 +186,14 @@ def speedup(batches: Sequence[int], repeats: int, wide: bool) -> None:
           " measured / Amdahl |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     cases: list[tuple[str, onnx.ModelProto, Mapping[str, np.ndarray], np.ndarray]] = []
-    for name in models.FIXTURES:
-        model, calib, x, _ = _data(name)
-        cases.append((name, model, calib, x))
+    for fixture in models.FIXTURES:
+        proto, feeds, inputs, _ = _data(fixture)
+        cases.append((fixture, proto, feeds, inputs))
     if wide:
         cases.extend(_wide_models())
     for name, model, calib, x in cases:
-        for method, align in (("qmfrg", 8), ("qmfrg", 1), ("svd", 8)):
+        variants: tuple[tuple[Method, int], ...] = (("qmfrg", 8), ("qmfrg", 1), ("svd", 8))
+        for method, align in variants:
             out, rep = _run(model, calib, method, 0.5, align=align)
             ideal = rep["flops_before"] / rep["flops_after"]
             operators = [op.name for op in extract_operators(name_nodes(model)).operators]
@@ -297,8 +302,9 @@ def against_optimum(keep: float) -> None:
     print("| model | method | step | layer | rank | error / optimum | error / optimum at equal "
           "parameters | error / held-out oracle |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, method in (("transformer_digits", "qmfrg"), ("mlp_digits", "qmfrg"),
-                         ("resnet_digits", "whitened")):
+    cases: tuple[tuple[str, Method], ...] = (
+        ("transformer_digits", "qmfrg"), ("mlp_digits", "qmfrg"), ("resnet_digits", "whitened"))
+    for name, method in cases:
         model, calib, x, _ = _data(name)
         named = name_nodes(model)
         extraction = extract_operators(named)
@@ -306,14 +312,14 @@ def against_optimum(keep: float) -> None:
         ops = {op.name: op for op in extraction.operators}
         calib_stats = _op_stats(named, extraction.operators, calib)
         test_stats = _op_stats(named, extraction.operators, {_input(model): x})
-        wanted = stats_requests(extraction, groups, method)  # type: ignore[arg-type]
+        wanted = stats_requests(extraction, groups, method)
         plan_stats = collect_stats(named, calib, {
             k: StatsRequest(w.tensor, w.kind, w.axis,
                             ops[w.operator].geometry if w.operator else None)
             for k, w in wanted.items()
         })
         planned = make_plan(extraction, groups, stored_values(named), plan_stats,
-                            PlanConfig(method, keep=keep))  # type: ignore[arg-type]
+                            PlanConfig(method, keep=keep))
         ratios = []
         for step, arrays in zip(planned.plan.steps, planned.tensors, strict=True):
             if step.kind not in ("lowrank", "shared_basis") or step.rank is None:

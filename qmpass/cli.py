@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
         help="ranks and kept channel counts are multiples of this (default 8: onnxruntime's "
         "CPU kernels are much slower on odd channel counts)",
     )
+    compress_cmd.add_argument(
+        "--convs", choices=("auto", "prune", "factorise"), default="auto",
+        help="with --calib, qmfrg prunes conv channel groups or factorises the convs; auto "
+        "(default) plans both and keeps the one that verifies with the smaller error",
+    )
     compress_cmd.add_argument("--calib", type=Path,
                               help=".npz of inputs keyed by graph input name (data-aware)")
     compress_cmd.add_argument("--report", type=Path, help="write the JSON report here")
@@ -128,6 +133,7 @@ def _compress(args: argparse.Namespace) -> int:
         delta=args.delta,
         tolerance=args.tolerance,
         align=args.align,
+        convs=args.convs,
         calib=None if args.calib is None else load_calib(args.calib, loaded.proto),
     )
     model, report = compress(loaded.proto, config)

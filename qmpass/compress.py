@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -55,7 +55,10 @@ class CompressConfig:
     Without ``keep`` and ``delta`` the pass keeps what ``delta = 0.05`` allows.
     ``calib`` feeds (keyed by graph input name) make the plan data-aware and are the
     verification inputs; without them ``samples`` inputs are synthesised. ``align``:
-    ranks and kept channel counts are multiples of it (see ``PlanConfig``).
+    ranks and kept channel counts are multiples of it (see ``PlanConfig``). ``convs``:
+    with calibration data, ``qmfrg`` can prune the channel groups of convolutions or
+    factorise the convolutions; ``auto`` plans both and keeps the one whose model
+    verifies with the smaller error.
     """
 
     method: Method = "qmfrg"
@@ -66,6 +69,7 @@ class CompressConfig:
     samples: int = 64
     seed: int = 0
     align: int = 8
+    convs: Literal["auto", "prune", "factorise"] = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -78,15 +82,28 @@ class CompressConfig:
             raise QmpassInputError(f"--keep must be in (0, 1], got {self.keep}.")
         if self.delta is not None and not self.delta >= 0.0:
             raise QmpassInputError(f"--delta must be non-negative, got {self.delta}.")
+        if self.convs not in ("auto", "prune", "factorise"):
+            raise QmpassInputError(
+                f"unknown conv treatment '{self.convs}'; choose auto, prune or factorise."
+            )
         if self.align < 1:
             raise QmpassInputError(f"--align must be a positive integer, got {self.align}.")
         if not self.tolerance >= 0.0:
             raise QmpassInputError(f"--tolerance must be non-negative, got {self.tolerance}.")
 
-    def plan_config(self) -> PlanConfig:
+    def conv_choices(self) -> tuple[Literal["prune", "factorise"], ...]:
+        """The treatments of convolutions to plan (both only where they can differ)."""
+        if self.convs != "auto":
+            return (self.convs,)
+        if self.method == "qmfrg" and self.calib is not None:
+            return ("prune", "factorise")
+        return ("prune",)
+
+    def plan_config(self, convs: Literal["prune", "factorise"] = "prune") -> PlanConfig:
         delta = 0.05 if self.keep is None and self.delta is None else self.delta
         return PlanConfig(
-            self.method, keep=self.keep, delta=delta, seed=self.seed, align=self.align
+            self.method, keep=self.keep, delta=delta, seed=self.seed, align=self.align,
+            convs=convs,
         )
 
 
@@ -131,6 +148,7 @@ class Report:
     flops: tuple[int, int]
     operator_params: tuple[int, int]
     seconds: dict[str, float] = field(default_factory=dict)
+    alternatives: dict[str, float] = field(default_factory=dict)
 
     @property
     def kept(self) -> tuple[Outcome, ...]:
@@ -158,6 +176,7 @@ class Report:
                 {"operator": name, "reason": reason} for name, reason in self.plan.declined
             ],
             "verification": self.verification.to_dict(),
+            "conv_alternatives": self.alternatives,
             "seconds": self.seconds,
         }
 
@@ -198,18 +217,29 @@ def compress(
     seconds["calibrate"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    planned = make_plan(
-        extraction, groups, stored_values(original), stats, config.plan_config(),
-        _name(model, original),
-    )
-    plan = planned.plan
+    values = stored_values(original)
+    choices = config.conv_choices()
+    candidates = [
+        make_plan(extraction, groups, values, stats, config.plan_config(convs),
+                  _name(model, original))
+        for convs in choices
+    ]
     seconds["plan"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
     verifier = Verifier(original, feeds)
     applier = _Applier(original, extraction, groups)
+    tried = [_apply_all(applier, verifier, planned) for planned in candidates]
+    if len(candidates) > 1 and candidates[0].plan == candidates[1].plan:
+        candidates, tried = candidates[:1], tried[:1]
+    best = min(range(len(tried)), key=lambda i: tried[i][2].relative_error)
+    planned = candidates[best]
+    plan = planned.plan
+    alternatives: dict[str, float] = {}
+    if len(tried) > 1:  # what each treatment of the convolutions verified at
+        alternatives = {c: t[2].relative_error for c, t in zip(choices, tried, strict=True)}
     result, outcomes, verification = _apply_verified(
-        applier, verifier, planned, config.tolerance
+        applier, verifier, planned, config.tolerance, tried[best]
     )
     seconds["rewrite_and_verify"] = time.perf_counter() - timer
 
@@ -223,6 +253,7 @@ def compress(
         flops=(_flops(extraction), _flops(after)),
         operator_params=(_params(extraction), _params(after)),
         seconds=seconds,
+        alternatives=alternatives,
     )
     return result, report
 
@@ -267,13 +298,22 @@ class _Applier:
         return model, declined
 
 
+_Attempt = tuple[onnx.ModelProto, dict[int, str], Verification]
+
+
+def _apply_all(applier: _Applier, verifier: Verifier, planned: Planned) -> _Attempt:
+    """The model with every step of the plan, the steps that declined, and its error."""
+    model, declined = applier.build(list(zip(planned.plan.steps, planned.tensors, strict=True)))
+    return model, declined, verifier.check(model)
+
+
 def _apply_verified(
-    applier: _Applier, verifier: Verifier, planned: Planned, tolerance: float
+    applier: _Applier, verifier: Verifier, planned: Planned, tolerance: float, first: _Attempt
 ) -> tuple[onnx.ModelProto, list[Outcome], Verification]:
-    """Apply the plan, keeping only what verification accepts (see module docstring)."""
+    """Apply the plan, keeping only what verification accepts (see module docstring);
+    ``first`` is :func:`_apply_all` of the plan."""
     everything = list(zip(planned.plan.steps, planned.tensors, strict=True))
-    model, declined = applier.build(everything)
-    verification = verifier.check(model)
+    model, declined, verification = first
     if verification.relative_error <= tolerance:
         return model, [_outcome(step, declined.get(i)) for i, (step, _) in
                        enumerate(everything)], verification

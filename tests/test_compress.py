@@ -144,3 +144,18 @@ def test_external_data_models_are_compressed_and_written_whole(tmp_path) -> None
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL
                    for t in model.graph.initializer)
     onnx.checker.check_model(model, full_check=True)
+
+
+def test_calibrated_qmfrg_keeps_the_better_treatment_of_convolutions() -> None:
+    original = onnx.load(str(fixture_path("resnet_digits")))
+    calib = _calib("resnet_digits", original)
+    kinds = {}
+    for keep in (0.3, 0.9):
+        _, report = qmpass.compress(original, CompressConfig(keep=keep, calib=calib,
+                                                             tolerance=float("inf")))
+        errors = report.to_dict()["conv_alternatives"]
+        assert set(errors) == {"prune", "factorise"}
+        assert report.verification.relative_error == pytest.approx(min(errors.values()))
+        kinds[keep] = {o.step.kind for o in report.outcomes}
+    # few parameters left: pruning whole channels loses less; many: factorising does
+    assert kinds == {0.3: {"prune_channels"}, 0.9: {"lowrank"}}

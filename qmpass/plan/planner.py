@@ -62,7 +62,8 @@ class PlanConfig:
     ``align``: ranks and kept channel counts are multiples of it. onnxruntime's CPU
     convolutions take a blocked fast path only for some channel counts: on the CNN
     fixture, pruning 16/32 channels to 15/30 made the model 3x *slower*, while 8/16 made
-    it faster (docs/RESULTS.md).
+    it faster (docs/RESULTS.md). ``convs``: whether a calibrated ``qmfrg`` plan prunes
+    the channel groups of convolutions or factorises the convolutions.
     """
 
     method: Method = "qmfrg"
@@ -70,6 +71,7 @@ class PlanConfig:
     delta: float | None = None
     seed: int = 0
     align: int = 1
+    convs: Literal["prune", "factorise"] = "prune"
 
     def __post_init__(self) -> None:
         if (self.keep is None) == (self.delta is None):
@@ -188,7 +190,7 @@ def _candidates(
             if group.reason is not None:
                 continue
             producers = [ops.get(p.node) for p in group.producers]
-            if method == "qmfrg" and (stats is None or not any(
+            if method == "qmfrg" and (stats is None or config.convs == "factorise" or not any(
                     op is not None and op.op_type == "Conv" for op in producers)):
                 # a matmul's channels: low rank loses less than pruning them; without
                 # calibration data nothing tells which channels the activation silences,

@@ -19,14 +19,13 @@ is ``sigma_{q+1}`` for the truncated SVD (DESIGN.md, "The math"). Cost per input
 ``q (d_in + d_out)`` weights and multiply-adds instead of ``d_in d_out``; a rank that
 does not make both smaller is declined.
 
-The rules on operators (extracted, in the main graph, still in place) and on the new
-tensors (present, finite, of the operator's shapes) defined here are shared by
-:mod:`qmpass.rewrite.lowrank_conv` and :mod:`qmpass.rewrite.shared_basis`.
+The MatMul rules and the chain builder defined here are shared with
+:mod:`qmpass.rewrite.shared_basis`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -37,6 +36,10 @@ from qmpass.plan.plan import Step, StepKind
 from qmpass.rewrite.base import (
     Rewrite,
     StepTensors,
+    add_node,
+    decline_factors,
+    decline_node,
+    decline_rank,
     detach_output,
     find_node,
     new_constant,
@@ -109,28 +112,7 @@ class LowRankMatMul(Rewrite):
         )
 
 
-# -- rules shared by the low-rank and shared-basis rewrites -----------------------------------
-
-
-def decline_node(graph: gs.Graph, ops: Mapping[str, Operator], name: str) -> str | None:
-    """Why operator ``name`` cannot be replaced in ``graph`` (``None`` if it can): it must
-    have been extracted, live in the main graph and still produce ``op.output``."""
-    op = ops.get(name)
-    if op is None:
-        return f"operator '{name}' was not extracted from this model"
-    if op.in_subgraph:
-        return f"operator inside a subgraph ({op.graph}) is left untouched"
-    node = find_node(graph, name)
-    if node is None or node.op != op.op_type:
-        return f"operator '{name}' ({op.op_type}) is not a node of the main graph"
-    out = graph.tensors().get(op.output)
-    if not isinstance(out, gs.Variable) or len(out.inputs) != 1:
-        return f"output '{op.output}' of operator '{name}' is not produced by one node"
-    producer = out.inputs[0]
-    # the node itself, or its bias Add / folded BatchNormalization reading its output
-    if producer is not node and not any(t in node.outputs for t in producer.inputs):
-        return f"output '{op.output}' is no longer produced by '{name}' (rewritten already?)"
-    return None
+# -- shared with the shared-basis rewrite ------------------------------------------------------
 
 
 def decline_matmul(graph: gs.Graph, op: Operator) -> str | None:
@@ -155,71 +137,6 @@ def decline_matmul(graph: gs.Graph, op: Operator) -> str | None:
                 "the node is left untouched"
             )
     return None
-
-
-def decline_rank(rank: int | None, d_in: int, d_outs: Sequence[int]) -> str | None:
-    """Why ``rank`` does not reduce both weights and FLOPs of ``d_in -> sum(d_outs)``.
-
-    Both are ``rank * (d_in + sum(d_outs))`` against ``d_in * sum(d_outs)`` per input
-    vector (biases are the same on both sides).
-    """
-    if rank is None or rank < 1:
-        return f"step has no usable rank ({rank})"
-    total = sum(d_outs)
-    if rank * (d_in + total) >= d_in * total:
-        if len(d_outs) == 1:
-            return (
-                f"rank {rank} of a {total}x{d_in} matrix saves nothing: "
-                f"{rank}*({d_in}+{total}) >= {total}*{d_in}"
-            )
-        return (
-            f"rank {rank} shared by {len(d_outs)} operators saves nothing: "
-            f"{rank}*({d_in}+{total}) >= {d_in}*{total}"
-        )
-    return None
-
-
-def decline_factors(
-    tensors: StepTensors, rank: int | None, d_in: int, d_out: int, *, needs_bias: bool
-) -> str | None:
-    """Why ``tensors`` are not factors ``first`` (q x d_in), ``second`` (d_out x q) and
-    ``bias`` (d_out) of a ``d_out x d_in`` matrix view at rank ``q = rank``."""
-    missing = [k for k in ("first", "second") if k not in tensors]
-    if needs_bias and "bias" not in tensors:
-        missing.append("bias")
-    if missing:
-        return f"the step's tensors lack {', '.join(repr(k) for k in missing)}"
-    q = rank if rank is not None else np.shape(tensors["first"])[0]
-    expected: dict[str, tuple[int, ...]] = {"first": (q, d_in), "second": (d_out, q)}
-    if "bias" in tensors:
-        expected["bias"] = (d_out,)
-    for key, shape in expected.items():
-        array = np.asarray(tensors[key])
-        if array.shape != shape:
-            return f"tensor '{key}' has shape {array.shape}, expected {shape}"
-        if array.dtype.kind != "f" or not np.isfinite(array).all():
-            return f"tensor '{key}' is not a finite floating-point array"
-    return None
-
-
-def add_node(
-    graph: gs.Graph,
-    op_type: str,
-    name: str,
-    inputs: Sequence[gs.Tensor],
-    outputs: Sequence[gs.Tensor],
-    attrs: Mapping[str, object] | None = None,
-) -> None:
-    """Append a node named after ``name`` (made unique) to ``graph``."""
-    graph.nodes.append(
-        gs.Node(
-            op_type,
-            unique_name(graph, name),
-            attrs=dict(attrs or {}),
-            inputs=list(inputs),
-            outputs=list(outputs),
-        )
-    )
 
 
 def matmul_chain(

@@ -28,19 +28,16 @@ from qmpass.plan.plan import Step, StepKind
 from qmpass.rewrite.base import (
     Rewrite,
     StepTensors,
+    add_node,
+    decline_factors,
+    decline_node,
+    decline_rank,
     detach_output,
     new_constant,
     unique_name,
     weight_dtype,
 )
-from qmpass.rewrite.lowrank_matmul import (
-    add_node,
-    decline_factors,
-    decline_matmul,
-    decline_node,
-    decline_rank,
-    matmul_chain,
-)
+from qmpass.rewrite.lowrank_matmul import decline_matmul, matmul_chain
 
 __all__ = ["SharedBasis"]
 
