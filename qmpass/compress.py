@@ -9,17 +9,16 @@ and each one that breaks it is rolled back, with the measured error as the reaso
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from qmpass.errors import QmpassInputError
-from qmpass.extract import Extraction, Operator, extract_operators
-from qmpass.extract.channels import ChannelGroup, channel_groups
+from qmpass.extract import Extraction, extract_operators
+from qmpass.extract.channels import channel_groups
 from qmpass.modelio import ModelLike, load_model, stored_values
 from qmpass.plan import Plan, Step
 from qmpass.plan.planner import (
@@ -31,11 +30,8 @@ from qmpass.plan.planner import (
     stats_requests,
 )
 from qmpass.plan.units import Built
-from qmpass.rewrite.base import Rewrite, export_like, name_nodes
-from qmpass.rewrite.lowrank_conv import LowRankConv
-from qmpass.rewrite.lowrank_matmul import LowRankMatMul
-from qmpass.rewrite.prune_channels import PruneChannels
-from qmpass.rewrite.shared_basis import SharedBasis
+from qmpass.rewrite import Applier
+from qmpass.rewrite.base import name_nodes
 from qmpass.verify import (
     StatsRequest,
     Verification,
@@ -228,7 +224,7 @@ def compress(
 
     timer = time.perf_counter()
     verifier = Verifier(original, feeds)
-    applier = _Applier(original, extraction, groups)
+    applier = Applier(original, extraction, groups)
     tried = [_apply_all(applier, verifier, planned) for planned in candidates]
     if len(candidates) > 1 and candidates[0].plan == candidates[1].plan:
         candidates, tried = candidates[:1], tried[:1]
@@ -258,57 +254,17 @@ def compress(
     return result, report
 
 
-class _Applier:
-    """Builds the model with a chosen subset of the steps, on a fresh import each time."""
-
-    def __init__(
-        self, model: onnx.ModelProto, extraction: Extraction, groups: Sequence[ChannelGroup]
-    ) -> None:
-        self.model = model
-        self.ops: dict[str, Operator] = {op.name: op for op in extraction.operators}
-        self.prune = PruneChannels(groups)
-        self.matmul, self.conv, self.shared = LowRankMatMul(), LowRankConv(), SharedBasis()
-
-    def rewrite_for(self, step: Step) -> Rewrite:
-        if step.kind == "prune_channels":
-            return self.prune
-        if step.kind == "shared_basis":
-            return self.shared
-        op = self.ops.get(step.operators[0])
-        return self.conv if op is not None and op.op_type == "Conv" else self.matmul
-
-    def build(
-        self, steps: Sequence[tuple[Step, Mapping[str, np.ndarray]]]
-    ) -> tuple[onnx.ModelProto, dict[int, str]]:
-        """The model with ``steps`` applied and, by position, the steps that declined."""
-        graph = gs.import_onnx(self.model)
-        declined: dict[int, str] = {}
-        for index, (step, arrays) in enumerate(steps):
-            rewrite = self.rewrite_for(step)
-            reason = rewrite.check(graph, step, self.ops) or rewrite.check_tensors(
-                step, self.ops, arrays
-            )
-            if reason is not None:
-                declined[index] = reason
-                continue
-            rewrite.apply(graph, step, self.ops, arrays)
-        model = export_like(graph, self.model)
-        onnx.checker.check_model(model, full_check=True)
-        _check_interface(self.model, model)
-        return model, declined
-
-
 _Attempt = tuple[onnx.ModelProto, dict[int, str], Verification]
 
 
-def _apply_all(applier: _Applier, verifier: Verifier, planned: Planned) -> _Attempt:
+def _apply_all(applier: Applier, verifier: Verifier, planned: Planned) -> _Attempt:
     """The model with every step of the plan, the steps that declined, and its error."""
     model, declined = applier.build(list(zip(planned.plan.steps, planned.tensors, strict=True)))
     return model, declined, verifier.check(model)
 
 
 def _apply_verified(
-    applier: _Applier, verifier: Verifier, planned: Planned, tolerance: float, first: _Attempt
+    applier: Applier, verifier: Verifier, planned: Planned, tolerance: float, first: _Attempt
 ) -> tuple[onnx.ModelProto, list[Outcome], Verification]:
     """Apply the plan, keeping only what verification accepts (see module docstring);
     ``first`` is :func:`_apply_all` of the plan."""
@@ -362,18 +318,6 @@ def _spread(fallbacks: list[Built], most: int = 4) -> list[Built]:
         return fallbacks
     picks = np.unique(np.linspace(0, len(fallbacks) - 1, most).round().astype(int))
     return [fallbacks[i] for i in picks]
-
-
-def _check_interface(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
-    """Rewrites must keep the model's inputs, outputs and opsets exactly."""
-    for kind in ("input", "output"):
-        before = [v.SerializeToString() for v in getattr(original.graph, kind)]
-        after = [v.SerializeToString() for v in getattr(rewritten.graph, kind)]
-        if before != after:
-            raise RuntimeError(f"a rewrite changed the graph {kind}s")
-    if list(original.opset_import) != list(rewritten.opset_import) or \
-            original.ir_version != rewritten.ir_version:
-        raise RuntimeError("a rewrite changed the opset or IR version")
 
 
 def _name(model: ModelLike, proto: onnx.ModelProto) -> str:

@@ -356,7 +356,7 @@ def channel_candidate(
         select = np.zeros((count, channels))
         select[np.arange(count), list(kept)] = 1.0
         tensors: dict[str, np.ndarray] = {}
-        op_norm = shift_norm = 0.0
+        op_norm = shift_norm = radius = bound = 0.0
         for index, consumer in enumerate(group.consumers):
             cov, mean = moments[index]
             if compensated:
@@ -368,9 +368,21 @@ def channel_candidate(
             weight = view.consumer_weight(index)
             # the consumer's output changes by W (x - mix x_kept - shift): bound both parts
             residual = weight @ (np.eye(channels) - mix @ select)
-            op_norm = max(op_norm, _op_norm(residual.reshape(residual.shape[0], -1)))
+            consumer_norm = _op_norm(residual.reshape(residual.shape[0], -1))
             bias_shift = (weight @ shift).reshape(weight.shape[0], -1).sum(axis=1)
-            shift_norm = max(shift_norm, float(np.linalg.norm(bias_shift)))
+            consumer_shift = float(np.linalg.norm(bias_shift))
+            op_norm, shift_norm = max(op_norm, consumer_norm), max(shift_norm, consumer_shift)
+            seen = stats[index]
+            if seen is not None:
+                # a receptive field of `taps` channel vectors, each no longer than the
+                # longest one seen, is at most sqrt(taps) times as long
+                taps = weight.size // (weight.shape[0] * channels)
+                reach = math.sqrt(taps) * seen.max_norm
+                radius = max(radius, reach)
+                bound = max(bound, reach * consumer_norm + consumer_shift)
+        certificate = {"op_norm": op_norm, "bias_change": shift_norm}
+        if all(s is not None for s in stats):
+            certificate.update(radius=radius, bound=bound)
         step = Step(
             kind="prune_channels",
             operators=group.operators,
@@ -380,7 +392,7 @@ def channel_candidate(
             group=group.name,
             channels=channels,
             kept=kept,
-            certificate={"op_norm": op_norm, "bias_change": shift_norm},
+            certificate=certificate,
             data_aware=any(s is not None for s in stats),
         )
         return [(step, tensors)]

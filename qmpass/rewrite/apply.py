@@ -1,0 +1,81 @@
+"""Applying plan steps to a model: pick the rewrite for each step, check, apply, export.
+
+Only here are the rewrites put together; each of them lives in its own file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qmpass.extract import Extraction, Operator
+from qmpass.extract.channels import ChannelGroup
+from qmpass.plan.plan import Step
+from qmpass.rewrite.base import Rewrite, export_like
+from qmpass.rewrite.lowrank_conv import LowRankConv
+from qmpass.rewrite.lowrank_matmul import LowRankMatMul
+from qmpass.rewrite.prune_channels import PruneChannels
+from qmpass.rewrite.shared_basis import SharedBasis
+
+__all__ = ["Applier"]
+
+
+class Applier:
+    """Builds the model with a chosen subset of a plan's steps, on a fresh import of the
+    model each time (so leaving a step out is how a step is rolled back).
+
+    ``model`` is named by :func:`~qmpass.rewrite.base.name_nodes`; ``extraction`` and
+    ``groups`` are its operators and channel groups.
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, extraction: Extraction, groups: Sequence[ChannelGroup]
+    ) -> None:
+        self.model = model
+        self.ops: dict[str, Operator] = {op.name: op for op in extraction.operators}
+        self.prune = PruneChannels(groups)
+        self.matmul, self.conv, self.shared = LowRankMatMul(), LowRankConv(), SharedBasis()
+
+    def rewrite_for(self, step: Step) -> Rewrite:
+        if step.kind == "prune_channels":
+            return self.prune
+        if step.kind == "shared_basis":
+            return self.shared
+        op = self.ops.get(step.operators[0])
+        return self.conv if op is not None and op.op_type == "Conv" else self.matmul
+
+    def build(
+        self, steps: Sequence[tuple[Step, Mapping[str, np.ndarray]]]
+    ) -> tuple[onnx.ModelProto, dict[int, str]]:
+        """The model with ``steps`` applied and, by position, the steps that declined
+        (with why). The result passes ``onnx.checker`` and keeps the model's interface."""
+        graph = gs.import_onnx(self.model)
+        declined: dict[int, str] = {}
+        for index, (step, arrays) in enumerate(steps):
+            rewrite = self.rewrite_for(step)
+            reason = rewrite.check(graph, step, self.ops) or rewrite.check_tensors(
+                step, self.ops, arrays
+            )
+            if reason is not None:
+                declined[index] = reason
+                continue
+            rewrite.apply(graph, step, self.ops, arrays)
+        model = export_like(graph, self.model)
+        onnx.checker.check_model(model, full_check=True)
+        _check_interface(self.model, model)
+        return model, declined
+
+
+def _check_interface(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
+    """Rewrites must keep the model's inputs, outputs and opsets exactly."""
+    for kind in ("input", "output"):
+        before = [v.SerializeToString() for v in getattr(original.graph, kind)]
+        after = [v.SerializeToString() for v in getattr(rewritten.graph, kind)]
+        if before != after:
+            raise RuntimeError(f"a rewrite changed the graph {kind}s")
+    if list(original.opset_import) != list(rewritten.opset_import) or \
+            original.ir_version != rewritten.ir_version:
+        raise RuntimeError("a rewrite changed the opset or IR version")
