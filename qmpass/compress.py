@@ -1,9 +1,15 @@
 """``compress``: analyse -> plan -> rewrite -> verify, keeping only verified rewrites.
 
-Every planned step is applied to a fresh import of the model, so rolling a step back
-is just building the model without it. All steps are tried together first; when the
-result breaks ``tolerance``, steps are added one at a time in order of predicted error
-and each one that breaks it is rolled back, with the measured error as the reason.
+Every planned step is applied to a fresh import of the model, so rolling a step back is
+just building the model without it. All steps are tried together first. When the result
+breaks ``tolerance``, the plan's units (an operator, a cluster, a channel group) are
+added one at a time, least predicted error first; a unit that breaks the tolerance
+falls back to milder variants of itself (a higher rank, more channels) and is rolled
+back if none passes, with the measured error as the reason.
+
+With calibration data, ``qmfrg`` can treat convolutions two ways (prune their channel
+groups, or factorise them); both plans are built and verified, and the one with the
+smaller error is kept (``CompressConfig.convs``).
 """
 
 from __future__ import annotations
