@@ -221,7 +221,7 @@ def _print_compress_summary(report: Report) -> None:
         )
         params = f"{step.before.params:,} -> {step.after.params:,}"
         print(f"{step.kind:<15} {names[:44]:<44} {size!s:>9} {params:>17} "
-              f"{step.predicted_error:8.4f} {outcome.status:<11}")
+              f"{step.predicted_error:8.2g} {outcome.status:<11}")
     doc = report.to_dict()
     v = report.verification
     print(
