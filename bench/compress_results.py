@@ -19,6 +19,8 @@ C. **Realised speed-up**: onnxruntime latency of the original and the compressed
 D. **Data-aware layers against the whitened optimum**: for each low-rank or shared-basis
    layer of a data-aware plan, the layer's output error on the held-out split divided by
    that of the whitened truncation at the same rank (fitted on the same calibration data).
+E. **Scale**: the time ``compress`` takes, stage by stage, on a BERT-base-sized stack
+   (``bench/analysis_speed.py``'s, random weights: a speed check only).
 
 Run from the repository root: ``python bench/compress_results.py`` (``--quick`` for a
 smaller grid).
@@ -383,12 +385,34 @@ def _error(op: Operator, new_w: np.ndarray, new_b: np.ndarray, stats: TensorStat
                  + db @ db)
 
 
+# -- E ------------------------------------------------------------------------------------------
+def scale(layers: int) -> None:
+    print(f"\n## E. Time to compress a BERT-base-sized stack ({layers} layers, random weights: "
+          "a speed check only)\n")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from analysis_speed import bert_like
+
+    model = bert_like(layers)
+    ops = extract_operators(model).operators
+    print(f"{len(ops)} weight operators, {sum(op.params for op in ops):,} parameters; "
+          "`qmpass.compress(model, CompressConfig(method='svd', keep=0.5, "
+          "tolerance=inf))`, 64 synthesised inputs\n")
+    print("| stage | seconds |")
+    print("|---|---|")
+    start = time.perf_counter()
+    _, report = _run(model, None, "svd", 0.5)
+    for stage, seconds in report["seconds"].items():
+        print(f"| {stage} | {seconds:.1f} |")
+    print(f"| **total** | **{time.perf_counter() - start:.1f}** |\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a smaller grid")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "fidelity.png")
     parser.add_argument("--repeats", type=int, default=200, help="latency runs per model")
-    parser.add_argument("--parts", default="ABCD", help="which parts to run")
+    parser.add_argument("--parts", default="ABCDE", help="which parts to run")
+    parser.add_argument("--layers", type=int, default=12, help="layers of part E's stack")
     args = parser.parse_args(argv)
     print(f"# qmpass compress results\n\n{platform.platform()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, onnxruntime "
@@ -403,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         speedup((1, 256), 30 if args.quick else args.repeats, wide=not args.quick)
     if "D" in args.parts:
         against_optimum(0.5)
+    if "E" in args.parts:
+        scale(2 if args.quick else args.layers)
     print(f"(whole run: {time.perf_counter() - start:.0f} s)")
     return 0
 

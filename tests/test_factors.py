@@ -83,3 +83,21 @@ def test_greedy_keeps_independent_channels_first() -> None:
     assert np.all(np.diff(errors) <= 1e-12)  # keeping more never predicts more error
     assert errors[3] == pytest.approx(0.0, abs=1e-9)  # three channels explain all six
     assert len(set(order)) == 6
+
+
+def test_shared_basis_is_the_top_eigenspace_of_the_cluster_state() -> None:
+    """DESIGN.md: rho_C = mean of the members' input-side states; member i keeps
+    tr(P_q rho_i) of its energy."""
+    base = trained_matrix(96, 64).astype(np.float64)
+    members = [base[:32], base[32:64], base[64:]]
+    rhos = [w.T @ w / np.linalg.norm(w) ** 2 for w in members]
+    _, vectors = np.linalg.eigh(sum(rhos) / 3)
+    rank = 12
+    top = vectors[:, ::-1][:, :rank]
+    proj = projection(members, None)
+    first, _ = proj.factors(rank)
+    # the rows of `first` span the same subspace as the top eigenvectors of rho_C
+    q_first, _ = np.linalg.qr(first.T)
+    np.testing.assert_allclose(q_first @ q_first.T, top @ top.T, atol=1e-8)
+    kept = np.array([np.trace(top @ top.T @ rho) for rho in rhos])
+    np.testing.assert_allclose(proj.member_errors(rank), 1 - kept, atol=1e-10)

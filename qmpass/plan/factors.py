@@ -15,6 +15,12 @@ of DESIGN.md, written as an output-side projection so no inverse of ``C`` is nee
 bias absorbs the mean of what was cut: ``b' = b + (W - W') mu``. The relative error
 after keeping ``q`` directions is the tail energy of the singular values.
 
+For a cluster this is DESIGN.md's shared basis: the right singular vectors of ``D W S``
+are the eigenvectors of the cluster's mixed state ``rho_C = (1/n) sum_i rho_i`` with
+``rho_i = S W_i^T W_i S / ||W_i S||_F^2``, so the rows of ``first`` span its top-``q``
+eigenspace ``P_q``, and member ``i`` loses ``1 - tr(P_q rho_i)`` of its energy
+(:meth:`Projection.member_errors`).
+
 Channel pruning keeps channels ``S`` of an activation and, for each consumer, replaces
 the removed channels ``R`` by their least-squares estimate from the kept ones:
 ``x_R ~ mu_R + C_RS C_SS^-1 (x_S - mu_S)``; the consumer folds this map (``mix``) and its
@@ -26,6 +32,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.linalg
@@ -59,19 +66,27 @@ class Projection:
     energy: np.ndarray  # r squared singular values, descending
     member_rows: tuple[int, ...]
 
+    @property
+    def rank(self) -> int:
+        """How many directions the decomposition resolves (its numerical rank)."""
+        return int(self.energy.size)
+
     def tail(self, rank: int) -> float:
         return float(self.energy[rank:].sum())
 
+    @cached_property
+    def _member_tails(self) -> np.ndarray:
+        """``[i, q]``: energy of member ``i`` outside the first ``q`` directions."""
+        bounds = np.cumsum((0, *self.member_rows))
+        per_direction = np.array(
+            [np.sum(self.basis[lo:hi] ** 2, axis=0) for lo, hi in itertools.pairwise(bounds)]
+        ) * self.energy  # members x directions
+        tails = np.cumsum(per_direction[:, ::-1], axis=1)[:, ::-1]
+        return np.hstack([tails, np.zeros((len(self.member_rows), 1))])
+
     def member_errors(self, rank: int) -> np.ndarray:
         """Relative error of each member at ``rank`` (energy outside the kept space)."""
-        bounds = np.cumsum((0, *self.member_rows))
-        projected_out = self.basis[:, rank:] * np.sqrt(self.energy[rank:])
-        return np.array(
-            [
-                float(np.sum(projected_out[lo:hi] ** 2))
-                for lo, hi in itertools.pairwise(bounds)
-            ]
-        )
+        return self._member_tails[:, min(rank, self.rank)]
 
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """``first`` (rank x d_in) and ``second`` (sum d_out x rank)."""
@@ -90,14 +105,41 @@ def projection(weights: Sequence[np.ndarray], sqrt_cov: np.ndarray | None) -> Pr
         [np.full(w.shape[0], 1.0 / _norm(seen_rows)) for w, seen_rows in
          zip(weights, np.split(seen, np.cumsum([w.shape[0] for w in weights])[:-1]), strict=True)]
     )
-    u, s, _ = scipy.linalg.svd(scale[:, None] * seen, full_matrices=False, lapack_driver="gesdd")
+    basis, energy = _left_singular(scale[:, None] * seen)
     return Projection(
         weight=stacked,
         scale=scale,
-        basis=u,
-        energy=s**2,
+        basis=basis,
+        energy=energy,
         member_rows=tuple(w.shape[0] for w in weights),
     )
+
+
+def _left_singular(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left singular vectors and squared singular values (descending) of ``matrix``,
+    from the eigendecomposition of its Gram matrix on the smaller side: 3-5x faster than
+    an SVD on square layers. Energies are accurate to ``eps * s_max^2``, which is all a
+    truncation decision needs; directions whose energy is at that noise level are
+    dropped (the rank they would add is lossless already). Whatever basis comes out, the
+    certificates are computed from the factors actually used, so they stay sound."""
+    rows, cols = matrix.shape
+    if rows <= cols:
+        energy, basis = scipy.linalg.eigh(matrix @ matrix.T)
+        energy, basis = energy[::-1], basis[:, ::-1]
+    else:
+        energy, right = scipy.linalg.eigh(matrix.T @ matrix)
+        energy, right = energy[::-1], right[:, ::-1]
+        basis = matrix @ right  # columns U_j s_j
+    floor = max(float(energy[0]), 0.0) * max(rows, cols) * np.finfo(float).eps if energy.size \
+        else 0.0
+    keep = int(np.count_nonzero(energy > floor))
+    energy, basis = np.clip(energy[:keep], 0.0, None), basis[:, :keep]
+    if rows > cols:
+        basis = basis / np.sqrt(energy)
+        # re-orthonormalise what rounding bent; QR keeps every leading span, so the first
+        # q columns still span the top-q directions
+        basis, _ = np.linalg.qr(basis)
+    return np.ascontiguousarray(basis), energy
 
 
 def _norm(rows: np.ndarray) -> float:

@@ -206,6 +206,12 @@ def _candidates(
                 candidates.append(candidate)
                 taken.update(group.operators)
     if method in _PRUNING:
+        pinned = {name: g.reason for g in groups if g.reason for name in g.operators}
+        for op in extraction.operators:
+            if op.name not in taken:
+                declined[op.name] = (f"its channels cannot be pruned: {pinned[op.name]}"
+                                     if op.name in pinned else
+                                     "no prunable channel group touches it")
         return candidates
 
     whitened = method in ("qmfrg", "whitened") and stats is not None

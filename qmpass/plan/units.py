@@ -168,7 +168,15 @@ def _certificate(delta_w: np.ndarray, delta_b: np.ndarray, radius: float | None
 
 
 def _op_norm(matrix: np.ndarray) -> float:
-    return float(scipy.linalg.norm(matrix, 2)) if matrix.size else 0.0
+    """``||matrix||_op``: the top eigenvalue of the Gram matrix on the smaller side (only
+    that one is computed), nudged up by its rounding error so the bound stays sound."""
+    if not matrix.size:
+        return 0.0
+    gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
+    n = gram.shape[0]
+    top = float(scipy.linalg.eigvalsh(gram, subset_by_index=[n - 1, n - 1])[0])
+    rounding = n * np.finfo(float).eps * float(np.abs(gram).sum(axis=1).max())
+    return float(np.sqrt(max(top, 0.0) + rounding))
 
 
 def _biases(ops: Sequence[Operator]) -> np.ndarray:
@@ -185,7 +193,8 @@ def lowrank_candidate(
     sqrt_cov = None if stats is None else sqrt_psd(stats.cov)
     proj = projection([op.weight for op in members], sqrt_cov)
     before = _total(members)
-    full = min(members[0].shape[1], sum(op.shape[0] for op in members))
+    # ranks past the numerical rank lose nothing more; the decomposition stops there
+    full = min(members[0].shape[1], sum(op.shape[0] for op in members), proj.rank + 1)
     names = tuple(op.name for op in members)
     kind: StepKind = "shared_basis" if fused else "lowrank"
 
