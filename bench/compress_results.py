@@ -50,12 +50,12 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-from qmpass.compress import CompressConfig, compress  # noqa: E402
+from qmpass.compress import CompressConfig, calibration_stats, compress  # noqa: E402
 from qmpass.extract import Operator, extract_operators  # noqa: E402
 from qmpass.extract.channels import channel_groups  # noqa: E402
 from qmpass.modelio import stored_values  # noqa: E402
 from qmpass.plan.factors import projection, sqrt_psd  # noqa: E402
-from qmpass.plan.planner import Method, PlanConfig, make_plan, stats_requests  # noqa: E402
+from qmpass.plan.planner import Method, PlanConfig, make_plan  # noqa: E402
 from qmpass.rewrite.base import name_nodes  # noqa: E402
 from qmpass.verify import (  # noqa: E402
     StatsRequest,
@@ -314,12 +314,7 @@ def against_optimum(keep: float) -> None:
         ops = {op.name: op for op in extraction.operators}
         calib_stats = _op_stats(named, extraction.operators, calib)
         test_stats = _op_stats(named, extraction.operators, {_input(model): x})
-        wanted = stats_requests(extraction, groups, method)
-        plan_stats = collect_stats(named, calib, {
-            k: StatsRequest(w.tensor, w.kind, w.axis,
-                            ops[w.operator].geometry if w.operator else None)
-            for k, w in wanted.items()
-        })
+        plan_stats = calibration_stats(named, extraction, groups, method, calib)
         planned = make_plan(extraction, groups, stored_values(named), plan_stats,
                             PlanConfig(method, keep=keep))
         ratios = []

@@ -15,7 +15,7 @@ smaller error is kept (``CompressConfig.convs``).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ import onnx
 
 from qmpass.errors import QmpassInputError
 from qmpass.extract import Extraction, extract_operators
-from qmpass.extract.channels import channel_groups
+from qmpass.extract.channels import ChannelGroup, channel_groups
 from qmpass.modelio import ModelLike, load_model, stored_values
 from qmpass.plan import Plan, Step
 from qmpass.plan.planner import (
@@ -40,6 +40,7 @@ from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
 from qmpass.verify import (
     StatsRequest,
+    TensorStats,
     Verification,
     Verifier,
     check_feeds,
@@ -47,7 +48,7 @@ from qmpass.verify import (
     synthesize_inputs,
 )
 
-__all__ = ["CompressConfig", "Report", "compress"]
+__all__ = ["CompressConfig", "Report", "calibration_stats", "compress"]
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,24 @@ class Report:
         }
 
 
+def calibration_stats(
+    model: onnx.ModelProto,
+    extraction: Extraction,
+    groups: Sequence[ChannelGroup],
+    method: Method,
+    feeds: Mapping[str, np.ndarray],
+) -> dict[str, TensorStats]:
+    """The calibration statistics a data-aware plan of ``method`` reads
+    (:func:`qmpass.plan.planner.stats_requests`), measured on ``feeds``."""
+    ops = {op.name: op for op in extraction.operators}
+    requests = {
+        key: StatsRequest(want.tensor, want.kind, want.axis,
+                          ops[want.operator].geometry if want.operator else None)
+        for key, want in stats_requests(extraction, groups, method).items()
+    }
+    return collect_stats(model, feeds, requests) if requests else {}
+
+
 def compress(
     model: ModelLike, config: CompressConfig = CompressConfig()
 ) -> tuple[onnx.ModelProto, Report]:
@@ -204,18 +223,10 @@ def compress(
     feeds = check_feeds(config.calib, original) if config.calib is not None else synthesize_inputs(
         original, count=config.samples, seed=config.seed
     )
-    stats = None
-    if config.calib is not None:
-        wanted = stats_requests(extraction, groups, config.method)
-        ops = {op.name: op for op in extraction.operators}
-        requests = {
-            key: StatsRequest(
-                want.tensor, want.kind, want.axis,
-                ops[want.operator].geometry if want.operator else None,
-            )
-            for key, want in wanted.items()
-        }
-        stats = collect_stats(original, feeds, requests) if requests else {}
+    stats = (
+        calibration_stats(original, extraction, groups, config.method, feeds)
+        if config.calib is not None else None
+    )
     seconds["calibrate"] = time.perf_counter() - timer
 
     timer = time.perf_counter()

@@ -10,13 +10,14 @@ from conftest import fixture_path
 from onnx import TensorProto, helper
 
 import models
+from qmpass.compress import calibration_stats
 from qmpass.extract import extract_operators
 from qmpass.extract.channels import channel_groups
 from qmpass.modelio import stored_values
-from qmpass.plan.planner import PlanConfig, make_plan, stats_requests
+from qmpass.plan.planner import PlanConfig, make_plan
 from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
-from qmpass.verify import StatsRequest, collect_stats, load_calib, run_model
+from qmpass.verify import load_calib, run_model
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -39,12 +40,7 @@ def test_each_step_alone_moves_its_outputs_within_the_bound(name: str, config: P
     extraction = extract_operators(model)
     groups = channel_groups(model)
     ops = {op.name: op for op in extraction.operators}
-    wanted = stats_requests(extraction, groups, config.method)
-    stats = collect_stats(model, calib, {
-        key: StatsRequest(w.tensor, w.kind, w.axis, ops[w.operator].geometry if w.operator
-                          else None)
-        for key, w in wanted.items()
-    })
+    stats = calibration_stats(model, extraction, groups, config.method, calib)
     planned = make_plan(extraction, groups, stored_values(model), stats, config)
     applier = Applier(model, extraction, groups)
     ratios: list[float] = []

@@ -10,13 +10,14 @@ import pytest
 from conftest import fixture_path
 
 import models
+from qmpass.compress import calibration_stats
 from qmpass.extract import extract_operators
 from qmpass.extract.channels import channel_groups
 from qmpass.modelio import stored_values
 from qmpass.plan.factors import projection
-from qmpass.plan.planner import PlanConfig, Planned, make_plan, stats_requests
+from qmpass.plan.planner import PlanConfig, Planned, make_plan
 from qmpass.rewrite.base import name_nodes
-from qmpass.verify import StatsRequest, collect_stats, load_calib
+from qmpass.verify import load_calib
 
 
 def _plan(name: str, config: PlanConfig, calibrated: bool = False) -> tuple[Planned, dict]:
@@ -27,12 +28,7 @@ def _plan(name: str, config: PlanConfig, calibrated: bool = False) -> tuple[Plan
     stats = None
     if calibrated:
         calib = load_calib(models.MODELS_DIR / f"{name}_calib.npz", model)
-        wanted = stats_requests(extraction, groups, config.method)
-        stats = collect_stats(model, calib, {
-            key: StatsRequest(w.tensor, w.kind, w.axis,
-                              ops[w.operator].geometry if w.operator else None)
-            for key, w in wanted.items()
-        })
+        stats = calibration_stats(model, extraction, groups, config.method, calib)
     return make_plan(extraction, groups, stored_values(model), stats, config), ops
 
 

@@ -11,8 +11,11 @@ so every backend derives the same arrays from the same plan.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
+
+from qmpass.extract import Operator
 
 __all__ = ["Cost", "Plan", "Step", "StepKind"]
 
@@ -25,6 +28,12 @@ class Cost:
 
     params: int
     flops: int
+
+    @classmethod
+    def of(cls, operators: Iterable[Operator]) -> Cost:
+        """The operators' parameters and FLOPs as extraction counted them."""
+        ops = list(operators)
+        return cls(sum(op.params for op in ops), sum(op.flops for op in ops))
 
 
 @dataclass(frozen=True)

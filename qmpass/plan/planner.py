@@ -139,7 +139,8 @@ def make_plan(
     ops = {op.name: op for op in extraction.operators}
     declined: dict[str, str] = {}
     candidates = _candidates(extraction, groups, values, stats, config, declined)
-    baseline = _cost({n for c in candidates for n in c.operators}, ops)
+    baseline = Cost.of(ops[n] for n in sorted({n for c in candidates for n in c.operators})
+                       if n in ops)
     choice = _choose(candidates, ops, config, baseline)
 
     steps: list[Step] = []
@@ -165,11 +166,6 @@ def make_plan(
         declined=tuple(sorted(declined.items())),
     )
     return Planned(plan, tuple(tensors), tuple(units))
-
-
-def _cost(names: set[str] | Sequence[str], ops: Mapping[str, Operator]) -> Cost:
-    present = [ops[n] for n in sorted(names) if n in ops]
-    return Cost(sum(op.params for op in present), sum(op.flops for op in present))
 
 
 def _candidates(

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
-import scipy.linalg
 
 from qmpass.extract import Operator
 from qmpass.extract.channels import ChannelGroup
 from qmpass.plan.budget import Option, Unit, lower_hull
 from qmpass.plan.factors import compensation, greedy_channel_order, projection, sqrt_psd
 from qmpass.plan.plan import Cost, Step, StepKind
+from qmpass.spectral import operator_norm
 
 __all__ = [
     "Built",
@@ -127,10 +127,6 @@ def _unchanged(params: float) -> Variant:
     return Variant(params, 0.0, 0.0, -1, list)
 
 
-def _total(ops: Sequence[Operator]) -> Cost:
-    return Cost(sum(op.params for op in ops), sum(op.flops for op in ops))
-
-
 # -- low rank ---------------------------------------------------------------------------------
 def lowrank_declines(op: Operator) -> str | None:
     """Why the planner does not factorise ``op`` (the rewrites check again)."""
@@ -160,23 +156,11 @@ def _certificate(delta_w: np.ndarray, delta_b: np.ndarray, radius: float | None
                  ) -> dict[str, float]:
     """Terms of the sound bound ``R ||W - W'||_op + ||b - b'||`` on one output vector
     (``R``: the largest input norm seen in calibration, when there was calibration)."""
-    cert = {"op_norm": _op_norm(delta_w), "bias_change": float(np.linalg.norm(delta_b))}
+    cert = {"op_norm": operator_norm(delta_w), "bias_change": float(np.linalg.norm(delta_b))}
     if radius is not None:
         cert["radius"] = float(radius)
         cert["bound"] = cert["radius"] * cert["op_norm"] + cert["bias_change"]
     return cert
-
-
-def _op_norm(matrix: np.ndarray) -> float:
-    """``||matrix||_op``: the top eigenvalue of the Gram matrix on the smaller side (only
-    that one is computed), nudged up by its rounding error so the bound stays sound."""
-    if not matrix.size:
-        return 0.0
-    gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
-    n = gram.shape[0]
-    top = float(scipy.linalg.eigvalsh(gram, subset_by_index=[n - 1, n - 1])[0])
-    rounding = n * np.finfo(float).eps * float(np.abs(gram).sum(axis=1).max())
-    return float(np.sqrt(max(top, 0.0) + rounding))
 
 
 def _biases(ops: Sequence[Operator]) -> np.ndarray:
@@ -192,7 +176,7 @@ def lowrank_candidate(
     basis for operators that read one tensor (``fused=True``). None if no rank saves."""
     sqrt_cov = None if stats is None else sqrt_psd(stats.cov)
     proj = projection([op.weight for op in members], sqrt_cov)
-    before = _total(members)
+    before = Cost.of(members)
     # ranks past the numerical rank lose nothing more; the decomposition stops there
     full = min(members[0].shape[1], sum(op.shape[0] for op in members), proj.rank + 1)
     names = tuple(op.name for op in members)
@@ -330,7 +314,7 @@ def channel_candidate(
     them, and compensates without a mean shift)."""
     view = _GroupView(group, values)
     channels = group.channels
-    before = _total([ops[name] for name in group.operators if name in ops])
+    before = Cost.of([ops[name] for name in group.operators if name in ops])
     proxy = None
     moments: list[tuple[np.ndarray, np.ndarray]] = []  # per consumer: covariance, mean
     pairs: list[tuple[np.ndarray, np.ndarray]] = []  # per consumer: W^T W, covariance
@@ -377,7 +361,7 @@ def channel_candidate(
             weight = view.consumer_weight(index)
             # the consumer's output changes by W (x - mix x_kept - shift): bound both parts
             residual = weight @ (np.eye(channels) - mix @ select)
-            consumer_norm = _op_norm(residual.reshape(residual.shape[0], -1))
+            consumer_norm = operator_norm(residual.reshape(residual.shape[0], -1))
             bias_shift = (weight @ shift).reshape(weight.shape[0], -1).sum(axis=1)
             consumer_shift = float(np.linalg.norm(bias_shift))
             op_norm, shift_norm = max(op_norm, consumer_norm), max(shift_norm, consumer_shift)
