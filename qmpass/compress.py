@@ -14,6 +14,7 @@ smaller error is kept (``CompressConfig.convs``).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ class Outcome:
     """What happened to one planned step: ``kept``, ``rolled_back`` or ``declined``."""
 
     step: Step
-    status: str
+    status: Literal["kept", "rolled_back", "declined"]
     reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,7 +301,7 @@ def _apply_verified(
     units = sorted(planned.units, key=lambda u: sum(
         planned.plan.steps[i].predicted_error for i in u.steps))
     for unit in units:
-        attempts = [[everything[i] for i in unit.steps], *_spread(unit.fallbacks())]
+        attempts = itertools.chain([[everything[i] for i in unit.steps]], unit.fallbacks())
         for number, built in enumerate(attempts):
             candidate, declined = applier.build([*accepted, *built])
             refused = {i - len(accepted): why for i, why in declined.items()
@@ -326,15 +327,6 @@ def _outcome(step: Step, declined: str | None, note: str | None = None) -> Outco
     if declined is not None:
         return Outcome(step, "declined", declined)
     return Outcome(step, "kept", note)
-
-
-def _spread(fallbacks: list[Built], most: int = 4) -> list[Built]:
-    """At most ``most`` fallbacks, evenly spread from the least to the most conservative
-    (each costs one verification run)."""
-    if len(fallbacks) <= most:
-        return fallbacks
-    picks = np.unique(np.linspace(0, len(fallbacks) - 1, most).round().astype(int))
-    return [fallbacks[i] for i in picks]
 
 
 def _name(model: ModelLike, proto: onnx.ModelProto) -> str:

@@ -24,7 +24,7 @@ worst member keeps at least ``exp(-delta)`` of its energy (``S(rho_q || rho) <= 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -96,9 +96,16 @@ class PlannedUnit:
     chosen: int
     steps: tuple[int, ...]  # indices into plan.steps
 
-    def fallbacks(self) -> list[Built]:
-        """The milder variants' steps, mildest last."""
-        return [self.candidate.variants[i].build() for i in self.candidate.milder(self.chosen)]
+    def fallbacks(self, most: int = 4) -> Iterator[Built]:
+        """Up to ``most`` milder variants' steps, evenly spread from the least to the most
+        conservative (each costs the caller a verification run), mildest last; each is
+        built only when asked for."""
+        milder = self.candidate.milder(self.chosen)
+        if len(milder) > most:
+            picks = np.unique(np.linspace(0, len(milder) - 1, most).round().astype(int))
+            milder = [milder[i] for i in picks]
+        for index in milder:
+            yield self.candidate.variants[index].build()
 
 
 def stats_requests(
