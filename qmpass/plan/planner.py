@@ -60,10 +60,11 @@ class PlanConfig:
     ``delta``: relative-entropy bound per unit instead (exactly one of the two).
 
     ``align``: ranks and kept channel counts are multiples of it. onnxruntime's CPU
-    convolutions take a blocked fast path only for some channel counts: on the CNN
-    fixture, pruning 16/32 channels to 15/30 made the model 3x *slower*, while 8/16 made
-    it faster (docs/RESULTS.md). ``convs``: whether a calibrated ``qmfrg`` plan prunes
-    the channel groups of convolutions or factorises the convolutions.
+    convolutions take a blocked fast path only for some channel counts: the CNN fixture
+    pruned to counts that are not multiples of 8 ran 2-3x *slower* than the original,
+    with 8-aligned counts faster (docs/RESULTS.md, part C). ``convs``: whether a
+    calibrated ``qmfrg`` plan prunes the channel groups of convolutions or factorises
+    the convolutions.
     """
 
     method: Method = "qmfrg"

@@ -104,6 +104,9 @@ class Variant:
 
 @dataclass(frozen=True)
 class Candidate:
+    """One unit of compression: its operators, its variants (``[0]`` unchanged) and,
+    for a channel group, the group."""
+
     key: str
     operators: tuple[str, ...]
     variants: tuple[Variant, ...]
