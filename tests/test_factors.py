@@ -101,3 +101,14 @@ def test_shared_basis_is_the_top_eigenspace_of_the_cluster_state() -> None:
     np.testing.assert_allclose(q_first @ q_first.T, top @ top.T, atol=1e-8)
     kept = np.array([np.trace(top @ top.T @ rho) for rho in rhos])
     np.testing.assert_allclose(proj.member_errors(rank), 1 - kept, atol=1e-10)
+
+
+def test_ranks_past_the_numerical_rank_are_padded_and_exact() -> None:
+    w = trained_matrix(32, 40).astype(np.float64)
+    low = w[:, :6] @ np.linalg.pinv(w[:, :6]) @ w  # rank 6, trained column space
+    proj = projection([low], None)
+    assert proj.rank == 6
+    first, second = proj.factors(8)
+    assert first.shape == (8, 40) and second.shape == (32, 8)
+    np.testing.assert_allclose(second @ first, low, atol=1e-9)
+    assert proj.tail(8) == 0.0 and proj.member_errors(8)[0] == 0.0

@@ -89,10 +89,16 @@ class Projection:
         return self._member_tails[:, min(rank, self.rank)]
 
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """``first`` (rank x d_in) and ``second`` (sum d_out x rank)."""
+        """``first`` (rank x d_in) and ``second`` (sum d_out x rank). Past the numerical
+        rank the extra directions are zero (the product is already exact there), so an
+        aligned rank can be asked for."""
         u = self.basis[:, :rank]
         first = u.T @ (self.scale[:, None] * self.weight)
         second = u / self.scale[:, None]
+        missing = rank - u.shape[1]
+        if missing > 0:
+            first = np.vstack([first, np.zeros((missing, first.shape[1]))])
+            second = np.hstack([second, np.zeros((second.shape[0], missing))])
         return first, second
 
 

@@ -180,8 +180,7 @@ def lowrank_candidate(
     sqrt_cov = None if stats is None else sqrt_psd(stats.cov)
     proj = projection([op.weight for op in members], sqrt_cov)
     before = Cost.of(members)
-    # ranks past the numerical rank lose nothing more; the decomposition stops there
-    full = min(members[0].shape[1], sum(op.shape[0] for op in members), proj.rank + 1)
+    full = min(members[0].shape[1], sum(op.shape[0] for op in members))
     names = tuple(op.name for op in members)
     kind: StepKind = "shared_basis" if fused else "lowrank"
 
@@ -223,6 +222,8 @@ def lowrank_candidate(
                 lambda rank=rank: build(rank),  # type: ignore[misc]
             )
         )
+        if rank >= proj.rank:
+            break  # lossless from here on: higher ranks only cost more
     if len(variants) == 1:
         return None
     return Candidate(f"{kind}:{names[0]}", names, tuple(variants))
