@@ -61,7 +61,7 @@ class PlanConfig:
 
     ``align``: ranks and kept channel counts are multiples of it. onnxruntime's CPU
     convolutions take a blocked fast path only for some channel counts: the CNN fixture
-    pruned to counts that are not multiples of 8 ran 2-3x *slower* than the original,
+    pruned to counts that are not multiples of 8 ran about 2x *slower* than the original,
     with 8-aligned counts faster (docs/RESULTS.md, part C). ``convs``: whether a
     calibrated ``qmfrg`` plan prunes the channel groups of convolutions or factorises
     the convolutions.
