@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     compress_cmd.add_argument(
         "--convs", choices=("auto", "prune", "factorise"), default="auto",
         help="with --calib, qmfrg prunes conv channel groups or factorises the convs; auto "
-        "(default) plans both and keeps the one that verifies with the smaller error",
+        "(default) plans both and keeps the better verified one",
     )
     compress_cmd.add_argument("--calib", type=Path,
                               help=".npz of inputs keyed by graph input name (data-aware)")

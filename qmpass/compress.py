@@ -8,8 +8,9 @@ falls back to milder variants of itself (a higher rank, more channels) and is ro
 back if none passes, with the measured error as the reason.
 
 With calibration data, ``qmfrg`` can treat convolutions two ways (prune their channel
-groups, or factorise them); both plans are built and verified, and the one with the
-smaller error is kept (``CompressConfig.convs``).
+groups, or factorise them); both plans are built and verified. If both pass, the one with
+the smaller error is kept; if the tolerance forces rollbacks, the one that ends with the
+smaller model (``CompressConfig.convs``).
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ class CompressConfig:
     verification inputs; without them ``samples`` inputs are synthesised. ``align``:
     ranks and kept channel counts are multiples of it (see ``PlanConfig``). ``convs``:
     with calibration data, ``qmfrg`` can prune the channel groups of convolutions or
-    factorise the convolutions; ``auto`` plans both and keeps the one whose model
-    verifies with the smaller error.
+    factorise the convolutions; ``auto`` plans both and keeps the better (see the module
+    docstring).
     """
 
     method: Method = "qmfrg"
@@ -246,15 +247,21 @@ def compress(
     tried = [_apply_all(applier, verifier, planned) for planned in candidates]
     if len(candidates) > 1 and candidates[0].plan == candidates[1].plan:
         candidates, tried = candidates[:1], tried[:1]
-    best = min(range(len(tried)), key=lambda i: tried[i][2].relative_error)
-    planned = candidates[best]
-    plan = planned.plan
     alternatives: dict[str, float] = {}
     if len(tried) > 1:  # what each treatment of the convolutions verified at
         alternatives = {c: t[2].relative_error for c, t in zip(choices, tried, strict=True)}
-    result, outcomes, verification = _apply_verified(
-        applier, verifier, planned, config.tolerance, tried[best]
-    )
+    within = [i for i, t in enumerate(tried) if t[2].relative_error <= config.tolerance]
+    if within:  # all steps pass: the same budget, so the smaller error wins
+        best = min(within, key=lambda i: tried[i][2].relative_error)
+        results = {best: _apply_verified(applier, verifier, candidates[best],
+                                         config.tolerance, tried[best])}
+    else:  # the tolerance forces rollbacks: the treatment that ends smaller wins
+        results = {i: _apply_verified(applier, verifier, candidates[i], config.tolerance,
+                                      tried[i]) for i in range(len(candidates))}
+        best = min(results, key=lambda i: (_model_params(results[i][0]),
+                                           results[i][2].relative_error))
+    plan = candidates[best].plan
+    result, outcomes, verification = results[best]
     seconds["rewrite_and_verify"] = time.perf_counter() - timer
 
     after = extract_operators(result)

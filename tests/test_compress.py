@@ -159,3 +159,15 @@ def test_calibrated_qmfrg_keeps_the_better_treatment_of_convolutions() -> None:
         kinds[keep] = {o.step.kind for o in report.outcomes}
     # few parameters left: pruning whole channels loses less; many: factorising does
     assert kinds == {0.3: {"prune_channels"}, 0.9: {"lowrank"}}
+
+
+def test_when_the_tolerance_binds_the_treatment_that_ends_smaller_wins() -> None:
+    original = onnx.load(str(fixture_path("resnet_digits")))
+    calib = _calib("resnet_digits", original)
+    sizes = {}
+    for convs in ("auto", "prune", "factorise"):
+        _, report = qmpass.compress(original, CompressConfig(keep=0.5, calib=calib, convs=convs))
+        assert report.verification.relative_error <= TOLERANCE
+        sizes[convs] = report.to_dict()["params_after"]
+    assert sizes["auto"] == min(sizes["prune"], sizes["factorise"])
+    assert sizes["auto"] < sizes["prune"] or sizes["auto"] < sizes["factorise"]
