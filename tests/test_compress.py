@@ -171,3 +171,18 @@ def test_when_the_tolerance_binds_the_treatment_that_ends_smaller_wins() -> None
         sizes[convs] = report.to_dict()["params_after"]
     assert sizes["auto"] == min(sizes["prune"], sizes["factorise"])
     assert sizes["auto"] < sizes["prune"] or sizes["auto"] < sizes["factorise"]
+
+
+def test_metadata_of_graph_inputs_and_outputs_survives() -> None:
+    """The dynamo exporter (IR 10) annotates inputs and outputs; onnx-graphsurgeon drops
+    the annotations, so the rewritten model must take them back from the original."""
+    original = onnx.load(str(fixture_path("mlp_digits")))
+    original.ir_version = 10
+    for value in (*original.graph.input, *original.graph.output):
+        value.metadata_props.add(key="pkg.torch.onnx.original_node_name", value=value.name)
+    original.graph.metadata_props.add(key="exporter", value="test")
+    model, report = qmpass.compress(original, CompressConfig(keep=0.5, tolerance=1.0))
+    assert report.kept
+    assert list(model.graph.input) == list(original.graph.input)
+    assert list(model.graph.output) == list(original.graph.output)
+    assert list(model.graph.metadata_props) == list(original.graph.metadata_props)

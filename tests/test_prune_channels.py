@@ -418,3 +418,32 @@ def test_apply_refuses_compensation_of_the_wrong_shape(
     step = step_for(groups["a"], KEPT)
     with pytest.raises(ValueError, match=r"mix:b1 must be a finite 8x5 matrix"):
         rewrite.apply(graph, step, {}, {"mix:b1": np.eye(8)})
+
+
+@pytest.mark.parametrize("target", [[-1, 8], [0, 8], [0, -1]])
+def test_a_head_reshape_with_the_width_written_out_follows_the_pruning(target: list[int]
+                                                                       ) -> None:
+    """torch's dynamo exporter writes ``x.flatten(1)`` after a global pooling as
+    ``Reshape(x, [-1, C])``: the target must shrink with the channels, or the batch
+    would be folded into them."""
+    wa, ba = zero_rows(trained_conv(8, 3, 3), REMOVED), zero_rows(bias(8), REMOVED)
+    head = trained_matrix(4, 8)
+    model = make_model(
+        [
+            conv("a", "x", "wa", "h", "ba", pads=[1, 1, 1, 1]),
+            relu("h", "r"),
+            helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+            helper.make_node("Reshape", ["p", "target"], ["f"], name="flatten"),
+            helper.make_node("Gemm", ["f", "wh", "bh"], ["y"], name="head", transB=1),
+        ],
+        [tensor("x", ["batch", 3, 8, 8])],
+        [tensor("y", ["batch", 4])],
+        [const("wa", wa), const("ba", ba), const("wh", head), const("bh", bias(4)),
+         numpy_helper.from_array(np.array(target, dtype=np.int64), "target")],
+    )
+    pruned = prune(model, [("a", KEPT, {})])
+    assert shapes(pruned, "wa", "wh") == [(5, 3, 3, 3), (4, 5)]
+    reshape = next(n for n in pruned.graph.node if n.op_type == "Reshape")
+    new_target = weights(pruned)[reshape.input[1]].tolist()
+    assert new_target == ([target[0], 5] if target[1] > 0 else target)
+    assert rel_error(model, pruned, X_CONV) < TOL

@@ -165,12 +165,21 @@ def detach_output(graph: gs.Graph, tensor_name: str) -> gs.Variable:
 
 def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` into a copy of ``original``'s envelope: the same IR version
-    (onnxruntime refuses the newest), opsets, producer, metadata and functions."""
+    (onnxruntime refuses the newest), opsets, producer, metadata and functions, and the
+    original's own records of the graph inputs and outputs (onnx-graphsurgeon drops
+    their ``metadata_props``, which the dynamo exporter writes)."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     exported = gs.export_onnx(graph, do_type_check=False)
     model = onnx.ModelProto()
     model.CopyFrom(original)
     model.graph.CopyFrom(exported.graph)
+    for kind in ("input", "output"):
+        records = {v.name: v for v in getattr(original.graph, kind)}
+        for value in getattr(model.graph, kind):
+            if value.name in records:
+                value.CopyFrom(records[value.name])
+    del model.graph.metadata_props[:]
+    model.graph.metadata_props.extend(original.graph.metadata_props)
     return model
 
 

@@ -195,7 +195,24 @@ class PruneChannels(Rewrite):
                 tensors.get(f"mix:{consumer.node}"),
                 tensors.get(f"shift:{consumer.node}"),
             )
+        _retarget_reshapes(graph, set(group.tensors), group.channels - len(kept))
         _clear_shapes(graph, {*group.tensors, *(c.activation for c in group.consumers)})
+
+
+def _retarget_reshapes(graph: gs.Graph, tensors: set[str], removed: int) -> None:
+    """A classifier head's ``Reshape`` to ``[N, C]`` with ``C`` written out (the dynamo
+    exporter's ``[-1, 32]``) must ask for the channels left, or it would fold the batch
+    into them. The target is replaced on this node only (it may be shared)."""
+    for node in graph.nodes:
+        if node.op != "Reshape" or len(node.inputs) < 2 or node.inputs[0].name not in tensors:
+            continue
+        target = _stored(node.inputs[1])
+        if target is None:
+            continue  # computed from Shape: follows the pruned tensor by itself
+        values = np.asarray(target.values).reshape(-1)
+        if values.size == 2 and values[1] > 0:
+            new = np.array([values[0], values[1] - removed], dtype=values.dtype)
+            node.inputs[1] = gs.Constant(unique_name(graph, f"{node.name}/shape"), new)
 
 
 # -- reading and replacing constants ------------------------------------------------------
