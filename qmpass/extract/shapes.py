@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-__all__ = ["infer_shapes"]
+__all__ = ["infer_shapes", "infer_types"]
 
 _SMALL = 4096  # initializers up to this many elements stay (Reshape targets, axes...)
 
@@ -30,6 +30,32 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     shapes: dict[str, Shape] = {}
     _collect(inferred.graph, shapes)
     return shapes
+
+
+def infer_types(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+    """Element types (``TensorProto`` codes) of the tensors ``names``: as declared, else
+    by shape inference on a copy without the large weights (types do not depend on
+    weight values). Names inference cannot type are left out."""
+    declared = _types(model.graph)
+    if any(name not in declared for name in names):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(
+                _without_large_initializers(model), strict_mode=False
+            )
+        except Exception:  # untyped names are left to the caller's default
+            inferred = None
+        if inferred is not None:
+            for name, elem_type in _types(inferred.graph).items():
+                declared.setdefault(name, elem_type)
+    return {name: declared[name] for name in names if name in declared}
+
+
+def _types(graph: onnx.GraphProto) -> dict[str, int]:
+    types = {t.name: t.data_type for t in graph.initializer}
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        if info.type.tensor_type.elem_type:
+            types[info.name] = info.type.tensor_type.elem_type
+    return types
 
 
 def _collect(graph: onnx.GraphProto, shapes: dict[str, Shape]) -> None:

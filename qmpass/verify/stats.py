@@ -42,6 +42,7 @@ from onnx import TensorProto, helper
 
 from qmpass.extract.constants import ConstantScope
 from qmpass.extract.operator import ConvGeometry
+from qmpass.extract.shapes import infer_types
 from qmpass.verify.runner import DEFAULT_BATCH, batch_size, feed_batches, session_from_bytes
 
 __all__ = ["StatsRequest", "TensorStats", "collect_stats"]
@@ -185,7 +186,7 @@ def _runs(
         return
     outputs = {o.name for o in model.graph.output}
     extra = [name for name in fetched if name not in outputs]
-    types = _element_types(model, extra)
+    types = infer_types(model, extra)
     # A serialised message followed by another is parsed as their merge (repeated fields
     # appended), so this is the model with extra outputs, without copying the proto.
     addition = onnx.ModelProto(graph=onnx.GraphProto(output=[
@@ -211,37 +212,6 @@ def _dynamic_tensors(graph: onnx.GraphProto, inputs: set[str]) -> set[str]:
         ):
             dynamic.update(o for o in node.output if o)
     return dynamic
-
-
-def _element_types(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
-    """Element types of ``names`` by onnx shape inference, run on a copy in which every
-    initializer is a typed graph input (types do not depend on weight values)."""
-    if not names:
-        return {}
-    graph = model.graph
-    declared = {info.name: info.type.tensor_type.elem_type
-                for info in [*graph.value_info, *graph.output]
-                if info.type.tensor_type.elem_type}
-    if all(name in declared for name in names):
-        return {name: declared[name] for name in names}
-    listed = {i.name for i in graph.input}
-    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-               for t in graph.initializer if t.name not in listed]
-    light = helper.make_model(
-        helper.make_graph(list(graph.node), graph.name, [*graph.input, *weights],
-                          list(graph.output), value_info=list(graph.value_info)),
-        opset_imports=list(model.opset_import),
-    )
-    light.ir_version = model.ir_version
-    light.functions.extend(model.functions)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
-    except Exception:  # without inference the outputs are declared float (the common case)
-        inferred = light
-    for info in inferred.graph.value_info:
-        if info.type.tensor_type.elem_type:
-            declared.setdefault(info.name, info.type.tensor_type.elem_type)
-    return {name: declared[name] for name in names if name in declared}
 
 
 def _vector_count(array: np.ndarray, request: StatsRequest) -> int:
