@@ -26,6 +26,7 @@ from qmpass.extract import Operator
 from qmpass.plan.plan import Step, StepKind
 
 __all__ = [
+    "OperatorFactorisation",
     "Rewrite",
     "StepTensors",
     "add_node",
@@ -86,6 +87,38 @@ class Rewrite(ABC):
         tensors: StepTensors,
     ) -> None:
         """The graph change itself, on a step whose tensors fit."""
+
+
+class OperatorFactorisation(Rewrite):
+    """What the two one-operator low-rank rewrites share: the step names one operator,
+    it must still be in place, the rank must save, and the tensors are ``first``
+    (``q x d_in``), ``second`` (``d_out x q``) and ``bias`` (``d_out``, required when the
+    operator has a bias). Subclasses say which operators they take (:meth:`decline`)."""
+
+    kind: ClassVar[StepKind] = "lowrank"
+
+    @abstractmethod
+    def decline(self, graph: gs.Graph, op: Operator) -> str | None:
+        """Why this rewrite does not take ``op`` (``None`` if it does)."""
+
+    def check(self, graph: gs.Graph, step: Step, ops: Mapping[str, Operator]) -> str | None:
+        if step.kind != self.kind:
+            return f"a '{step.kind}' step is not a low-rank factorisation"
+        if len(step.operators) != 1:
+            return f"a low-rank step names one operator, not {len(step.operators)}"
+        name = step.operators[0]
+        reason = decline_node(graph, ops, name) or self.decline(graph, ops[name])
+        if reason is not None:
+            return reason
+        d_out, d_in = ops[name].shape
+        return decline_rank(step.rank, d_in, (d_out,))
+
+    def check_tensors(
+        self, step: Step, ops: Mapping[str, Operator], tensors: StepTensors
+    ) -> str | None:
+        op = ops[step.operators[0]]
+        d_out, d_in = op.shape
+        return decline_factors(tensors, step.rank, d_in, d_out, needs_bias=op.bias is not None)
 
 
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:

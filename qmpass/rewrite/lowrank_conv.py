@@ -25,20 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from math import prod
-from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from qmpass.extract import Operator
-from qmpass.plan.plan import Step, StepKind
+from qmpass.plan.plan import Step
 from qmpass.rewrite.base import (
-    Rewrite,
+    OperatorFactorisation,
     StepTensors,
     add_node,
-    decline_factors,
-    decline_node,
-    decline_rank,
     detach_output,
     new_constant,
     unique_name,
@@ -48,7 +44,7 @@ from qmpass.rewrite.base import (
 __all__ = ["LowRankConv"]
 
 
-class LowRankConv(Rewrite):
+class LowRankConv(OperatorFactorisation):
     """Replace one Conv (with a folded BatchNormalization) by a thin Conv and a 1x1 Conv.
 
     ``step.operators`` is one Conv, ``step.rank`` the number q of intermediate channels.
@@ -57,41 +53,18 @@ class LowRankConv(Rewrite):
     bias (its own or a folded BatchNormalization's).
     """
 
-    kind: ClassVar[StepKind] = "lowrank"
-
-    def check(self, graph: gs.Graph, step: Step, ops: Mapping[str, Operator]) -> str | None:
-        if step.kind != self.kind:
-            return f"a '{step.kind}' step is not a low-rank factorisation"
-        if len(step.operators) != 1:
-            return f"a low-rank step names one operator, not {len(step.operators)}"
-        name = step.operators[0]
-        reason = decline_node(graph, ops, name)
-        if reason is not None:
-            return reason
-        op = ops[name]
+    def decline(self, graph: gs.Graph, op: Operator) -> str | None:
         if op.op_type == "ConvTranspose":
             return "ConvTranspose is not factorised"
         if op.op_type != "Conv" or op.geometry is None:
-            return f"'{name}' is a {op.op_type}; this rewrite handles Conv"
-        d_out, d_in = op.shape
+            return f"'{op.name}' is a {op.op_type}; this rewrite handles Conv"
         groups = op.geometry.groups
         if groups != 1:
-            c_in = d_in // prod(op.geometry.kernel_shape)
+            c_in = op.shape[1] // prod(op.geometry.kernel_shape)
             if groups == c_in:
                 return f"depthwise conv (groups={groups}) is not factorised"
             return f"grouped conv (groups={groups}) is not factorised"
-        return decline_rank(step.rank, d_in, (d_out,))
-
-    def check_tensors(
-        self, step: Step, ops: Mapping[str, Operator], tensors: StepTensors
-    ) -> str | None:
-        """``None`` when ``tensors`` fit the step's operator; otherwise why not.
-
-        :meth:`apply` raises ``ValueError`` with this sentence when they do not fit.
-        """
-        op = ops[step.operators[0]]
-        d_out, d_in = op.shape
-        return decline_factors(tensors, step.rank, d_in, d_out, needs_bias=op.bias is not None)
+        return None
 
     def _rewrite(
         self,

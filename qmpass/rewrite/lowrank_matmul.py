@@ -26,20 +26,16 @@ The MatMul rules and the chain builder defined here are shared with
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from qmpass.extract import Operator
-from qmpass.plan.plan import Step, StepKind
+from qmpass.plan.plan import Step
 from qmpass.rewrite.base import (
-    Rewrite,
+    OperatorFactorisation,
     StepTensors,
     add_node,
-    decline_factors,
-    decline_node,
-    decline_rank,
     detach_output,
     find_node,
     new_constant,
@@ -50,7 +46,7 @@ from qmpass.rewrite.base import (
 __all__ = ["LowRankMatMul"]
 
 
-class LowRankMatMul(Rewrite):
+class LowRankMatMul(OperatorFactorisation):
     """Replace one MatMul/Gemm (with its bias ``Add``) by two thinner MatMuls and an Add.
 
     ``step.operators`` is one operator, ``step.rank`` the inner width q. Tensors (matrix
@@ -60,35 +56,8 @@ class LowRankMatMul(Rewrite):
     after extraction named the nodes (:func:`qmpass.rewrite.base.name_nodes`).
     """
 
-    kind: ClassVar[StepKind] = "lowrank"
-
-    def check(self, graph: gs.Graph, step: Step, ops: Mapping[str, Operator]) -> str | None:
-        if step.kind != self.kind:
-            return f"a '{step.kind}' step is not a low-rank factorisation"
-        if len(step.operators) != 1:
-            return f"a low-rank step names one operator, not {len(step.operators)}"
-        name = step.operators[0]
-        reason = decline_node(graph, ops, name)
-        if reason is not None:
-            return reason
-        op = ops[name]
-        reason = decline_matmul(graph, op)
-        if reason is not None:
-            return reason
-        d_out, d_in = op.shape
-        return decline_rank(step.rank, d_in, (d_out,))
-
-    def check_tensors(
-        self, step: Step, ops: Mapping[str, Operator], tensors: StepTensors
-    ) -> str | None:
-        """``None`` when ``tensors`` fit the step's operator; otherwise why not.
-
-        :meth:`apply` raises ``ValueError`` with this sentence when they do not fit, so a
-        driver that wants to decline instead of failing calls it first.
-        """
-        op = ops[step.operators[0]]
-        d_out, d_in = op.shape
-        return decline_factors(tensors, step.rank, d_in, d_out, needs_bias=op.bias is not None)
+    def decline(self, graph: gs.Graph, op: Operator) -> str | None:
+        return decline_matmul(graph, op)
 
     def _rewrite(
         self,
