@@ -1,0 +1,320 @@
+"""What a target is, as data, and the contract every target module fulfils.
+
+A target is a *style* of NPU simulated on the CPU (TARGETS.md): a declared description
+(memory levels and sizes, compute unit, alignment, bandwidths, clock, cores), a
+first-order cost model, an emitter that writes kernels in the backend's dialect, and a
+C++ header that gives each intrinsic those kernels use its meaning on the CPU.
+
+Every number of a description is a :class:`Param` that says where it comes from:
+``V`` read in vendor code or an official document, ``S`` a secondary source, ``U`` an
+assumption (derived or unverified). Assumptions are named and overridable
+(``dataclasses.replace`` on the target), never hidden constants.
+
+Cycle accounting is shared by the cost model and the simulation: a kernel is a sequence
+of *stages* (one double-buffered iteration); in a stage every pipe (DMA in, compute,
+DMA out, ...) is charged integer cycles, and the stage costs the maximum over its pipes,
+because double-buffered pipes overlap. A core's cycles are the sum of its stages; a
+kernel's cycles are those of its slowest core. The cost model predicts exactly what the
+simulation counts for the operations it executes (tests check equality).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+from hw_targets.spec import GemmSpec, KernelSpec
+
+__all__ = [
+    "Buffer",
+    "Cost",
+    "KernelSource",
+    "Param",
+    "Target",
+    "TargetModule",
+    "TileCost",
+    "Tiling",
+    "UnsupportedKernel",
+    "ceil_div",
+    "grid_cost",
+    "roofline",
+    "round_up",
+]
+
+Tag = Literal["V", "S", "U"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared number, with its unit, its source tag and where it comes from."""
+
+    value: float
+    unit: str
+    tag: Tag
+    source: str
+
+    def __int__(self) -> int:
+        return int(self.value)
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """An on-chip memory level of one core (or one cluster when ``scope == "cluster"``)."""
+
+    name: str
+    size: Param
+    align: int
+    scope: Literal["core", "cluster"] = "core"
+
+    @property
+    def bytes(self) -> int:
+        return int(self.size.value)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target described as data; see the module docstring for the tags.
+
+    ``params`` holds every further number the cost model and the emitter use (rates per
+    path, latencies, alignment in elements), by name, so that a table of a target is
+    ``target.table()`` and nothing else decides cycles.
+    """
+
+    name: str
+    dialect: str
+    summary: str
+    clock_hz: Param
+    cores: Param
+    buffers: tuple[Buffer, ...]
+    dram_bytes_per_cycle: Param
+    macs_per_cycle: Param
+    in_dtype: Literal["half", "float"]
+    params: Mapping[str, Param] = field(default_factory=dict)
+
+    def buffer(self, name: str) -> Buffer:
+        for buffer in self.buffers:
+            if buffer.name == name:
+                return buffer
+        raise KeyError(f"{self.name} has no buffer {name!r}")
+
+    def param(self, name: str) -> float:
+        return float(self.params[name].value)
+
+    @property
+    def in_bytes(self) -> int:
+        """Bytes of one input element in global memory (fp16 on the NPUs, fp32 on cpu)."""
+        return 2 if self.in_dtype == "half" else 4
+
+    def table(self) -> list[dict[str, object]]:
+        """Every declared number as rows (name, value, unit, tag, source), for docs."""
+        rows: list[tuple[str, Param]] = [
+            ("clock", self.clock_hz),
+            ("cores", self.cores),
+            ("dram bytes/cycle (chip)", self.dram_bytes_per_cycle),
+            ("MACs/cycle (core)", self.macs_per_cycle),
+        ]
+        rows += [(f"{b.name} bytes ({b.scope})", b.size) for b in self.buffers]
+        rows += list(self.params.items())
+        return [
+            {"name": n, "value": p.value, "unit": p.unit, "tag": p.tag, "source": p.source}
+            for n, p in rows
+        ]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tile sizes of a GEMM kernel (in elements) and how many cores run it.
+
+    ``extra`` carries target-specific choices (e.g. a K-split or a staging level) so the
+    emitter and the cost model read one record.
+    """
+
+    tile_m: int
+    tile_n: int
+    tile_k: int
+    cores: int
+    buffers: Mapping[str, int] = field(default_factory=dict)
+    extra: Mapping[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "tile_m": self.tile_m,
+            "tile_n": self.tile_n,
+            "tile_k": self.tile_k,
+            "cores": self.cores,
+            "buffer_bytes": dict(self.buffers),
+            **dict(self.extra),
+        }
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted cycles of one kernel.
+
+    ``pipes``: total cycles charged to each pipe on the slowest core; ``cycles``: that
+    core's sum over stages of the maximum over pipes; ``stages``: stages it ran.
+    """
+
+    cycles: int
+    pipes: Mapping[str, int]
+    stages: int
+    macs: int
+    padded_macs: int
+    dram_bytes: int
+
+    @property
+    def padding_waste(self) -> float:
+        """Share of the compute unit's MACs spent on padding to its native shape."""
+        return 1.0 - self.macs / self.padded_macs if self.padded_macs else 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "cycles": self.cycles,
+            "pipes": dict(self.pipes),
+            "stages": self.stages,
+            "macs": self.macs,
+            "padded_macs": self.padded_macs,
+            "padding_waste": round(self.padding_waste, 4),
+            "dram_bytes": self.dram_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """One emitted kernel: its entry symbol and its source text in the target's dialect.
+
+    ``args`` names the global-memory arguments in order (``a``, ``b``, ``bias``, ``c`` for
+    a GEMM; ``x``, ``cols`` for an im2col).
+    """
+
+    name: str
+    code: str
+    args: tuple[str, ...]
+
+
+class UnsupportedKernel(ValueError):
+    """A kernel shape or kind that a target cannot lower, with the reason."""
+
+
+class TargetModule(Protocol):
+    """What ``hw_targets.<name>`` provides (cpu, ascend, mlu, kunlunxin)."""
+
+    TARGET: Target
+    HEADER: str  # file name of the simulation header in hw_targets/include/
+
+    def tiling(self, spec: GemmSpec, target: Target) -> Tiling:
+        """Tile sizes that fit the target's buffers (double-buffered) and alignment."""
+        ...
+
+    def cost(self, spec: KernelSpec, tiling: Tiling | None, target: Target) -> Cost:
+        """Cycles of the kernel, stage by stage, as the simulation counts them."""
+        ...
+
+    def emit(self, spec: KernelSpec, tiling: Tiling | None, target: Target) -> KernelSource:
+        """The kernel's source in the target's dialect."""
+        ...
+
+    def defines(self, target: Target) -> dict[str, int]:
+        """The integer constants the simulation header charges cycles with.
+
+        The harness writes them as ``#define QM_<NAME> <value>`` before the header, so
+        the header and the cost model read the same numbers from the same
+        :class:`Target`.
+        """
+        ...
+
+    def launch(self, kernel: KernelSource, args: tuple[str, ...], target: Target) -> str:
+        """C++ statements that run ``kernel`` on every core of the simulated device.
+
+        ``args`` are the C++ expressions of the global-memory pointers, in the order of
+        ``kernel.args``. The statements must call ``qmsim::core_begin(i)`` and
+        ``qmsim::core_end()`` around core ``i`` (the simulation runs cores one after the
+        other; only their cycles are combined as if concurrent).
+        """
+        ...
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    return ceil_div(a, b) * b
+
+
+def roofline(spec: KernelSpec, target: Target) -> int:
+    """Cycles no kernel can beat on the whole chip: compute at peak or compulsory traffic.
+
+    Compute: MACs / (MACs per cycle per core x cores). Traffic: every input read once and
+    every output written once, at the chip's DRAM bandwidth.
+    """
+    cores = int(target.cores.value)
+    compute = spec.macs / (float(target.macs_per_cycle) * cores)
+    traffic = spec.compulsory_bytes(target.in_bytes) / float(target.dram_bytes_per_cycle)
+    return math.ceil(max(compute, traffic))
+
+
+
+@dataclass(frozen=True)
+class TileCost:
+    """Cycles of one output tile: its stages' sum of pipe maxima, and per-pipe totals."""
+
+    cycles: int
+    stages: int
+    pipes: Mapping[str, int]
+
+
+def grid_cost(
+    spec: GemmSpec,
+    tile_m: int,
+    tile_n: int,
+    cores: int,
+    tile_cost: Callable[[int, int], TileCost],
+    padded_macs: int,
+    dram_bytes: int,
+) -> Cost:
+    """Cost of a GEMM whose output tiles are dealt round-robin to ``cores``.
+
+    Tiles are numbered batch-major, then by row block, then by column block
+    (``t = (b * mt + i) * nt + j``) and core ``t % cores`` runs tile ``t``; an emitter
+    must walk them in that order for the simulation to count what this predicts.
+    ``tile_cost(rows, cols)`` gives one tile's cycles (edge tiles are smaller).
+    """
+    mt, nt = ceil_div(spec.m, tile_m), ceil_div(spec.n, tile_n)
+    tiles = spec.batch * mt * nt
+    index = np.arange(tiles)
+    i = (index // nt) % mt
+    j = index % nt
+    rows = np.where(i == mt - 1, spec.m - (mt - 1) * tile_m, tile_m)
+    cols = np.where(j == nt - 1, spec.n - (nt - 1) * tile_n, tile_n)
+    kinds = {(int(r), int(c)) for r, c in {(rows[0], cols[0]), (rows[-1], cols[-1]),
+                                           (rows[0], cols[-1]), (rows[-1], cols[0])}}
+    costs = {kind: tile_cost(*kind) for kind in kinds}
+    core = index % cores
+    per_core = np.zeros(cores, dtype=np.int64)
+    stages = np.zeros(cores, dtype=np.int64)
+    for (r, c), tc in costs.items():
+        mask = (rows == r) & (cols == c)
+        per_core += np.bincount(core[mask], minlength=cores) * tc.cycles
+        stages += np.bincount(core[mask], minlength=cores) * tc.stages
+    slowest = int(np.argmax(per_core))
+    pipes: dict[str, int] = {}
+    for (r, c), tc in costs.items():
+        count = int(np.count_nonzero((rows == r) & (cols == c) & (core == slowest)))
+        for name, value in tc.pipes.items():
+            pipes[name] = pipes.get(name, 0) + count * value
+    return Cost(
+        cycles=int(per_core[slowest]),
+        pipes=pipes,
+        stages=int(stages[slowest]),
+        macs=spec.macs,
+        padded_macs=padded_macs,
+        dram_bytes=dram_bytes,
+    )

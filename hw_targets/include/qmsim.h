@@ -1,0 +1,206 @@
+// qmsim.h: what every simulated target shares. Global memory that knows its arguments,
+// on-chip arenas of declared sizes that check every access, and the cycle counters that
+// the cost model predicts (hw_targets/base.py: a stage costs the max over its pipes; a
+// core the sum of its stages; a kernel its slowest core).
+//
+// A simulated fault (an access outside an argument or past an on-chip buffer) prints one
+// line starting "qmsim:" on stderr and exits with status 3.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace qmsim {
+
+using half = _Float16;
+
+[[noreturn]] inline void fault(const std::string& message) {
+  std::fprintf(stderr, "qmsim: %s\n", message.c_str());
+  std::exit(3);
+}
+
+// ---------------------------------------------------------------- global memory
+struct Region {
+  const unsigned char* base;
+  std::size_t bytes;
+  std::string name;
+};
+
+inline std::vector<Region>& gm_regions() {
+  static std::vector<Region> regions;
+  return regions;
+}
+
+// Checks that [p, p + bytes) lies inside one global-memory argument.
+inline void gm_check(const void* p, std::size_t bytes, const char* op) {
+  const auto* q = static_cast<const unsigned char*>(p);
+  for (const Region& r : gm_regions()) {
+    if (q >= r.base && q <= r.base + r.bytes) {
+      if (q + bytes > r.base + r.bytes) {
+        fault(std::string(op) + " runs past global argument '" + r.name + "' (" +
+              std::to_string(q - r.base) + " + " + std::to_string(bytes) + " > " +
+              std::to_string(r.bytes) + " bytes)");
+      }
+      return;
+    }
+  }
+  fault(std::string(op) + " touches global memory outside every argument");
+}
+
+template <class T>
+struct GlobalArg {
+  std::string name;
+  std::vector<T> data;
+  GlobalArg(const char* n, std::size_t count) : name(n), data(std::max<std::size_t>(count, 1)) {
+    gm_regions().push_back({reinterpret_cast<const unsigned char*>(data.data()),
+                            count * sizeof(T), name});
+  }
+  T* ptr() { return data.data(); }
+  // Reads float32 values from DIR/NAME.bin and converts them to T.
+  void load(const std::string& dir) {
+    std::string path = dir + "/" + name + ".bin";
+    FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) fault("cannot open " + path);
+    std::vector<float> tmp(data.size());
+    std::size_t got = std::fread(tmp.data(), sizeof(float), tmp.size(), f);
+    std::fclose(f);
+    if (got != tmp.size()) fault("short input " + path);
+    for (std::size_t i = 0; i < tmp.size(); ++i) data[i] = static_cast<T>(tmp[i]);
+  }
+  void store(const std::string& dir) const {
+    std::string path = dir + "/" + name + ".out";
+    FILE* f = std::fopen(path.c_str(), "wb");
+    if (!f) fault("cannot write " + path);
+    std::vector<float> tmp(data.begin(), data.end());
+    std::fwrite(tmp.data(), sizeof(float), tmp.size(), f);
+    std::fclose(f);
+  }
+};
+
+// ---------------------------------------------------------------- on-chip memory
+// An on-chip buffer of a declared size. Allocation past its capacity and any access
+// outside it are faults; `reset` frees everything (one kernel's lifetime).
+struct Arena {
+  const char* name;
+  std::size_t capacity;
+  std::size_t align;
+  std::vector<unsigned char> bytes;
+  std::size_t used = 0;
+
+  Arena(const char* n, std::size_t cap, std::size_t al) : name(n), capacity(cap), align(al),
+                                                           bytes(cap) {}
+
+  void* alloc(std::size_t size, const char* what) {
+    std::size_t start = (used + align - 1) / align * align;
+    if (start + size > capacity) {
+      fault(std::string(what) + " needs " + std::to_string(size) + " bytes of " + name +
+            " at offset " + std::to_string(start) + ", past its " + std::to_string(capacity) +
+            " bytes");
+    }
+    used = start + size;
+    return bytes.data() + start;
+  }
+  void reset() { used = 0; }
+  bool contains(const void* p) const {
+    const auto* q = static_cast<const unsigned char*>(p);
+    return q >= bytes.data() && q <= bytes.data() + capacity;
+  }
+  // Checks that [p, p + size) lies inside the allocated part of this arena.
+  void check(const void* p, std::size_t size, const char* op) const {
+    const auto* q = static_cast<const unsigned char*>(p);
+    if (!contains(p) || q + size > bytes.data() + used) {
+      fault(std::string(op) + " overflows " + name + " (" +
+            std::to_string(q - bytes.data()) + " + " + std::to_string(size) + " > " +
+            std::to_string(used) + " allocated of " + std::to_string(capacity) + " bytes)");
+    }
+  }
+};
+
+// ---------------------------------------------------------------- cycle counters
+constexpr int kMaxPipes = 8;
+
+struct Counters {
+  const char* names[kMaxPipes] = {};
+  int pipes = 0;
+  long long stage[kMaxPipes] = {};
+  long long core_pipe[kMaxPipes] = {};
+  long long core_cycles = 0;
+  long long core_stages = 0;
+  // The slowest core so far.
+  long long cycles = 0;
+  long long stages = 0;
+  long long pipe_total[kMaxPipes] = {};
+};
+
+inline Counters& counters() {
+  static Counters c;
+  return c;
+}
+
+inline void charge(int pipe, long long cycles) {
+  Counters& c = counters();
+  if (pipe < 0 || pipe >= c.pipes) fault("charge to an undeclared pipe");
+  c.stage[pipe] += cycles;
+  c.core_pipe[pipe] += cycles;
+}
+
+// Closes a stage: double-buffered pipes overlap, so it costs its slowest pipe.
+inline void end_stage() {
+  Counters& c = counters();
+  long long worst = 0;
+  bool any = false;
+  for (int i = 0; i < c.pipes; ++i) {
+    worst = std::max(worst, c.stage[i]);
+    any = any || c.stage[i] != 0;
+    c.stage[i] = 0;
+  }
+  if (any) {
+    c.core_cycles += worst;
+    c.core_stages += 1;
+  }
+}
+
+inline void begin_kernel(std::initializer_list<const char*> pipe_names) {
+  Counters& c = counters();
+  c = Counters{};
+  for (const char* n : pipe_names) c.names[c.pipes++] = n;
+}
+
+inline void core_begin(int) {
+  Counters& c = counters();
+  c.core_cycles = 0;
+  c.core_stages = 0;
+  for (int i = 0; i < kMaxPipes; ++i) c.core_pipe[i] = c.stage[i] = 0;
+}
+
+inline void core_end() {
+  end_stage();  // work charged after the last explicit stage end is a stage of its own
+  Counters& c = counters();
+  if (c.core_cycles > c.cycles || (c.core_cycles == c.cycles && c.stages == 0)) {
+    c.cycles = c.core_cycles;
+    c.stages = c.core_stages;
+    for (int i = 0; i < kMaxPipes; ++i) c.pipe_total[i] = c.core_pipe[i];
+  }
+}
+
+// One JSON object per kernel on stdout: {"kernel": ..., "cycles": ..., "stages": ...,
+// "pipes": {...}} (the slowest core).
+inline void report_kernel(const char* kernel) {
+  Counters& c = counters();
+  std::printf("{\"kernel\": \"%s\", \"cycles\": %lld, \"stages\": %lld, \"pipes\": {", kernel,
+              c.cycles, c.stages);
+  for (int i = 0; i < c.pipes; ++i) {
+    std::printf("%s\"%s\": %lld", i ? ", " : "", c.names[i], c.pipe_total[i]);
+  }
+  std::printf("}}\n");
+}
+
+inline long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+
+}  // namespace qmsim

@@ -1,0 +1,96 @@
+"""Shared by the hw_targets tests: onnxruntime references and the error bound of fp16 inputs.
+
+The references run one-node ONNX models in onnxruntime (the operator as ONNX defines it);
+the tolerance is not a loose default but the rounding bound of what the kernels do:
+inputs rounded to the target's input dtype, products accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+F16_UNIT = 2.0**-11  # unit roundoff of fp16 (round to nearest)
+F16_TINY = 2.0**-25  # half the smallest fp16 subnormal: the absolute floor of its rounding
+F32_UNIT = 2.0**-24
+
+
+def _run(graph: onnx.GraphProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, feeds)[0])
+
+
+def ort_matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """``a @ b (+ bias)`` by onnxruntime (MatMul, then Add when there is a bias)."""
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["y" if bias is None else "p"])]
+    inits = [numpy_helper.from_array(b.astype(np.float32), "b")]
+    if bias is not None:
+        nodes.append(helper.make_node("Add", ["p", "bias"], ["y"]))
+        inits.append(numpy_helper.from_array(bias.astype(np.float32), "bias"))
+    graph = helper.make_graph(
+        nodes,
+        "matmul",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [a.shape[0], b.shape[1]])],
+        inits,
+    )
+    return _run(graph, {"a": a.astype(np.float32)})
+
+
+def ort_conv(
+    x: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray | None,
+    strides: tuple[int, int] = (1, 1),
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilations: tuple[int, int] = (1, 1),
+    groups: int = 1,
+) -> np.ndarray:
+    """An ONNX Conv of NCHW ``x`` by onnxruntime (``pads`` as ONNX: top, left, bottom, right)."""
+    inputs = ["x", "w"] + ([] if bias is None else ["bias"])
+    node = helper.make_node(
+        "Conv", inputs, ["y"], strides=list(strides), pads=list(pads),
+        dilations=list(dilations), group=groups, kernel_shape=list(w.shape[2:]),
+    )
+    inits = [numpy_helper.from_array(w.astype(np.float32), "w")]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias.astype(np.float32), "bias"))
+    graph = helper.make_graph(
+        [node],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    return _run(inferred.graph, {"x": x.astype(np.float32)})
+
+
+def rounding_error(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Elementwise bound on ``|fl(x) - x|`` when ``x`` is stored in ``dtype``."""
+    if dtype == "float":
+        return np.zeros_like(x, dtype=np.float64)
+    return np.maximum(F16_UNIT * np.abs(x.astype(np.float64)), F16_TINY)
+
+
+def gemm_tolerance(
+    a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, dtype: str
+) -> np.ndarray:
+    """Bound on ``|kernel - onnxruntime|`` for ``a @ b + bias`` (2-D ``a``, ``b``).
+
+    Inputs rounded to ``dtype`` (error ``e``), products summed in fp32 by both sides:
+    ``|A||B| -> |A| e_B + e_A |B| + e_A e_B`` plus ``2 gamma_k`` of the magnitudes.
+    """
+    a64, b64 = np.abs(a.astype(np.float64)), np.abs(b.astype(np.float64))
+    ea, eb = rounding_error(a, dtype), rounding_error(b, dtype)
+    k = a.shape[-1]
+    gamma = 2 * (k + 2) * F32_UNIT / (1 - (k + 2) * F32_UNIT)
+    bound = a64 @ eb + ea @ b64 + ea @ eb + gamma * ((a64 + ea) @ (b64 + eb))
+    if bias is not None:
+        bound = bound + 4 * F32_UNIT * np.abs(bias.astype(np.float64))
+    return bound + 1e-30
