@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 from hw_targets.base import Cost, KernelSource, Param, Target, TargetModule, Tiling, roofline
-from hw_targets.lower import Lowering, lower_conv, lower_matmul
+from hw_targets.lower import Lowering, lower_conv, lower_matmul, simulate_all, write_bundle
 from hw_targets.sim import CompileError, SimulationFault
 from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
 
@@ -34,6 +34,8 @@ __all__ = [
     "lower_conv",
     "lower_matmul",
     "roofline",
+    "simulate_all",
+    "write_bundle",
 ]
 
 TARGET_NAMES = ("ascend", "mlu", "kunlunxin", "cpu")

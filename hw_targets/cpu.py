@@ -32,7 +32,7 @@ from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
 __all__ = ["HEADER", "TARGET", "cost", "defines", "emit", "launch", "tiling"]
 
 HEADER = "cpu_sim.h"
-PIPES = ("load", "fma", "store")
+PIPES = ("dram", "fma")
 
 TARGET = Target(
     name="cpu",
@@ -97,7 +97,7 @@ def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> Co
         move = ceil_div(4 * ho * wo, rate)
         rows = spec.images * spec.groups * spec.k
         busiest = ceil_div(rows, cores)
-        return Cost(busiest * move, {"load": busiest * move, "fma": 0, "store": busiest * move},
+        return Cost(2 * busiest * move, {"dram": 2 * busiest * move, "fma": 0},
                     busiest, 0, 0, spec.compulsory_bytes(4))
     assert tiling is not None, "a GEMM needs a tiling"
     tm, tn, tk = tiling.tile_m, tiling.tile_n, tiling.tile_k
@@ -108,14 +108,13 @@ def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> Co
         for s in range(kt):
             kk = min(tk, spec.k - s * tk)
             stage = {
-                "load": ceil_div(4 * rows * kk, rate) + ceil_div(4 * kk * cols, rate),
+                "dram": ceil_div(4 * rows * kk, rate) + ceil_div(4 * kk * cols, rate),
                 "fma": ceil_div(rows * round_up(cols, lanes) * kk, macs),
-                "store": 0,
             }
             if s == kt - 1:
                 if spec.bias != "none":
-                    stage["load"] += ceil_div(4 * (rows if spec.bias == "row" else cols), rate)
-                stage["store"] += ceil_div(4 * rows * cols, rate)
+                    stage["dram"] += ceil_div(4 * (rows if spec.bias == "row" else cols), rate)
+                stage["dram"] += ceil_div(4 * rows * cols, rate)
             total += max(stage.values())
             for name, value in stage.items():
                 pipes[name] += value

@@ -86,12 +86,14 @@ def harness_source(
     launches: Sequence[Launch],
     inputs: Sequence[str],
     outputs: Sequence[str],
+    include_kernels: bool = False,
 ) -> str:
     """The C++ ``main`` around the kernels (also written by ``qmpass lower``).
 
     Run as ``./sim DIR``: it reads ``DIR/<input>.bin`` (float32) and writes
     ``DIR/<output>.out`` (float32); without ``DIR`` it runs on zeros and only reports
-    cycles.
+    cycles. With ``include_kernels`` the kernels are ``#include``d from
+    ``kernels/<name>.cc`` instead of pasted in (the layout ``qmpass lower`` writes).
     """
     ctype = {"half": "qmsim::half", "float": "float"}
     lines = [f"#define QM_{name.upper()} {value}" for name, value in module.defines(target).items()]
@@ -100,7 +102,10 @@ def harness_source(
     for launch in launches:
         if launch.kernel.name not in seen:
             seen.add(launch.kernel.name)
-            lines += [launch.kernel.code, ""]
+            if include_kernels:
+                lines.append(f'#include "kernels/{launch.kernel.name}.cc"')
+            else:
+                lines += [launch.kernel.code, ""]
     lines += ["int main(int argc, char** argv) {", '  std::string dir = argc > 1 ? argv[1] : ".";']
     for arg in arguments:
         lines.append(

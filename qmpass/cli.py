@@ -15,10 +15,12 @@ from typing import NoReturn
 
 import numpy as np
 
+from hw_targets import TARGET_NAMES
 from qmpass.analysis import Analysis, AnalysisConfig, analyze
 from qmpass.compress import CompressConfig, Report, compress
 from qmpass.errors import QmpassInputError
 from qmpass.frg import FRGConfig, graph_to_graphml
+from qmpass.lower import LowerConfig, lower
 from qmpass.modelio import load_model, write_atomic
 from qmpass.plan.planner import METHODS
 from qmpass.verify import accuracy, load_calib
@@ -88,7 +90,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     compress_cmd.add_argument("--calib", type=Path,
                               help=".npz of inputs keyed by graph input name (data-aware)")
+    compress_cmd.add_argument(
+        "--target", choices=TARGET_NAMES,
+        help="budget --keep in this target's predicted cycles instead of weight parameters; "
+        "the report gives cycles_before and cycles_after",
+    )
     compress_cmd.add_argument("--report", type=Path, help="write the JSON report here")
+
+    lower_cmd = sub.add_parser(
+        "lower", help="emit, simulate and check a model's kernels for an NPU-style target"
+    )
+    lower_cmd.add_argument("model", type=Path)
+    lower_cmd.add_argument("--target", choices=TARGET_NAMES, required=True)
+    lower_cmd.add_argument("-o", "--output", type=Path, required=True,
+                           help="folder for kernels, headers, build.sh and lowering.json")
+    lower_cmd.add_argument("--calib", type=Path,
+                           help=".npz of inputs keyed by graph input name (else synthesised)")
+    lower_cmd.add_argument("--samples", type=int, default=LowerConfig.samples,
+                           help="samples the kernels run on (default 1)")
 
     demo = sub.add_parser("demo", help="the whole pipeline on the bundled model")
     demo.add_argument(
@@ -107,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _analyze(args)
         if args.command == "compress":
             return _compress(args)
+        if args.command == "lower":
+            return _lower(args)
         return _demo(args)
     except QmpassInputError as exc:
         print(f"qmpass: {exc}", file=sys.stderr)
@@ -135,6 +156,7 @@ def _compress(args: argparse.Namespace) -> int:
         align=args.align,
         convs=args.convs,
         calib=None if args.calib is None else load_calib(args.calib, loaded.proto),
+        target=args.target,
     )
     model, report = compress(loaded.proto, config)
     document = report.to_dict()
@@ -145,6 +167,38 @@ def _compress(args: argparse.Namespace) -> int:
         write_atomic(args.report, json.dumps(document, indent=1))
     _print_compress_summary(report)
     print(f"wrote {args.output}")
+    return 0
+
+
+def _lower(args: argparse.Namespace) -> int:
+    if args.samples < 1:
+        raise QmpassInputError(f"--samples must be at least 1, got {args.samples}.")
+    loaded = load_model(args.model)
+    calib = None if args.calib is None else load_calib(args.calib, loaded.proto)
+    report = lower(loaded.proto, LowerConfig(args.target, calib, args.samples), args.output)
+    doc = report.to_dict()
+    header = (f"{'operator':<40} {'kernels':>7} {'predicted':>11} {'simulated':>11} "
+              f"{'roofline':>10} {'max err':>9} {'bound':>9}")
+    print(f"{args.model} on {args.target} ({report.target.dialect}), "
+          f"{args.samples} sample(s)")
+    print(header)
+    print("-" * len(header))
+    for op in doc["operators"]:
+        print(f"{_short(op['operator'], full=True)[:40]:<40} {len(op['kernels']):>7} "
+              f"{op['predicted_cycles']:>11,} {op['simulated_cycles']:>11,} "
+              f"{op['roofline_cycles']:>10,} {op['max_abs_error']:9.2g} "
+              f"{op['error_bound']:9.2g}")
+    for skipped in doc["not_lowered"]:
+        print(f"not lowered: {skipped['operator']} ({skipped['op_type']}): {skipped['reason']}",
+              file=sys.stderr)
+    cycles = doc["cycles"]
+    print(f"cycles: {cycles['predicted']:,} predicted, {cycles['simulated']:,} simulated; "
+          f"outputs within the rounding bound: {doc['all_within_bound']}")
+    print(f"wrote {args.output}/ (kernels/, include/, sim_main.cc, build.sh, lowering.json)")
+    if not doc["all_within_bound"]:
+        print("qmpass: a kernel's output left its rounding bound (a lowering bug); see "
+              "lowering.json", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -233,6 +287,11 @@ def _print_compress_summary(report: Report) -> None:
         f"verified on {v.inputs} inputs: relative output error {v.relative_error:.4g}, "
         f"max abs error {v.max_abs_error:.4g}"
     )
+    if "target" in doc:
+        t = doc["target"]
+        print(f"predicted {t['name']} cycles of the weight operators: "
+              f"{t['cycles_before']:,} -> {t['cycles_after']:,} "
+              f"({t['cycles_before'] / max(t['cycles_after'], 1):.2f}x)")
 
 
 def _short(name: str, *, full: bool) -> str:

@@ -24,9 +24,11 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from hw_targets import TARGET_NAMES
 from qmpass.errors import QmpassInputError
 from qmpass.extract import Extraction, extract_operators
 from qmpass.extract.channels import ChannelGroup, channel_groups
+from qmpass.extract.shapes import infer_shapes
 from qmpass.modelio import ModelLike, load_model, stored_values
 from qmpass.plan import Plan, Step
 from qmpass.plan.planner import (
@@ -37,6 +39,7 @@ from qmpass.plan.planner import (
     make_plan,
     stats_requests,
 )
+from qmpass.plan.resource import PARAMS, Cycles, Resource
 from qmpass.plan.units import Built
 from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
@@ -79,8 +82,13 @@ class CompressConfig:
     seed: int = 0
     align: int = 8
     convs: Literal["auto", "prune", "factorise"] = "auto"
+    target: str | None = None
 
     def __post_init__(self) -> None:
+        if self.target is not None and self.target not in TARGET_NAMES:
+            raise QmpassInputError(
+                f"unknown target '{self.target}'; choose one of {', '.join(TARGET_NAMES)}."
+            )
         if self.method not in METHODS:
             raise QmpassInputError(
                 f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}."
@@ -108,11 +116,13 @@ class CompressConfig:
             return ("prune", "factorise")
         return ("prune",)
 
-    def plan_config(self, convs: Literal["prune", "factorise"] = "prune") -> PlanConfig:
+    def plan_config(
+        self, convs: Literal["prune", "factorise"] = "prune", resource: Resource = PARAMS
+    ) -> PlanConfig:
         delta = 0.05 if self.keep is None and self.delta is None else self.delta
         return PlanConfig(
             self.method, keep=self.keep, delta=delta, seed=self.seed, align=self.align,
-            convs=convs,
+            convs=convs, resource=resource,
         )
 
 
@@ -158,6 +168,7 @@ class Report:
     operator_params: tuple[int, int]
     seconds: dict[str, float] = field(default_factory=dict)
     alternatives: dict[str, float] = field(default_factory=dict)
+    cycles: tuple[int, int] | None = None
 
     @property
     def kept(self) -> tuple[Outcome, ...]:
@@ -187,6 +198,11 @@ class Report:
             "verification": self.verification.to_dict(),
             "conv_alternatives": self.alternatives,
             "seconds": self.seconds,
+            **({} if self.cycles is None else {"target": {
+                "name": self.plan.resource.removeprefix("cycles:"),
+                "cycles_before": self.cycles[0],
+                "cycles_after": self.cycles[1],
+            }}),
         }
 
 
@@ -243,8 +259,10 @@ def compress(
     timer = time.perf_counter()
     values = stored_values(original)
     choices = config.conv_choices()
+    resource = PARAMS if config.target is None else Cycles(config.target,
+                                                           infer_shapes(original))
     candidates = [
-        make_plan(extraction, groups, values, stats, config.plan_config(convs),
+        make_plan(extraction, groups, values, stats, config.plan_config(convs, resource),
                   _name(model, original))
         for convs in choices
     ]
@@ -284,6 +302,10 @@ def compress(
         operator_params=(_params(extraction), _params(after)),
         seconds=seconds,
         alternatives=alternatives,
+        cycles=None if not isinstance(resource, Cycles) else (
+            round(resource.operators(extraction.operators)),
+            round(Cycles(resource.target.name, infer_shapes(result)).operators(after.operators)),
+        ),
     )
     return result, report
 

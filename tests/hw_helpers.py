@@ -12,8 +12,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-F16_UNIT = 2.0**-11  # unit roundoff of fp16 (round to nearest)
-F16_TINY = 2.0**-25  # half the smallest fp16 subnormal: the absolute floor of its rounding
+from hw_targets.lower import gemm_error_bound
+
 F32_UNIT = 2.0**-24
 
 
@@ -71,26 +71,12 @@ def ort_conv(
     return _run(inferred.graph, {"x": x.astype(np.float32)})
 
 
-def rounding_error(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Elementwise bound on ``|fl(x) - x|`` when ``x`` is stored in ``dtype``."""
-    if dtype == "float":
-        return np.zeros_like(x, dtype=np.float64)
-    return np.maximum(F16_UNIT * np.abs(x.astype(np.float64)), F16_TINY)
-
-
 def gemm_tolerance(
     a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, dtype: str
 ) -> np.ndarray:
-    """Bound on ``|kernel - onnxruntime|`` for ``a @ b + bias`` (2-D ``a``, ``b``).
-
-    Inputs rounded to ``dtype`` (error ``e``), products summed in fp32 by both sides:
-    ``|A||B| -> |A| e_B + e_A |B| + e_A e_B`` plus ``2 gamma_k`` of the magnitudes.
-    """
-    a64, b64 = np.abs(a.astype(np.float64)), np.abs(b.astype(np.float64))
-    ea, eb = rounding_error(a, dtype), rounding_error(b, dtype)
-    k = a.shape[-1]
-    gamma = 2 * (k + 2) * F32_UNIT / (1 - (k + 2) * F32_UNIT)
-    bound = a64 @ eb + ea @ b64 + ea @ eb + gamma * ((a64 + ea) @ (b64 + eb))
+    """Bound on ``|kernel - onnxruntime|`` for ``a @ b + bias`` (2-D ``a``, ``b``): the
+    rounding bound of :func:`hw_targets.lower.gemm_error_bound` plus the bias add's."""
+    bound = gemm_error_bound(a, b, dtype)
     if bias is not None:
         bound = bound + 4 * F32_UNIT * np.abs(bias.astype(np.float64))
     return bound + 1e-30

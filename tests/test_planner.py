@@ -99,7 +99,7 @@ def test_a_cluster_picks_the_cheapest_error_for_its_cost() -> None:
         kinds = {v.label == -1 for v in variants[1:]}
         assert kinds == {True, False}  # both shared-basis ranks and separate mixes
         chosen = variants[unit.chosen]
-        assert not any(v.params <= chosen.params and v.error < chosen.error - 1e-12
+        assert not any(v.cost <= chosen.cost and v.error < chosen.error - 1e-12
                        for v in variants)
 
 

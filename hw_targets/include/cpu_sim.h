@@ -2,7 +2,8 @@
 //
 // The "on-chip" level of the cpu target is the per-core L2 cache, modelled as an arena of
 // QM_LOCAL_BYTES that tiles are packed into (cache blocking made explicit and checked).
-// Pipes: load (GM -> local), fma (SIMD FMA units), store (local -> GM). Constants
+// Pipes: dram (every move between DRAM and the local arena, loads and stores alike: they
+// share the bandwidth) and fma (the SIMD FMA units). Constants
 // QM_* come from hw_targets/cpu.py (the harness defines them before this header).
 #pragma once
 
@@ -10,7 +11,7 @@
 
 namespace cpu {
 
-enum Pipe { LOAD = 0, FMA = 1, STORE = 2 };
+enum Pipe { DRAM = 0, FMA = 1 };
 
 inline qmsim::Arena& local() {
   static qmsim::Arena arena("L2", QM_LOCAL_BYTES, QM_LOCAL_ALIGN);
@@ -35,7 +36,7 @@ inline void qm_load(float* dst, const float* src, int rows, int cols, long ld) {
     qmsim::gm_check(src + r * ld, sizeof(float) * cols, "qm_load");
     std::memcpy(dst + static_cast<long>(r) * cols, src + r * ld, sizeof(float) * cols);
   }
-  qmsim::charge(cpu::LOAD, cpu::move_cycles(4LL * rows * cols));
+  qmsim::charge(cpu::DRAM, cpu::move_cycles(4LL * rows * cols));
 }
 
 // c[rows x cols] += a[rows x kk] @ b[kk x cols], all local; the SIMD unit works on
@@ -62,14 +63,14 @@ inline void qm_zero(float* c, int count) {
 }
 
 // Adds bias[r] to row r (row = 1) or bias[q] to column q (row = 0); reads the bias from
-// global memory through the load pipe.
+// global memory through the dram pipe.
 inline void qm_bias(float* c, const float* bias, int rows, int cols, int row) {
   cpu::local().check(c, sizeof(float) * rows * cols, "qm_bias");
   const int len = row ? rows : cols;
   qmsim::gm_check(bias, sizeof(float) * len, "qm_bias");
   for (int r = 0; r < rows; ++r)
     for (int q = 0; q < cols; ++q) c[r * cols + q] += row ? bias[r] : bias[q];
-  qmsim::charge(cpu::LOAD, cpu::move_cycles(4LL * len));
+  qmsim::charge(cpu::DRAM, cpu::move_cycles(4LL * len));
 }
 
 // dst[r * ld + c] = src[r * cols + c]: a 2-D copy of a local tile to global memory.
@@ -79,11 +80,11 @@ inline void qm_store(float* dst, const float* src, int rows, int cols, long ld) 
     qmsim::gm_check(dst + r * ld, sizeof(float) * cols, "qm_store");
     std::memcpy(dst + r * ld, src + static_cast<long>(r) * cols, sizeof(float) * cols);
   }
-  qmsim::charge(cpu::STORE, cpu::move_cycles(4LL * rows * cols));
+  qmsim::charge(cpu::DRAM, cpu::move_cycles(4LL * rows * cols));
 }
 
 // One row of an im2col matrix: dst[oh * wo + ow] = plane[ih * w + iw] for the kernel tap
-// (kh, kw), zero where the tap falls in the padding. Charged as a full row moved in and out.
+// (kh, kw), zero where the tap falls in the padding. Charged as a full row moved in.
 inline void qm_im2col_row(float* dst, const float* plane, int h, int w, int ho, int wo, int kh,
                           int kw, int sh, int sw, int ph, int pw, int dh, int dw) {
   cpu::local().check(dst, sizeof(float) * ho * wo, "qm_im2col_row");
@@ -95,7 +96,7 @@ inline void qm_im2col_row(float* dst, const float* plane, int h, int w, int ho, 
       dst[oh * wo + ow] = (ih >= 0 && ih < h && iw >= 0 && iw < w) ? plane[ih * w + iw] : 0.0f;
     }
   }
-  qmsim::charge(cpu::LOAD, cpu::move_cycles(4LL * ho * wo));
+  qmsim::charge(cpu::DRAM, cpu::move_cycles(4LL * ho * wo));
 }
 
 inline void qm_end_stage() { qmsim::end_stage(); }

@@ -87,7 +87,8 @@ class Plan:
     """Steps plus how they were chosen (``method``, budget) and the totals they imply.
 
     ``budget`` is ``{"keep": F}`` or ``{"delta": D}``; ``baseline`` is the cost of all the
-    operators the method could compress (what ``keep`` is a fraction of).
+    operators the method could compress; ``resource`` what ``keep`` is a fraction of
+    (``params``, or ``cycles:<target>``: see :mod:`qmpass.plan.resource`).
     """
 
     model: str
@@ -96,6 +97,7 @@ class Plan:
     baseline: Cost
     steps: tuple[Step, ...]
     declined: tuple[tuple[str, str], ...] = ()
+    resource: str = "params"
 
     @property
     def params_saved(self) -> int:
@@ -109,6 +111,7 @@ class Plan:
             "baseline": asdict(self.baseline),
             "steps": [s.to_dict() for s in self.steps],
             "declined": [{"operator": o, "reason": r} for o, r in self.declined],
+            "resource": self.resource,
         }
 
     def to_json(self) -> str:
@@ -123,6 +126,7 @@ class Plan:
             baseline=Cost(**data["baseline"]),
             steps=tuple(Step.from_dict(s) for s in data["steps"]),
             declined=tuple((d["operator"], d["reason"]) for d in data.get("declined", ())),
+            resource=data.get("resource", "params"),
         )
 
     @classmethod

@@ -34,6 +34,7 @@ from qmpass.extract import Extraction, Operator
 from qmpass.extract.channels import ChannelGroup
 from qmpass.plan.budget import allocate
 from qmpass.plan.plan import Cost, Plan, Step
+from qmpass.plan.resource import PARAMS, Resource
 from qmpass.plan.units import (
     Built,
     Candidate,
@@ -44,7 +45,7 @@ from qmpass.plan.units import (
     input_key,
     lowrank_candidate,
     lowrank_declines,
-    pruned_costs,
+    pruned_resource,
 )
 
 __all__ = ["METHODS", "Method", "PlanConfig", "Planned", "make_plan", "stats_requests"]
@@ -58,6 +59,9 @@ _PRUNING: tuple[Method, ...] = ("magnitude", "random")
 class PlanConfig:
     """``keep``: fraction of the compressible operators' weight parameters to keep;
     ``delta``: relative-entropy bound per unit instead (exactly one of the two).
+
+    ``resource``: what ``keep`` counts (:mod:`qmpass.plan.resource`): weight parameters
+    by default, or a target's cycles.
 
     ``align``: ranks and kept channel counts are multiples of it. onnxruntime's CPU
     convolutions take a blocked fast path only for some channel counts: the CNN fixture
@@ -73,6 +77,7 @@ class PlanConfig:
     seed: int = 0
     align: int = 1
     convs: Literal["prune", "factorise"] = "prune"
+    resource: Resource = PARAMS
 
     def __post_init__(self) -> None:
         if (self.keep is None) == (self.delta is None):
@@ -147,6 +152,14 @@ def make_plan(
     ops = {op.name: op for op in extraction.operators}
     declined: dict[str, str] = {}
     candidates = _candidates(extraction, groups, values, stats, config, declined)
+    if config.resource is not PARAMS:  # on a target, fewer parameters can cost more cycles
+        saving = [c for c in candidates
+                  if min(v.cost for v in c.variants[1:]) < c.variants[0].cost]
+        for c in candidates:
+            if c not in saving:
+                for name in c.operators:
+                    declined[name] = f"no variant saves {config.resource.name}"
+        candidates = saving
     baseline = Cost.of(ops[n] for n in sorted({n for c in candidates for n in c.operators})
                        if n in ops)
     choice = _choose(candidates, ops, config, baseline)
@@ -172,6 +185,7 @@ def make_plan(
         baseline=baseline,
         steps=tuple(steps),
         declined=tuple(sorted(declined.items())),
+        resource=config.resource.name,
     )
     return Planned(plan, tuple(tensors), tuple(units))
 
@@ -205,7 +219,7 @@ def _candidates(
                 for c in group.consumers
             ]
             candidate = channel_candidate(group, ops, values, channel_stats, method,
-                                          config.align, config.seed)
+                                          config.align, config.seed, config.resource)
             if candidate is not None:
                 candidates.append(candidate)
                 taken.update(group.operators)
@@ -224,7 +238,8 @@ def _candidates(
         return stats.get(input_key(op).key) if whitened and stats is not None else None
 
     def alone(op: Operator) -> Candidate | None:
-        candidate = lowrank_candidate([op], op_stats(op), config.align, fused=False)
+        candidate = lowrank_candidate([op], op_stats(op), config.align, fused=False,
+                                      resource=config.resource)
         if candidate is None:
             declined[op.name] = (f"no rank (a multiple of {config.align}) of the "
                                  f"{op.shape[0]}x{op.shape[1]} matrix saves parameters")
@@ -236,7 +251,8 @@ def _candidates(
             if taken.intersection(members) or any(lowrank_declines(op) for op in cluster) \
                     or any(op.op_type not in ("MatMul", "Gemm") for op in cluster):
                 continue
-            fused = lowrank_candidate(cluster, op_stats(cluster[0]), config.align, fused=True)
+            fused = lowrank_candidate(cluster, op_stats(cluster[0]), config.align, fused=True,
+                                      resource=config.resource)
             separate = [c for c in map(alone, cluster) if c is not None]
             candidate = cluster_candidate(fused, separate)
             if candidate is not None:
@@ -266,31 +282,34 @@ def _choose(
         return {
             c.key: min(
                 (i for i, v in enumerate(c.variants) if v.worst <= allowed + 1e-12),
-                key=lambda i: c.variants[i].params,
+                key=lambda i: c.variants[i].cost,
             )
             for c in candidates
         }
     assert config.keep is not None
-    target = config.keep * baseline.params
+    resource = config.resource
+    full = resource.operators([ops[n] for n in sorted({n for c in candidates
+                                                       for n in c.operators}) if n in ops])
+    target = config.keep * full
     if config.method in _PRUNING:
-        return _uniform(candidates, ops, target)
+        return _uniform(candidates, ops, target, resource)
     # Channel groups may share operators (a conv consumes one and produces the next), so
     # their full costs overlap; budget the *savings*, which add up but for the product of
     # two groups' removed channels, corrected by measuring and tightening.
     units = [c.unit for c in candidates]
-    budget = sum(u.options[0].cost for u in units) - (baseline.params - target)
+    budget = sum(u.options[0].cost for u in units) - (full - target)
     choice: dict[str, int] = {}
     for _ in range(12):
         choice = {key: option.value for key, option in allocate(units, budget).items()}
-        spent = _exact_params(candidates, ops, choice)
+        spent = _exact_cost(candidates, ops, choice, resource)
         if spent <= target + 0.5:
             break
         budget -= spent - target
     return choice
 
 
-def _uniform(candidates: Sequence[Candidate], ops: Mapping[str, Operator], target: float
-             ) -> dict[str, int]:
+def _uniform(candidates: Sequence[Candidate], ops: Mapping[str, Operator], target: float,
+             resource: Resource) -> dict[str, int]:
     """The baselines' allocation: the largest common fraction of channels kept in every
     group that meets ``target`` (each count rounded to its nearest allowed value)."""
     def pick(fraction: float) -> dict[str, int]:
@@ -306,7 +325,7 @@ def _uniform(candidates: Sequence[Candidate], ops: Mapping[str, Operator], targe
     low, high = 0.0, 1.0
     for _ in range(40):
         middle = (low + high) / 2
-        if _exact_params(candidates, ops, pick(middle)) <= target:
+        if _exact_cost(candidates, ops, pick(middle), resource) <= target:
             low = middle
         else:
             high = middle
@@ -318,16 +337,18 @@ def _kept(candidate: Candidate, index: int) -> int:
     return candidate.group.channels if index == 0 else candidate.variants[index].label
 
 
-def _exact_params(
-    candidates: Sequence[Candidate], ops: Mapping[str, Operator], choice: Mapping[str, int]
+def _exact_cost(
+    candidates: Sequence[Candidate], ops: Mapping[str, Operator], choice: Mapping[str, int],
+    resource: Resource,
 ) -> float:
-    """Parameters of all the candidates' operators after the chosen variants (channel
-    groups counted jointly, so operators between two groups shrink on both sides)."""
+    """``resource`` spent by all the candidates' operators after the chosen variants
+    (channel groups counted jointly, so operators between two groups shrink on both
+    sides)."""
     kept: dict[ChannelGroup, int] = {}
     total = 0.0
     for c in candidates:
         if c.group is not None:
             kept[c.group] = _kept(c, choice[c.key])
         else:
-            total += c.variants[choice[c.key]].params
-    return total + sum(cost.params for cost in pruned_costs(kept, ops).values())
+            total += c.variants[choice[c.key]].cost
+    return total + pruned_resource(resource, kept, ops)

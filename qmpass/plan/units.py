@@ -33,6 +33,7 @@ from qmpass.extract.channels import ChannelGroup
 from qmpass.plan.budget import Option, Unit, lower_hull
 from qmpass.plan.factors import compensation, greedy_channel_order, projection, sqrt_psd
 from qmpass.plan.plan import Cost, Step, StepKind
+from qmpass.plan.resource import PARAMS, Resource, Scale, lowrank_cost
 from qmpass.spectral import operator_norm
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "lowrank_candidate",
     "lowrank_declines",
     "pruned_costs",
+    "pruned_resource",
+    "pruned_scales",
 ]
 
 #: the steps (with their new weights) that realise a variant
@@ -90,12 +93,13 @@ def input_key(op: Operator) -> StatsKey:
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to compress a unit. ``params`` is the unit's parameter count after it
-    (for channel groups an estimate that ignores other groups, corrected by the
+    """One way to compress a unit. ``cost`` is the unit's cost after it in the plan's
+    :class:`~qmpass.plan.resource.Resource` (weight parameters, or a target's cycles;
+    for channel groups an estimate that ignores other groups, corrected by the
     planner); ``error`` the summed relative error; ``worst`` the largest member's;
     ``label`` the rank or kept channel count (-1 for a mix of ranks)."""
 
-    params: float
+    cost: float
     error: float
     worst: float
     label: int
@@ -115,19 +119,19 @@ class Candidate:
     @property
     def unit(self) -> Unit:
         return Unit(
-            self.key, tuple(Option(i, v.params, v.error) for i, v in enumerate(self.variants))
+            self.key, tuple(Option(i, v.cost, v.error) for i, v in enumerate(self.variants))
         )
 
     def milder(self, index: int) -> list[int]:
         """Variants on the unit's lower hull that cost more than ``index`` (keep more),
         cheapest first: what to fall back to when ``index`` breaks the tolerance."""
-        chosen = self.variants[index].params
+        chosen = self.variants[index].cost
         hull = lower_hull(self.unit.options)
         return [o.value for o in reversed(hull) if o.cost > chosen and o.value != 0]
 
 
-def _unchanged(params: float) -> Variant:
-    return Variant(params, 0.0, 0.0, -1, list)
+def _unchanged(cost: float) -> Variant:
+    return Variant(cost, 0.0, 0.0, -1, list)
 
 
 # -- low rank ---------------------------------------------------------------------------------
@@ -143,16 +147,6 @@ def lowrank_declines(op: Operator) -> str | None:
         groups = None if op.geometry is None else op.geometry.groups
         return f"grouped conv (groups={groups}) is not factorised"
     return None
-
-
-def _lowrank_cost(ops: Sequence[Operator], rank: int) -> Cost:
-    """Cost of ``ops`` (reading one input) through a shared rank-``rank`` basis; for one
-    operator, its plain factorisation. FLOPs scale with the vectors each one maps."""
-    d_in = ops[0].shape[1]
-    vectors = ops[0].flops / (2 * ops[0].shape[0] * d_in)
-    outputs = sum(op.shape[0] for op in ops)
-    biases = sum(op.shape[0] for op in ops if op.bias is not None)
-    return Cost(rank * (d_in + outputs) + biases, round(2 * rank * (d_in + outputs) * vectors))
 
 
 def _certificate(delta_w: np.ndarray, delta_b: np.ndarray, radius: float | None
@@ -173,10 +167,13 @@ def _biases(ops: Sequence[Operator]) -> np.ndarray:
 
 
 def lowrank_candidate(
-    members: Sequence[Operator], stats: StatsLike | None, align: int, *, fused: bool
+    members: Sequence[Operator], stats: StatsLike | None, align: int, *, fused: bool,
+    resource: Resource = PARAMS,
 ) -> Candidate | None:
     """Low-rank variants of one operator (``fused=False``, one member) or of a shared
-    basis for operators that read one tensor (``fused=True``). None if no rank saves."""
+    basis for operators that read one tensor (``fused=True``). None if no rank saves
+    parameters and FLOPs (ranks that save them but cost more of ``resource`` stay: the
+    allocation never picks them)."""
     sqrt_cov = None if stats is None else sqrt_psd(stats.cov)
     proj = projection([op.weight for op in members], sqrt_cov)
     before = Cost.of(members)
@@ -198,7 +195,7 @@ def lowrank_candidate(
             kind=kind,
             operators=names,
             before=before,
-            after=_lowrank_cost(members, rank),
+            after=lowrank_cost(members, rank),
             predicted_error=proj.tail(rank),
             rank=rank,
             certificate=_certificate(
@@ -208,14 +205,14 @@ def lowrank_candidate(
         )
         return [(step, tensors)]
 
-    variants = [_unchanged(before.params)]
+    variants = [_unchanged(resource.operators(members))]
     for rank in range(align, full, align):
-        cost = _lowrank_cost(members, rank)
+        cost = lowrank_cost(members, rank)
         if cost.params >= before.params or cost.flops >= before.flops:
             break
         variants.append(
             Variant(
-                float(cost.params),
+                resource.factorised(members, rank),
                 proj.tail(rank),
                 float(proj.member_errors(rank).max()),
                 rank,
@@ -235,7 +232,7 @@ def cluster_candidate(fused: Candidate | None, separate: Sequence[Candidate]) ->
     step the cheapest error per saved parameter, as in :mod:`qmpass.plan.budget`)."""
     if not separate:
         return fused
-    before = sum(c.variants[0].params for c in separate)
+    before = sum(c.variants[0].cost for c in separate)
     variants = list(fused.variants) if fused is not None else [_unchanged(before)]
     hulls = [[o.value for o in lower_hull(c.unit.options)] for c in separate]
     at = [0] * len(separate)
@@ -250,7 +247,7 @@ def cluster_candidate(fused: Candidate | None, separate: Sequence[Candidate]) ->
         picks = [c.variants[h[a]] for c, h, a in zip(separate, hulls, at, strict=True)]
         variants.append(
             Variant(
-                sum(v.params for v in picks),
+                sum(v.cost for v in picks),
                 sum(v.error for v in picks),
                 max(v.worst for v in picks),
                 -1,
@@ -263,7 +260,7 @@ def cluster_candidate(fused: Candidate | None, separate: Sequence[Candidate]) ->
 
 def _slope(candidate: Candidate, hull: Sequence[int], at: int) -> float:
     a, b = candidate.variants[hull[at]], candidate.variants[hull[at + 1]]
-    saved = a.params - b.params
+    saved = a.cost - b.cost
     return (b.error - a.error) / saved if saved > 0 else math.inf
 
 
@@ -311,6 +308,7 @@ def channel_candidate(
     method: str,
     align: int,
     seed: int,
+    resource: Resource = PARAMS,
 ) -> Candidate | None:
     """Pruning variants of a channel group. ``stats[i]`` are the channel statistics of
     consumer ``i``'s activation (None: data-free; ``qmfrg`` then uses the covariance the
@@ -395,9 +393,15 @@ def channel_candidate(
         return [(step, tensors)]
 
     per_channel = max(1, view.params_per_channel())
-    variants = [_unchanged(before.params)] + [
+
+    def cost(kept: int) -> float:  # parameters are linear in the kept channels
+        if resource is PARAMS:
+            return float(before.params - (channels - kept) * per_channel)
+        return pruned_resource(resource, {group: kept}, ops, group.operators)
+
+    variants = [_unchanged(cost(channels))] + [
         Variant(
-            float(before.params - (channels - k) * per_channel),
+            cost(k),
             float(errors[k]),
             float(errors[k]),
             k,
@@ -411,12 +415,11 @@ def channel_candidate(
     return Candidate(f"prune:{group.name}", group.operators, tuple(variants), group)
 
 
-def pruned_costs(kept: Mapping[ChannelGroup, int], ops: Mapping[str, Operator]
-                  ) -> dict[str, Cost]:
-    """Parameters and FLOPs of every operator of the groups when group ``g`` keeps
-    ``kept[g]`` channels: weights scale with the kept fraction of their input and output
-    channels, biases and folded BatchNorm with the output's, a depthwise conv with its
-    channels."""
+def pruned_scales(kept: Mapping[ChannelGroup, int], ops: Mapping[str, Operator]
+                  ) -> dict[str, Scale]:
+    """How every operator of the groups shrinks when group ``g`` keeps ``kept[g]``
+    channels: the kept fraction of its output and input channels (a depthwise conv keeps
+    its channels on both sides, counted as its output)."""
     out_frac: dict[str, float] = {}
     in_frac: dict[str, float] = {}
     depthwise: set[str] = set()
@@ -432,19 +435,31 @@ def pruned_costs(kept: Mapping[ChannelGroup, int], ops: Mapping[str, Operator]
         for consumer in group.consumers:
             removed = (group.channels - count) / max(1, consumer.width)
             in_frac[consumer.node] = in_frac.get(consumer.node, 1.0) - removed
-    costs: dict[str, Cost] = {}
-    for group in kept:
-        for name in group.operators:
-            op = ops.get(name)
-            if op is None or name in costs:
-                continue
-            o, i = out_frac.get(name, 1.0), in_frac.get(name, 1.0)
-            rows, cols = op.shape
-            weight = rows * cols // (op.geometry.groups if op.geometry is not None else 1)
-            scale = o if name in depthwise else o * i
-            costs[name] = Cost(round(weight * scale + (op.params - weight) * o),
-                               round(op.flops * scale))
-    return costs
+    return {
+        name: Scale(out_frac.get(name, 1.0), in_frac.get(name, 1.0), name in depthwise)
+        for group in kept for name in group.operators if name in ops
+    }
+
+
+def pruned_costs(kept: Mapping[ChannelGroup, int], ops: Mapping[str, Operator]
+                  ) -> dict[str, Cost]:
+    """Parameters and FLOPs of every operator of the groups when group ``g`` keeps
+    ``kept[g]`` channels: weights scale with the kept fraction of their input and output
+    channels, biases and folded BatchNorm with the output's, a depthwise conv with its
+    channels."""
+    return {
+        name: Cost(round(PARAMS.scaled(ops[name], scale)), round(ops[name].flops * scale.weight))
+        for name, scale in pruned_scales(kept, ops).items()
+    }
+
+
+def pruned_resource(resource: Resource, kept: Mapping[ChannelGroup, int],
+                    ops: Mapping[str, Operator], names: Sequence[str] | None = None) -> float:
+    """``resource`` spent by the groups' operators (those in ``names``, or all) when group
+    ``g`` keeps ``kept[g]`` channels."""
+    return sum(resource.scaled(ops[name], scale)
+               for name, scale in pruned_scales(kept, ops).items()
+               if names is None or name in names)
 
 
 def _sum_costs(costs: Mapping[str, Cost], names: Sequence[str]) -> Cost:

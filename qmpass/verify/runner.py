@@ -18,8 +18,11 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
-__all__ = ["DEFAULT_BATCH", "run_batched", "run_model", "session"]
+from qmpass.extract.shapes import infer_types
+
+__all__ = ["DEFAULT_BATCH", "run_batched", "run_model", "session", "session_with_tensors"]
 
 #: samples per onnxruntime call in batched runs; bounds the memory of activations
 DEFAULT_BATCH = 64
@@ -36,6 +39,20 @@ def session_from_bytes(data: bytes) -> ort.InferenceSession:
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def session_with_tensors(model: onnx.ModelProto, names: Sequence[str]) -> ort.InferenceSession:
+    """A session for ``model`` that can also fetch the intermediate tensors ``names``."""
+    outputs = {o.name for o in model.graph.output}
+    extra = [name for name in names if name not in outputs]
+    types = infer_types(model, extra)
+    # A serialised message followed by another is parsed as their merge (repeated fields
+    # appended), so this is the model with extra outputs, without copying the proto.
+    addition = onnx.ModelProto(graph=onnx.GraphProto(output=[
+        helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None)
+        for name in extra
+    ]))
+    return session_from_bytes(model.SerializeToString() + addition.SerializeToString())
 
 
 def run_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

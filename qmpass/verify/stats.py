@@ -38,12 +38,10 @@ import numpy as np
 import onnx
 import scipy.linalg
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import TensorProto, helper
 
 from qmpass.extract.constants import ConstantScope
 from qmpass.extract.operator import ConvGeometry
-from qmpass.extract.shapes import infer_types
-from qmpass.verify.runner import DEFAULT_BATCH, batch_size, feed_batches, session_from_bytes
+from qmpass.verify.runner import DEFAULT_BATCH, batch_size, feed_batches, session_with_tensors
 
 __all__ = ["StatsRequest", "TensorStats", "collect_stats"]
 
@@ -184,16 +182,7 @@ def _runs(
     if not fetched:
         yield 1, 1, dict(feeds)
         return
-    outputs = {o.name for o in model.graph.output}
-    extra = [name for name in fetched if name not in outputs]
-    types = infer_types(model, extra)
-    # A serialised message followed by another is parsed as their merge (repeated fields
-    # appended), so this is the model with extra outputs, without copying the proto.
-    addition = onnx.ModelProto(graph=onnx.GraphProto(output=[
-        helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None)
-        for name in extra
-    ]))
-    sess = session_from_bytes(model.SerializeToString() + addition.SerializeToString())
+    sess = session_with_tensors(model, fetched)
     total = batch_size(sess, feeds)
     for chunk in feed_batches(sess, feeds, batch):
         samples = 1 if total is None else int(next(iter(chunk.values())).shape[0])

@@ -1,0 +1,507 @@
+// ascend_sim.h: the meaning on the CPU of the Ascend C subset that hw_targets/ascend.py
+// emits, with the cycles its cost model charges.
+//
+// One Da Vinci AI Core is simulated at a time (qmsim runs cores one after the other). Its
+// on-chip memories are bounds-checked arenas of the declared sizes: L1, L0A, L0B, L0C and
+// the Unified Buffer (UB). TPipe::InitBuffer carves queue buffers out of them, so a tile
+// that does not fit faults there, naming the memory; every access of an intrinsic is
+// checked against its tensor and arena, every global access with qmsim::gm_check.
+//
+// Layouts (Ascend C `Mmad` doc): a fractal is 16 x 16 elements (512 B of fp16). A tile in
+// L1 is "NZ" (fractal columns one after the other, rows inside a fractal contiguous); A in
+// L0A is "zZ" (fractals row-major, each row-major), B in L0B is "zN" (fractals row-major,
+// each column-major), C in L0C is "NZ" in fp32. Partial fractals are zero-padded, and the
+// cube computes whole fractals: padding to 16 is paid for.
+//
+// Pipes and what is charged to them (constants QM_* come from hw_targets/ascend.py):
+//   MTE2  GM -> L1/UB: bytes / QM_L2_RATE (reads are served by the chip's L2)
+//   MTE1  L1 -> L0A/L0B: 512 B per fractal / QM_L1_TO_L0A_RATE or QM_L1_TO_L0B_RATE
+//   M     the cube: ceil(m/16) ceil(n/16) ceil(k/16) cycles per Mmad
+//   V     vector unit: one cycle per repeat (<= 256 B); L0C -> UB moves at QM_L0C_TO_UB_RATE
+//   MTE3  UB -> GM: bytes / QM_UB_TO_DDR_RATE
+//   HBM   this core's share of the chip's HBM: bytes / (reuse x QM_HBM_CORE_RATE), where
+//         `reuse` (set with the qmsim extension GlobalTensor::SetL2Reuse) is how many tiles
+//         read each element of the tensor from L2 after its one fetch from HBM.
+// Every move charges the whole transfer to its pipe(s); QM_END_STAGE() closes a stage.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+
+#include "qmsim.h"
+
+#define __global__
+#define __aicore__
+#define __gm__
+#define QM_END_STAGE() qmsim::end_stage()
+
+using GM_ADDR = std::uint8_t*;
+
+namespace AscendC {
+
+using half = qmsim::half;
+
+enum class TPosition { GM, A1, A2, B1, B2, CO1, CO2, VECIN, VECOUT, VECCALC };
+using QuePosition = TPosition;
+
+// The order of the names in begin_kernel (hw_targets/ascend.py PIPES).
+enum Pipe { PIPE_MTE2 = 0, PIPE_MTE1 = 1, PIPE_M = 2, PIPE_V = 3, PIPE_MTE3 = 4, PIPE_HBM = 5 };
+
+// ---------------------------------------------------------------- on-chip memories
+inline qmsim::Arena& l1() {
+  static qmsim::Arena a("L1", QM_L1_BYTES, QM_L1_ALIGN);
+  return a;
+}
+inline qmsim::Arena& l0a() {
+  static qmsim::Arena a("L0A", QM_L0A_BYTES, QM_L0_ALIGN);
+  return a;
+}
+inline qmsim::Arena& l0b() {
+  static qmsim::Arena a("L0B", QM_L0B_BYTES, QM_L0_ALIGN);
+  return a;
+}
+inline qmsim::Arena& l0c() {
+  static qmsim::Arena a("L0C", QM_L0C_BYTES, QM_L0_ALIGN);
+  return a;
+}
+inline qmsim::Arena& ub() {
+  static qmsim::Arena a("UB", QM_UB_BYTES, QM_UB_ALIGN);
+  return a;
+}
+
+inline qmsim::Arena& arena_of(TPosition p) {
+  switch (p) {
+    case TPosition::A1:
+    case TPosition::B1: return l1();
+    case TPosition::A2: return l0a();
+    case TPosition::B2: return l0b();
+    case TPosition::CO1: return l0c();
+    case TPosition::CO2:
+    case TPosition::VECIN:
+    case TPosition::VECOUT:
+    case TPosition::VECCALC: return ub();
+    default: qmsim::fault("no on-chip memory for that position");
+  }
+}
+
+inline const char* position_name(TPosition p) {
+  static const char* names[] = {"GM", "A1", "A2", "B1", "B2", "CO1", "CO2", "VECIN", "VECOUT",
+                                "VECCALC"};
+  return names[static_cast<int>(p)];
+}
+
+struct Block {
+  int idx = 0;
+  int num = 1;
+};
+inline Block& block() {
+  static Block b;
+  return b;
+}
+
+// Called by the launcher before each simulated core: a kernel's buffers live one core long.
+inline void qm_begin_core(int idx, int num) {
+  for (qmsim::Arena* a : {&l1(), &l0a(), &l0b(), &l0c(), &ub()}) a->reset();
+  block() = {idx, num};
+}
+
+inline std::int64_t GetBlockIdx() { return block().idx; }
+inline std::int64_t GetBlockNum() { return block().num; }
+
+inline long long cdiv(long long a, long long b) { return qmsim::ceil_div(a, b); }
+
+// ---------------------------------------------------------------- tensors
+// Out of line: the fault paths of qmsim::Arena::check stay out of every intrinsic.
+[[gnu::noinline]] inline void arena_check(TPosition pos, const void* p, std::size_t bytes,
+                                          const char* op) {
+  arena_of(pos).check(p, bytes, op);
+}
+
+[[noreturn, gnu::cold, gnu::noinline]] inline void overflow(const char* op, TPosition pos,
+                                                            long long count, long long size) {
+  qmsim::fault(std::string(op) + " overflows its " + position_name(pos) + " buffer in " +
+               arena_of(pos).name + " (" + std::to_string(count) + " > " +
+               std::to_string(size) + " elements)");
+}
+
+template <class T>
+struct LocalTensor {
+  T* data = nullptr;
+  std::uint32_t size = 0;  // elements from data to the end of its buffer
+  TPosition pos = TPosition::VECCALC;
+
+  LocalTensor operator[](std::uint32_t offset) const {
+    if (offset > size) overflow("LocalTensor[]", pos, offset, size);
+    return {data + offset, size - offset, pos};
+  }
+  // [0, count) must lie inside this tensor's buffer and its arena's allocated part.
+  void check(long long count, const char* op) const {
+    if (count < 0 || count > static_cast<long long>(size)) overflow(op, pos, count, size);
+    arena_check(pos, data, sizeof(T) * count, op);
+  }
+  T GetValue(std::uint32_t i) const {
+    check(i + 1, "GetValue");
+    return data[i];
+  }
+  void SetValue(std::uint32_t i, T v) {
+    check(i + 1, "SetValue");
+    data[i] = v;
+  }
+  template <class U>
+  LocalTensor<U> ReinterpretCast() const {
+    return {reinterpret_cast<U*>(data), static_cast<std::uint32_t>(size * sizeof(T) / sizeof(U)),
+            pos};
+  }
+};
+
+template <class T>
+struct GlobalTensor {
+  T* base = nullptr;
+  std::uint64_t size = 0;
+  std::uint32_t reuse = 1;
+
+  void SetGlobalBuffer(__gm__ T* p, std::uint64_t n) {
+    base = p;
+    size = n;
+  }
+  // qmsim extension (no Ascend C API): tiles that read each element from L2 after its one
+  // fetch from HBM; a read charges HBM for 1/reuse of its bytes.
+  void SetL2Reuse(std::uint32_t n) { reuse = n < 1 ? 1 : n; }
+  GlobalTensor operator[](std::uint64_t offset) const {
+    GlobalTensor g = *this;
+    g.base = base + offset;
+    g.size = offset <= size ? size - offset : 0;
+    return g;
+  }
+};
+
+inline void charge_gm_read(long long bytes, std::uint32_t reuse) {
+  qmsim::charge(PIPE_MTE2, cdiv(bytes, QM_L2_RATE));
+  qmsim::charge(PIPE_HBM, cdiv(bytes, static_cast<long long>(reuse) * QM_HBM_CORE_RATE));
+}
+
+inline void charge_gm_write(long long bytes) {
+  qmsim::charge(PIPE_MTE3, cdiv(bytes, QM_UB_TO_DDR_RATE));
+  qmsim::charge(PIPE_HBM, cdiv(bytes, QM_HBM_CORE_RATE));
+}
+
+// ---------------------------------------------------------------- queues
+// A queue owns `depth` equal buffers in the memory of its position; depth 2 is double
+// buffering. AllocTensor takes a free buffer, EnQue/DeQue pass it on in order, FreeTensor
+// gives it back.
+template <TPosition P, int DEPTH>
+struct TQue {
+  static constexpr TPosition position = P;
+  std::vector<unsigned char*> slots;
+  std::vector<bool> busy;
+  std::deque<unsigned char*> queued;
+  std::uint32_t len = 0;
+
+  template <class T>
+  LocalTensor<T> AllocTensor() {
+    for (std::size_t i = 0; i < slots.size(); ++i) {
+      if (!busy[i]) {
+        busy[i] = true;
+        return {reinterpret_cast<T*>(slots[i]), static_cast<std::uint32_t>(len / sizeof(T)), P};
+      }
+    }
+    qmsim::fault(std::string("AllocTensor: every buffer of a ") + position_name(P) +
+                 " queue is in use");
+  }
+  template <class T>
+  void EnQue(const LocalTensor<T>& t) {
+    queued.push_back(reinterpret_cast<unsigned char*>(t.data));
+  }
+  template <class T>
+  LocalTensor<T> DeQue() {
+    if (queued.empty()) qmsim::fault(std::string("DeQue on an empty ") + position_name(P) + " queue");
+    unsigned char* p = queued.front();
+    queued.pop_front();
+    return {reinterpret_cast<T*>(p), static_cast<std::uint32_t>(len / sizeof(T)), P};
+  }
+  template <class T>
+  void FreeTensor(LocalTensor<T>& t) {
+    for (std::size_t i = 0; i < slots.size(); ++i) {
+      if (slots[i] == reinterpret_cast<unsigned char*>(t.data)) busy[i] = false;
+    }
+  }
+};
+
+template <TPosition P>
+struct TBuf {
+  static constexpr TPosition position = P;
+  unsigned char* data = nullptr;
+  std::uint32_t len = 0;
+  template <class T>
+  LocalTensor<T> Get() {
+    return {reinterpret_cast<T*>(data), static_cast<std::uint32_t>(len / sizeof(T)), P};
+  }
+};
+
+struct TPipe {
+  template <TPosition P, int DEPTH>
+  void InitBuffer(TQue<P, DEPTH>& que, int num, std::uint32_t len) {
+    std::string what = std::string("TPipe::InitBuffer(") + position_name(P) + " queue, " +
+                       std::to_string(num) + " x " + std::to_string(len) + " B)";
+    que.len = len;
+    for (int i = 0; i < num; ++i) {
+      que.slots.push_back(static_cast<unsigned char*>(arena_of(P).alloc(len, what.c_str())));
+      que.busy.push_back(false);
+    }
+  }
+  template <TPosition P>
+  void InitBuffer(TBuf<P>& buf, std::uint32_t len) {
+    std::string what = std::string("TPipe::InitBuffer(") + position_name(P) + " buffer, " +
+                       std::to_string(len) + " B)";
+    buf.len = len;
+    buf.data = static_cast<unsigned char*>(arena_of(P).alloc(len, what.c_str()));
+  }
+};
+
+// ---------------------------------------------------------------- MTE2: GM -> L1 (ND -> NZ)
+struct Nd2NzParams {
+  std::uint16_t ndNum = 1;
+  std::uint16_t nValue = 0;             // rows
+  std::uint16_t dValue = 0;             // columns
+  std::uint16_t srcNdMatrixStride = 0;
+  std::uint16_t srcDValue = 0;          // row pitch of the source, elements
+  std::uint16_t dstNzC0Stride = 0;      // rows of the NZ tile (a multiple of 16)
+  std::uint16_t dstNzNStride = 1;
+  std::uint16_t dstNzMatrixStride = 0;
+};
+
+// dst (NZ, rows padded to dstNzC0Stride, columns to 16, padding zeroed) = src[nValue x dValue].
+inline void DataCopy(const LocalTensor<half>& dst, const GlobalTensor<half>& src,
+                     const Nd2NzParams& p) {
+  const int rows = p.nValue, cols = p.dValue, rp = p.dstNzC0Stride;
+  if (rp % 16 != 0 || rp < rows) qmsim::fault("DataCopy Nd2Nz: dstNzC0Stride must be a multiple of 16 >= nValue");
+  const long long cp = cdiv(cols, 16) * 16;
+  dst.check(rp * cp, "DataCopy(Nd2Nz)");
+  std::memset(dst.data, 0, sizeof(half) * rp * cp);
+  for (int r = 0; r < rows; ++r) {
+    const half* row = src.base + static_cast<long long>(r) * p.srcDValue;
+    qmsim::gm_check(row, sizeof(half) * cols, "DataCopy(Nd2Nz)");
+    for (int c = 0; c < cols; ++c) dst.data[(c / 16) * rp * 16 + r * 16 + c % 16] = row[c];
+  }
+  charge_gm_read(2LL * rows * cols, src.reuse);
+}
+
+// ---------------------------------------------------------------- MTE1: L1 -> L0A/L0B
+struct LoadData2dParams {
+  std::uint16_t startIndex = 0;  // first source fractal
+  std::uint8_t repeatTimes = 1;  // fractals moved
+  std::uint16_t srcStride = 1;   // fractals between consecutive source fractals
+  std::uint8_t sid = 0;
+  std::uint16_t dstGap = 0;      // fractals skipped between consecutive destination fractals
+  bool ifTranspose = false;      // transpose each 16 x 16 fractal (NZ -> zN for B)
+};
+
+inline void LoadData(const LocalTensor<half>& dst, const LocalTensor<half>& src,
+                     const LoadData2dParams& p) {
+  if (dst.pos != TPosition::A2 && dst.pos != TPosition::B2) qmsim::fault("LoadData: destination is not L0A/L0B");
+  const long long last_src = (p.startIndex + static_cast<long long>(p.repeatTimes - 1) * p.srcStride + 1) * 256;
+  const long long last_dst = (static_cast<long long>(p.repeatTimes - 1) * (1 + p.dstGap) + 1) * 256;
+  src.check(last_src, "LoadData source");
+  dst.check(last_dst, "LoadData destination");
+  for (int r = 0; r < p.repeatTimes; ++r) {
+    const half* s = src.data + (p.startIndex + static_cast<long long>(r) * p.srcStride) * 256;
+    half* d = dst.data + static_cast<long long>(r) * (1 + p.dstGap) * 256;
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) d[i * 16 + j] = p.ifTranspose ? s[j * 16 + i] : s[i * 16 + j];
+  }
+  const int rate = dst.pos == TPosition::A2 ? QM_L1_TO_L0A_RATE : QM_L1_TO_L0B_RATE;
+  qmsim::charge(PIPE_MTE1, cdiv(512LL * p.repeatTimes, rate));
+}
+
+// ---------------------------------------------------------------- M: the cube
+struct MmadParams {
+  std::uint16_t m = 0;
+  std::uint16_t n = 0;
+  std::uint16_t k = 0;
+  bool isBias = false;
+  bool cmatrixInitVal = true;  // C = A B (true) or C += A B (false)
+};
+
+// c (L0C, NZ fp32) (+)= a (L0A, zZ fp16) @ b (L0B, zN fp16), whole 16 x 16 x 16 fractals.
+inline void Mmad(const LocalTensor<float>& c, const LocalTensor<half>& a,
+                 const LocalTensor<half>& b, const MmadParams& p) {
+  if (a.pos != TPosition::A2 || b.pos != TPosition::B2 || c.pos != TPosition::CO1)
+    qmsim::fault("Mmad needs A in L0A, B in L0B and C in L0C");
+  const long long mf = cdiv(p.m, 16), nf = cdiv(p.n, 16), kf = cdiv(p.k, 16);
+  a.check(mf * kf * 256, "Mmad A");
+  b.check(kf * nf * 256, "Mmad B");
+  c.check(mf * nf * 256, "Mmad C");
+  if (p.cmatrixInitVal) std::memset(c.data, 0, sizeof(float) * mf * nf * 256);
+  for (long long fi = 0; fi < mf; ++fi) {
+    for (long long fj = 0; fj < nf; ++fj) {
+      float* cf = c.data + (fj * mf + fi) * 256;
+      for (long long fk = 0; fk < kf; ++fk) {
+        const half* af = a.data + (fi * kf + fk) * 256;
+        const half* bf = b.data + (fk * nf + fj) * 256;
+        for (int i = 0; i < 16; ++i)
+          for (int kk = 0; kk < 16; ++kk) {
+            const float av = static_cast<float>(af[i * 16 + kk]);
+            for (int j = 0; j < 16; ++j) cf[i * 16 + j] += av * static_cast<float>(bf[j * 16 + kk]);
+          }
+      }
+    }
+  }
+  qmsim::charge(PIPE_M, mf * nf * kf);
+}
+
+// ---------------------------------------------------------------- V: L0C -> UB, vector ops
+struct DataCopyParams {
+  std::uint16_t blockCount = 1;
+  std::uint16_t blockLen = 0;  // fractals in BLOCK_MODE_MATRIX
+  std::uint16_t srcStride = 0;
+  std::uint16_t dstStride = 0;
+};
+enum class BlockMode { BLOCK_MODE_NORMAL, BLOCK_MODE_MATRIX };
+struct DataCopyEnhancedParams {
+  BlockMode blockMode = BlockMode::BLOCK_MODE_NORMAL;
+};
+
+// CO1 (L0C) -> CO2 (UB), whole fp32 fractals (1 KB each), layout kept.
+inline void DataCopy(const LocalTensor<float>& dst, const LocalTensor<float>& src,
+                     const DataCopyParams& p, const DataCopyEnhancedParams& e) {
+  if (src.pos != TPosition::CO1 || e.blockMode != BlockMode::BLOCK_MODE_MATRIX)
+    qmsim::fault("DataCopy(CO2, CO1) copies matrix blocks out of L0C");
+  const long long count = 256LL * p.blockCount * p.blockLen;
+  src.check(count, "DataCopy(CO2, CO1) source");
+  dst.check(count, "DataCopy(CO2, CO1) destination");
+  std::memcpy(dst.data, src.data, sizeof(float) * count);
+  qmsim::charge(PIPE_V, cdiv(4 * count, QM_L0C_TO_UB_RATE));
+}
+
+struct BinaryRepeatParams {
+  std::uint8_t dstBlkStride = 1, src0BlkStride = 1, src1BlkStride = 1;
+  std::uint8_t dstRepStride = 8, src0RepStride = 8, src1RepStride = 8;
+};
+struct UnaryRepeatParams {
+  std::uint16_t blockNumber = 8;
+  std::uint8_t dstBlkStride = 1, srcBlkStride = 1;
+  std::uint8_t dstRepStride = 8, srcRepStride = 8;
+};
+
+// Element e of repeat r of an operand with the given strides (in 32-byte blocks).
+template <class T>
+inline long long vec_index(int r, int e, int blk_stride, int rep_stride) {
+  constexpr int per_block = 32 / sizeof(T);
+  return (static_cast<long long>(r) * rep_stride + (e / per_block) * blk_stride) * per_block +
+         e % per_block;
+}
+
+// dst = src0 + src1 on the first `mask` elements of each of `repeatTimes` repeats.
+template <class T>
+inline void Add(const LocalTensor<T>& dst, const LocalTensor<T>& src0, const LocalTensor<T>& src1,
+                std::uint64_t mask, std::uint8_t repeatTimes, const BinaryRepeatParams& p) {
+  if (mask > 256 / sizeof(T)) qmsim::fault("Add: mask wider than one 256-byte repeat");
+  for (int r = 0; r < repeatTimes; ++r) {
+    for (int e = 0; e < static_cast<int>(mask); ++e) {
+      const long long d = vec_index<T>(r, e, p.dstBlkStride, p.dstRepStride);
+      const long long s0 = vec_index<T>(r, e, p.src0BlkStride, p.src0RepStride);
+      const long long s1 = vec_index<T>(r, e, p.src1BlkStride, p.src1RepStride);
+      dst.check(d + 1, "Add dst");
+      src0.check(s0 + 1, "Add src0");
+      src1.check(s1 + 1, "Add src1");
+      dst.data[d] = src0.data[s0] + src1.data[s1];
+    }
+  }
+  qmsim::charge(PIPE_V, static_cast<long long>(repeatTimes) * QM_VECTOR_REPEAT_CYCLES);
+}
+
+// dst = src + scalar on the first `mask` elements of each of `repeatTimes` repeats.
+template <class T>
+inline void Adds(const LocalTensor<T>& dst, const LocalTensor<T>& src, T scalar, std::uint64_t mask,
+                 std::uint8_t repeatTimes, const UnaryRepeatParams& p) {
+  if (mask > 256 / sizeof(T)) qmsim::fault("Adds: mask wider than one 256-byte repeat");
+  for (int r = 0; r < repeatTimes; ++r) {
+    for (int e = 0; e < static_cast<int>(mask); ++e) {
+      const long long d = vec_index<T>(r, e, p.dstBlkStride, p.dstRepStride);
+      const long long s = vec_index<T>(r, e, p.srcBlkStride, p.srcRepStride);
+      dst.check(d + 1, "Adds dst");
+      src.check(s + 1, "Adds src");
+      dst.data[d] = src.data[s] + scalar;
+    }
+  }
+  qmsim::charge(PIPE_V, static_cast<long long>(repeatTimes) * QM_VECTOR_REPEAT_CYCLES);
+}
+
+// dst[0, count) = value.
+template <class T>
+inline void Duplicate(const LocalTensor<T>& dst, T value, std::int32_t count) {
+  dst.check(count, "Duplicate");
+  for (int i = 0; i < count; ++i) dst.data[i] = value;
+  qmsim::charge(PIPE_V, cdiv(static_cast<long long>(sizeof(T)) * count, QM_VECTOR_BYTES) *
+                            QM_VECTOR_REPEAT_CYCLES);
+}
+
+// dst[i] = src[(srcBaseAddr + srcOffset[i]) / sizeof(T)] (offsets in bytes).
+template <class T>
+inline void Gather(const LocalTensor<T>& dst, const LocalTensor<T>& src,
+                   const LocalTensor<std::uint32_t>& srcOffset, std::uint32_t srcBaseAddr,
+                   std::uint32_t count) {
+  dst.check(count, "Gather dst");
+  srcOffset.check(count, "Gather offsets");
+  for (std::uint32_t i = 0; i < count; ++i) {
+    const long long s = (srcBaseAddr + srcOffset.data[i]) / sizeof(T);
+    src.check(s + 1, "Gather src");
+    dst.data[i] = src.data[s];
+  }
+  qmsim::charge(PIPE_V, cdiv(static_cast<long long>(sizeof(T)) * count, QM_VECTOR_BYTES) *
+                            QM_VECTOR_REPEAT_CYCLES);
+}
+
+// ---------------------------------------------------------------- GM <-> UB, any length
+struct DataCopyExtParams {
+  std::uint16_t blockCount = 1;
+  std::uint32_t blockLen = 0;   // bytes per block
+  std::uint32_t srcStride = 0;  // gap after each block: bytes in GM, 32-byte blocks in UB
+  std::uint32_t dstStride = 0;
+  std::uint32_t rsv = 0;
+};
+template <class T>
+struct DataCopyPadExtParams {
+  bool isPad = false;
+  std::uint8_t leftPadding = 0;
+  std::uint8_t rightPadding = 0;
+  T paddingValue = 0;
+};
+
+inline long long ub_pitch(const DataCopyExtParams& p, std::uint32_t gap_blocks) {
+  return (cdiv(p.blockLen, 32) + gap_blocks) * 32;  // bytes from one UB block to the next
+}
+
+// GM -> UB (MTE2): blockCount blocks of blockLen bytes; UB blocks start 32-byte aligned.
+template <class T>
+inline void DataCopyPad(const LocalTensor<T>& dst, const GlobalTensor<T>& src,
+                        const DataCopyExtParams& p, const DataCopyPadExtParams<T>&) {
+  const long long pitch = ub_pitch(p, p.dstStride);
+  dst.check((pitch * (p.blockCount - 1) + p.blockLen) / sizeof(T), "DataCopyPad(UB, GM)");
+  const auto* s = reinterpret_cast<const unsigned char*>(src.base);
+  auto* d = reinterpret_cast<unsigned char*>(dst.data);
+  for (int i = 0; i < p.blockCount; ++i) {
+    const unsigned char* row = s + static_cast<long long>(i) * (p.blockLen + p.srcStride);
+    qmsim::gm_check(row, p.blockLen, "DataCopyPad(UB, GM)");
+    std::memcpy(d + i * pitch, row, p.blockLen);
+  }
+  charge_gm_read(static_cast<long long>(p.blockCount) * p.blockLen, src.reuse);
+}
+
+// UB -> GM (MTE3).
+template <class T>
+inline void DataCopyPad(const GlobalTensor<T>& dst, const LocalTensor<T>& src,
+                        const DataCopyExtParams& p) {
+  const long long pitch = ub_pitch(p, p.srcStride);
+  src.check((pitch * (p.blockCount - 1) + p.blockLen) / sizeof(T), "DataCopyPad(GM, UB)");
+  auto* d = reinterpret_cast<unsigned char*>(dst.base);
+  const auto* s = reinterpret_cast<const unsigned char*>(src.data);
+  for (int i = 0; i < p.blockCount; ++i) {
+    unsigned char* row = d + static_cast<long long>(i) * (p.blockLen + p.dstStride);
+    qmsim::gm_check(row, p.blockLen, "DataCopyPad(GM, UB)");
+    std::memcpy(row, s + i * pitch, p.blockLen);
+  }
+  charge_gm_write(static_cast<long long>(p.blockCount) * p.blockLen);
+}
+
+}  // namespace AscendC

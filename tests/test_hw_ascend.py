@@ -1,0 +1,171 @@
+"""The ascend target: emitted Ascend C kernels compile against ascend_sim.h, run, match
+onnxruntime within the fp16 rounding bound, and cost what the simulation counts; a tile
+too large for L0A is caught when TPipe::InitBuffer carves its queue."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import trained_conv, trained_matrix
+from hw_helpers import gemm_tolerance, ort_conv, ort_matmul
+
+from hw_targets import (
+    Lowering,
+    SimulationFault,
+    get_target,
+    lower_conv,
+    lower_matmul,
+    simulate_all,
+)
+from hw_targets.base import Param, Tiling, UnsupportedKernel
+from hw_targets.spec import GemmSpec, Im2colSpec
+
+ascend = get_target("ascend")
+TARGET = ascend.TARGET
+RNG = np.random.default_rng(5)
+
+
+def _activations(rows: int, k: int) -> np.ndarray:
+    return RNG.standard_normal((rows, k)).astype(np.float32)
+
+
+MATMULS = [(64, 64, 64, True), (5, 7, 3, False), (33, 100, 70, True), (128, 96, 200, False)]
+
+
+def _check_matmuls(lowerings: list[Lowering], shapes: list[tuple[int, int, int, bool]]) -> None:
+    feeds, references = [], []
+    for rows, k, n, bias in shapes:
+        w = trained_matrix(n, k).T.copy()  # B is k x n
+        b = trained_matrix(n, 1)[:, 0].copy() if bias else None
+        x = _activations(rows, k)
+        feeds.append({"a": x, "b": w, "bias": b if b is not None else np.zeros(1)})
+        references.append((x, w, b))
+    results = simulate_all(lowerings, feeds)
+    for lowering, (x, w, b), (y, (counted,)) in zip(lowerings, references, results, strict=True):
+        assert np.all(np.abs(y - ort_matmul(x, w, b)) <= gemm_tolerance(x, w, b, "half") + 1e-6)
+        (predicted,) = lowering.costs()
+        assert counted["cycles"] == predicted.cycles
+        assert counted["stages"] == predicted.stages
+        assert counted["pipes"] == dict(predicted.pipes)
+
+
+def test_matmuls_match_onnxruntime_and_cost_model() -> None:
+    # Aligned to the 16 x 16 fractal and not, with and without bias; one compile for all.
+    lowerings = [lower_matmul(ascend, TARGET, f"mm{i}", rows, k, n, bias)
+                 for i, (rows, k, n, bias) in enumerate(MATMULS)]
+    _check_matmuls(lowerings, MATMULS)
+
+
+def test_several_tiles_per_core_pipeline_their_write_back() -> None:
+    # 2 cores and 32^3 tiles: 3 x 3 tiles with ragged edges in M, N and K, so each core
+    # drains a tile's C while it computes its next one.
+    two = dataclasses.replace(TARGET, cores=Param(2, "cores", "U", "test: few cores"))
+    shapes = [(70, 100, 90, True), (40, 50, 60, False)]
+    lowerings = [dataclasses.replace(lower_matmul(ascend, two, f"mm{i}", rows, k, n, bias),
+                                     tilings=(Tiling(32, 32, 32, 2),))
+                 for i, (rows, k, n, bias) in enumerate(shapes)]
+    _check_matmuls(lowerings, shapes)
+
+
+CONVS = [
+    ((2, 4, 9, 9), 6, 3, (1, 1), (1, 1, 1, 1), 1),  # padded 3x3
+    ((1, 8, 8, 8), 8, 3, (2, 2), (1, 0, 1, 0), 8),  # strided depthwise, asymmetric pads
+    ((2, 6, 5, 5), 4, 1, (1, 1), (0, 0, 0, 0), 2),  # grouped pointwise: no im2col
+]
+
+
+def test_convs_match_onnxruntime_and_cost_model() -> None:
+    lowerings, feeds = [], []
+    for i, (x_shape, c_out, k, strides, pads, groups) in enumerate(CONVS):
+        w = trained_conv(c_out, x_shape[1] // groups, 3)[:, :, :k, :k].copy()
+        bias = RNG.standard_normal(c_out).astype(np.float32)
+        x = RNG.standard_normal(x_shape).astype(np.float32)
+        lowerings.append(lower_conv(ascend, TARGET, f"cv{i}", x_shape, c_out, (k, k), strides,
+                                    pads, groups=groups))
+        feeds.append({"a": w, "x": x, "bias": bias})
+    results = simulate_all(lowerings, feeds)
+    for conv, lowering, feed, (y, counters) in zip(CONVS, lowerings, feeds, results, strict=True):
+        x_shape, c_out, k, strides, pads, groups = conv
+        x, w, bias = feed["x"], feed["a"], feed["bias"]
+        expected = ort_conv(x, w, bias, strides, pads, groups=groups)
+        assert y.shape == expected.shape
+        # The conv is W_g @ cols per image and group: the fp16 GEMM bound of those operands.
+        assert np.all(np.abs(y - expected) <= lowering.error_bound(feed) + 1e-6)
+        assert len(counters) == (1 if k == 1 else 2)  # 1x1 needs no im2col kernel
+        assert [c["cycles"] for c in counters] == [c.cycles for c in lowering.costs()]
+        assert [c["pipes"] for c in counters] == [dict(c.pipes) for c in lowering.costs()]
+
+
+def test_oversized_tile_is_caught_in_l0a() -> None:
+    lowering = lower_matmul(ascend, TARGET, "mm", 256, 256, 256, False)
+    huge = Tiling(256, 256, 256, int(TARGET.cores.value))  # A2: 2 x 128 KB > 64 KB of L0A
+    bad = dataclasses.replace(lowering, tilings=(huge,))
+    zeros = {"a": np.zeros((256, 256)), "b": np.zeros((256, 256)), "bias": np.zeros(1)}
+    with pytest.raises(SimulationFault, match="L0A"):
+        bad.simulate(zeros)
+
+
+def test_chosen_tilings_fit_every_buffer_double_buffered() -> None:
+    for m, k, n in [(1, 768, 3072), (256, 256, 256), (4096, 64, 10), (100, 1000, 17)]:
+        tiling = ascend.tiling(GemmSpec("g", m, k, n, bias="col"), TARGET)
+        assert min(tiling.tile_m, tiling.tile_n, tiling.tile_k) % 16 == 0
+        for name, used in tiling.buffers.items():
+            assert used <= TARGET.buffer(name).bytes, name
+        assert tiling.buffers["L0A"] == 2 * 2 * tiling.tile_m * tiling.tile_k
+
+
+def test_cost_is_monotone_in_every_dimension() -> None:
+    def cycles(m: int, k: int, n: int) -> int:
+        spec = GemmSpec("g", m, k, n)
+        return ascend.cost(spec, ascend.tiling(spec, TARGET), TARGET).cycles
+
+    base = cycles(256, 256, 256)
+    assert cycles(512, 256, 256) > base
+    assert cycles(256, 512, 256) > base
+    assert cycles(256, 256, 512) > base
+
+
+def test_cube_pays_for_padding_to_16() -> None:
+    tiling = Tiling(16, 16, 64, 1)
+
+    def cube(m: int, k: int, n: int) -> int:
+        return ascend.cost(GemmSpec("g", m, k, n), tiling, TARGET).pipes["M"]
+
+    assert cube(16, 64, 9) == cube(16, 64, 16)  # 9 columns fill one fractal, as 16 do
+    assert cube(16, 49, 16) == cube(16, 64, 16)  # k = 49 runs 4 fractals deep
+    assert cube(1, 64, 16) == cube(16, 64, 16)  # a GEMV row costs a whole fractal row
+    assert cube(17, 64, 16) == 2 * cube(16, 64, 16)
+    waste = ascend.cost(GemmSpec("g", 1, 64, 16), tiling, TARGET).padding_waste
+    assert waste == pytest.approx(15 / 16)
+    assert ascend.cost(GemmSpec("g", 32, 64, 48), tiling, TARGET).padding_waste == 0.0
+
+
+def test_unaligned_shapes_cost_as_much_as_the_next_fractal() -> None:
+    spec, padded = GemmSpec("g", 100, 100, 100), GemmSpec("g", 112, 112, 112)
+    tiling = ascend.tiling(padded, TARGET)
+    assert ascend.cost(spec, tiling, TARGET).pipes["M"] == ascend.cost(padded, tiling,
+                                                                       TARGET).pipes["M"]
+
+
+def test_im2col_that_does_not_fit_ub_is_refused() -> None:
+    spec = Im2colSpec("big", 1, 1, 224, 224, (7, 7), (1, 1), (3, 3, 3, 3))
+    with pytest.raises(UnsupportedKernel, match="UB"):
+        ascend.cost(spec, None, TARGET)
+
+
+def test_every_number_is_sourced() -> None:
+    rows = TARGET.table()
+    assert all(row["tag"] in ("V", "S", "U") and row["source"] for row in rows)
+    assert TARGET.params["paper_c_conv"].tag == "U"
+    assert {b.name for b in TARGET.buffers} == {"L1", "L0A", "L0B", "L0C", "UB"}
+
+
+def test_emitted_kernel_reads_as_ascend_c() -> None:
+    spec = GemmSpec("g", 64, 64, 64, bias="col")
+    code = ascend.emit(spec, ascend.tiling(spec, TARGET), TARGET).code
+    for name in ('extern "C" __global__ __aicore__ void g_custom(GM_ADDR a', "GetBlockIdx()",
+                 "TQue<QuePosition::A1, 2>", "TQue<QuePosition::CO1, 2>", "LoadData(", "Mmad(",
+                 "BLOCK_MODE_MATRIX", "DataCopyPad(", "namespace g {"):
+        assert name in code

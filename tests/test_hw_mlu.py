@@ -1,0 +1,175 @@
+"""The mlu target: emitted BANG C kernels compile against bang_sim.h, run, match onnxruntime
+within the fp16 rounding bound, and cost exactly what the simulation counts; a tile past
+NRAM is caught; the cost model pays for the TFU's native shape and GDRAM's 64 B units."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import trained_conv, trained_matrix
+from hw_helpers import gemm_tolerance, ort_conv, ort_matmul
+
+from hw_targets import SimulationFault, get_target, lower_conv, lower_matmul
+from hw_targets.base import Tiling
+from hw_targets.spec import GemmSpec
+
+mlu = get_target("mlu")
+TARGET = mlu.TARGET
+RNG = np.random.default_rng(5)
+
+
+def _activations(rows: int, k: int) -> np.ndarray:
+    return RNG.standard_normal((rows, k)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("rows", "k", "n", "bias"),
+    [
+        (64, 64, 128, True),  # K and N native (32, 64)
+        (5, 7, 3, False),  # everything padded
+        (33, 100, 70, True),  # K split into chunks, the last one padded; N padded
+        (96, 128, 192, False),  # aligned, several tiles over the cores
+    ],
+)
+def test_matmul_matches_onnxruntime_and_cost_model(rows: int, k: int, n: int, bias: bool) -> None:
+    w = trained_matrix(n, k).T.copy()  # B is k x n
+    b = trained_matrix(n, 1)[:, 0].copy() if bias else None
+    x = _activations(rows, k)
+    lowering = lower_matmul(mlu, TARGET, "mm", rows, k, n, bias)
+    y, result = lowering.simulate({"a": x, "b": w, "bias": b if b is not None else np.zeros(1)})
+    expected = ort_matmul(x, w, b)
+    assert np.all(np.abs(y - expected) <= gemm_tolerance(x, w, b, TARGET.in_dtype) + 1e-6)
+    (predicted,) = lowering.costs()
+    (counted,) = result.counters
+    assert counted["cycles"] == predicted.cycles
+    assert counted["stages"] == predicted.stages
+    assert counted["pipes"] == dict(predicted.pipes)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "c_out", "k", "strides", "pads", "groups"),
+    [
+        ((2, 4, 9, 9), 6, 3, (1, 1), (1, 1, 1, 1), 1),  # padded 3x3
+        ((1, 8, 8, 8), 8, 3, (2, 2), (1, 0, 1, 0), 8),  # strided depthwise, asymmetric pads
+        ((2, 6, 5, 5), 4, 1, (1, 1), (0, 0, 0, 0), 2),  # grouped pointwise: no im2col
+    ],
+)
+def test_conv_matches_onnxruntime(
+    x_shape: tuple[int, int, int, int],
+    c_out: int,
+    k: int,
+    strides: tuple[int, int],
+    pads: tuple[int, int, int, int],
+    groups: int,
+) -> None:
+    w = trained_conv(c_out, x_shape[1] // groups, 3)[:, :, :k, :k].copy()
+    bias = RNG.standard_normal(c_out).astype(np.float32)
+    x = RNG.standard_normal(x_shape).astype(np.float32)
+    lowering = lower_conv(mlu, TARGET, "cv", x_shape, c_out, (k, k), strides, pads,
+                          groups=groups)
+    y, result = lowering.simulate({"a": w, "x": x, "bias": bias})
+    expected = ort_conv(x, w, bias, strides, pads, groups=groups)
+    assert y.shape == expected.shape
+    # the fp16 rounding bound of each image's and group's GEMM W_g @ cols + b_g
+    bound = lowering.error_bound({"a": w, "x": x, "bias": bias})
+    assert np.all(np.abs(y - expected) <= bound + 1e-6)
+    assert len(result.counters) == (1 if k == 1 else 2)  # 1x1 needs no im2col kernel
+    costs = lowering.costs()
+    assert [c["cycles"] for c in result.counters] == [c.cycles for c in costs]
+    assert [c["pipes"] for c in result.counters] == [dict(c.pipes) for c in costs]
+
+
+def test_oversized_tile_is_caught_by_nram() -> None:
+    lowering = lower_matmul(mlu, TARGET, "mm", 512, 512, 512, False)
+    huge = dataclasses.replace(lowering.tilings[0], tile_m=512, tile_n=512, tile_k=512)
+    bad = dataclasses.replace(lowering, tilings=(huge,))
+    zeros = {"a": np.zeros((512, 512)), "b": np.zeros((512, 512)), "bias": np.zeros(1)}
+    with pytest.raises(SimulationFault, match="overflows NRAM"):
+        bad.simulate(zeros)
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 768, 3072), (256, 256, 256), (4096, 64, 10),
+                                           (128, 4608, 512)])
+def test_chosen_tilings_fit_nram_and_wram(m: int, k: int, n: int) -> None:
+    tiling = mlu.tiling(GemmSpec("g", m, k, n), TARGET)
+    assert tiling.buffers["NRAM"] <= TARGET.buffer("NRAM").bytes
+    assert tiling.buffers["WRAM"] <= TARGET.buffer("WRAM").bytes
+    assert tiling.cores <= int(TARGET.cores.value)
+
+
+def test_cost_is_monotone_in_every_dimension() -> None:
+    def cycles(m: int, k: int, n: int) -> int:
+        spec = GemmSpec("g", m, k, n)
+        return mlu.cost(spec, mlu.tiling(spec, TARGET), TARGET).cycles
+
+    base = cycles(128, 128, 128)
+    assert cycles(256, 128, 128) > base
+    assert cycles(128, 256, 128) > base
+    assert cycles(128, 128, 256) > base
+
+
+def test_k_pads_to_32_and_n_to_64_on_the_tfu() -> None:
+    def tfu(k: int, n: int) -> int:
+        return mlu.cost(GemmSpec("g", 16, k, n), Tiling(16, 128, 64, 1), TARGET).pipes["TFU"]
+
+    assert tfu(33, 64) == tfu(64, 64)  # 33 values of K occupy two 32-wide slices
+    assert tfu(32, 65) == tfu(32, 128)  # 65 output channels occupy two 64-lane groups
+    assert tfu(32, 64) < tfu(33, 64)
+    waste = mlu.cost(GemmSpec("g", 16, 33, 65), Tiling(16, 128, 64, 1), TARGET).padding_waste
+    assert waste == pytest.approx(1 - (33 * 65) / (64 * 128))
+
+
+def test_partial_gdram_units_cost_a_read_modify_write() -> None:
+    def io(n: int) -> int:
+        return mlu.cost(GemmSpec("g", 64, 32, n), Tiling(64, 64, 32, 1), TARGET).pipes["IO-DMA"]
+
+    # 15 fp32 columns are 60 B a row: one 64 B unit read and written; 16 are exactly one unit
+    assert io(15) > io(16)
+
+
+def test_active_cores_share_the_dram_bandwidth() -> None:
+    spec = GemmSpec("g", 256, 64, 64)
+    one, four = (mlu.cost(spec, Tiling(64, 64, 64, p), TARGET) for p in (1, 4))
+    # four cores each move a quarter of the bytes at a quarter of the bandwidth: the same
+    # IO time (less the barriers), up to one cycle of rounding per copy (4 tiles x 3 copies)
+    io_one = one.pipes["IO-DMA"] - one.pipes["ALU"]
+    io_four = four.pipes["IO-DMA"] - four.pipes["ALU"]
+    assert abs(io_one - io_four) <= 12
+    assert four.cycles < one.cycles  # but the TFU work is split
+
+
+def test_target_is_declared_with_sources() -> None:
+    rows = {r["name"]: r for r in TARGET.table()}
+    assert rows["NRAM bytes (core)"]["value"] == 640 * 1024
+    assert rows["NRAM bytes (core)"]["tag"] == "V"
+    assert rows["WRAM bytes (core)"]["tag"] == "S"
+    assert rows["SRAM bytes (cluster)"]["value"] == 4 * 1024 * 1024
+    assert rows["MACs/cycle (core)"]["tag"] == "U"
+    assert rows["paper_c_conv"]["value"] == 1.5 and rows["paper_c_conv"]["tag"] == "U"
+    assert all(r["tag"] in ("V", "S", "U") and r["source"] for r in rows.values())
+
+
+def test_emitted_kernel_reads_as_bang_c() -> None:
+    spec = GemmSpec("g", 64, 64, 64, bias="col")
+    code = mlu.emit(spec, mlu.tiling(spec, TARGET), TARGET).code
+    for name in ("__mlu_global__ void kernel(half* a, half* b, float* bias, float* c)",
+                 "__nram__ int8_t nram_buffer[MAX_NRAM_SIZE]", "__wram__", "taskId",
+                 "GDRAM2NRAM", "NRAM2WRAM", "NRAM2GDRAM", "__bang_matmul", "__bang_cycle_add",
+                 "__sync_compute()"):
+        assert name in code
+
+
+def test_tiling_search_bound_never_exceeds_the_cost() -> None:
+    # tiling() stops at the first candidate whose bound exceeds the best cost: exact only
+    # if the bound is a true lower bound
+    from hw_targets.mlu import _lower_bound, _Rates
+
+    rates = _Rates.of(TARGET, 1)
+    for m, k, n in [(33, 100, 70), (256, 512, 130)]:
+        spec = GemmSpec("g", m, k, n)
+        for tm, tn, tk, p in [(16, 64, 64, 1), (32, 128, 64, 4), (64, 64, 256, 8),
+                              (128, 256, 512, 2)]:
+            exact = mlu.cost(spec, Tiling(tm, tn, tk, p), TARGET).cycles
+            assert _lower_bound(spec, tm, tn, min(tk, k), p, rates) <= exact
