@@ -247,25 +247,16 @@ def _kernel_time(model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
 
 
 def _wide_models() -> list[tuple[str, onnx.ModelProto, dict[str, np.ndarray], np.ndarray]]:
-    """A wide MLP trained on the digits here (needs the ``models`` extra: torch), for
+    """The wide MLP of ``models/wide_mlp.py`` (needs the ``models`` extra: torch), for
     matmuls large enough that their FLOPs, not per-node overhead, set the time."""
     try:
-        from torch import nn
+        from models import wide_mlp
 
-        from models import _common
+        model, calib, x_test = wide_mlp.build()
     except ImportError:
         print("(wide MLP skipped: pip install -e '.[models]' for torch)\n")
         return []
-    _common.seed_everything()
-    split = _common.load_split((64,))
-    net = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                        nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
-    _common.train(net, split, _common.TrainConfig(epochs=15, lr=1e-3, weight_decay=1e-4))
-    import torch
-
-    model = _common.export_onnx(net, torch.from_numpy(split.x_test[:1]), fold_batchnorm=True)
-    calib = {_common.INPUT_NAME: split.x_train[: 4 * _common.CALIB_SIZE]}
-    return [("wide_mlp (64-1024-1024-1024-10)", model, calib, split.x_test)]
+    return [(wide_mlp.NAME, model, calib, x_test)]
 
 
 def _bench_session(model: onnx.ModelProto) -> ort.InferenceSession:

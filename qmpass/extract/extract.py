@@ -11,6 +11,7 @@ recurrent ops, custom domains) is listed as skipped or unsupported with a reason
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -25,7 +26,11 @@ from qmpass.extract.constants import ConstantScope
 from qmpass.extract.operator import ConvGeometry, Operator, Skipped
 from qmpass.extract.shapes import Shape, infer_shapes
 
-__all__ = ["Extraction", "extract_operators"]
+__all__ = [
+    "Extraction",
+    "extract_operators",
+    "fusion_groups",
+]
 
 _WEIGHT_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 _NOT_ANALYSED = {
@@ -66,13 +71,15 @@ def extract_operators(model: onnx.ModelProto, external: frozenset[str] = frozens
         operators=tuple(walker.operators),
         skipped=tuple(walker.skipped),
         unsupported=tuple(walker.unsupported),
-        fusion_groups=_fusion_groups(walker.operators),
+        fusion_groups=fusion_groups(walker.operators),
         opset=opsets.get("", 0),
         ir_version=model.ir_version,
     )
 
 
-def _fusion_groups(operators: list[Operator]) -> tuple[tuple[str, ...], ...]:
+def fusion_groups(operators: Sequence[Operator]) -> tuple[tuple[str, ...], ...]:
+    """Operators of one graph reading one tensor with one kind and geometry, two or more
+    per group (shared by the Relax extraction)."""
     groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for op in operators:
         if op.op_type in ("MatMul", "Gemm") and op.weight_side == "right":

@@ -1,0 +1,330 @@
+"""``QMPass``: a Relax module pass that applies a qmpass Plan to a TVM build.
+
+The rewrites are the ONNX rewriters' algebra (:mod:`qmpass.rewrite`), written in Relax
+operators. An operator is the affine map ``y = W x + b`` of one site
+(:mod:`qmpass.tvm.extract`: the call, its bias add or batch norm); a step gives the
+factors ``first`` (``q x d_in``) and ``second`` (``d_out x q``) with ``W ~ second @ first``
+and the new bias ``b'``:
+
+* low-rank matmul: ``R.matmul(R.matmul(x, first^T), second^T) + b'`` (Relax multiplies
+  the activation from the left, hence the transposes; batch and token axes broadcast);
+* low-rank conv2d: ``R.nn.conv2d(x, first as (q, Cin, kh, kw))`` with the original
+  strides, padding and dilation, then a 1x1 ``R.nn.conv2d`` with ``second`` as
+  ``(Cout, q, 1, 1)``, then ``+ b'`` as ``(1, Cout, 1, 1)``; a folded batch norm is gone;
+* shared basis (members reading one tensor, e.g. Q/K/V): one matmul into the basis,
+  one fused matmul with the stacked ``second``, one add of the stacked biases, then
+  ``R.split`` on the last axis, item ``i`` replacing member ``i``'s output.
+
+Channel pruning steps are declined (recorded with the reason): they need the channel
+groups of :mod:`qmpass.extract.channels`, which are defined on ONNX graphs.
+
+Where it belongs in a pipeline: right after the import (``from_onnx``) and, for a module
+whose weights are parameters, after ``BindParams`` (or with the values in the
+function's ``"params"`` attribute); before ``DecomposeOpsForInference`` (which dissolves
+the batch norms it folds), before ``CombineParallelMatmul`` (which would hide the
+members of a shared basis in one concatenated matmul), and before ``LegalizeOps`` and
+fusion. ``FoldConstant`` may run before or after it. Afterwards ``CombineParallelMatmul``,
+``FoldConstant`` and ``DeadCodeElimination`` compose with it; ``AdjustMatmulOrder``
+keeps the ``(x A) B`` order the pass emits for inputs whose shape makes it cheaper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from qmpass.extract import Operator
+from qmpass.plan.plan import Step
+from qmpass.plan.planner import Method, Planned
+from qmpass.rewrite.base import decline_factors, decline_rank
+from qmpass.tvm.extract import RelaxExtraction, Site, extract_relax
+from qmpass.tvm.plans import OnnxPlan, plan_relax
+
+__all__ = ["QMPass", "RelaxOutcome", "match_operators"]
+
+#: relative tolerance for recognising an ONNX operator's weights in a Relax function
+#: (both are the same float32 values read in float64; folding a batch norm may round)
+_MATCH_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class RelaxOutcome:
+    """What the pass did with step ``index`` of the plan: ``applied`` or ``declined``;
+    ``sites`` are the Relax operators (call variables) it replaced."""
+
+    index: int
+    step: Step
+    status: Literal["applied", "declined"]
+    reason: str | None = None
+    sites: tuple[str, ...] = ()
+
+
+def match_operators(
+    operators: Sequence[Operator], sites: Sequence[Site]
+) -> dict[str, Site]:
+    """The Relax site of each ONNX operator that has one, by weight values.
+
+    Parameter names survive the import only with ``keep_params_in_input=True`` (and
+    not always intact: ``onnx::MatMul_257`` becomes ``MatMul_257``), constants have
+    none, so a site is recognised by what it computes: the same kind,
+    shape, geometry and bias presence, and weights (and bias) equal to ``_MATCH_RTOL``
+    relative to their largest entry. Operators and sites are walked in graph order and
+    each site is taken once, so two operators with equal weights are matched in order;
+    a site whose weight parameter has the operator's weight name is preferred.
+    """
+    taken: set[int] = set()
+    found: dict[str, Site] = {}
+    for op in operators:
+        candidates = [i for i, site in enumerate(sites) if i not in taken and _same(op, site)]
+        if not candidates:
+            continue
+        names = {op.weight_name, op.weight_name.split("::")[-1]}  # the importer drops "onnx::"
+        named = [i for i in candidates if sites[i].weight_param in names]
+        pick = (named or candidates)[0]
+        taken.add(pick)
+        found[op.name] = sites[pick]
+    return found
+
+
+def _same(op: Operator, site: Site) -> bool:
+    other = site.operator
+    kind = "conv2d" if op.op_type == "Conv" else "matmul" if op.op_type in ("MatMul", "Gemm") \
+        else None
+    if kind != site.kind or op.weight_side != "right" or op.shape != other.shape:
+        return False
+    if op.geometry != other.geometry or (op.bias is None) != (other.bias is None):
+        return False
+    if not _close(op.weight, other.weight):
+        return False
+    return op.bias is None or other.bias is None or _close(op.bias, other.bias)
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    scale = max(float(np.abs(a).max(initial=0.0)), np.finfo(np.float64).tiny)
+    return bool(np.all(np.abs(np.asarray(a) - np.asarray(b)) <= _MATCH_RTOL * scale))
+
+
+@tvm.transform.module_pass(opt_level=0, name="QMPass")
+class QMPass:
+    """Apply a qmpass plan to one Relax function (see the module docstring for where it
+    belongs in a pipeline).
+
+    * ``QMPass(plan_onnx(model, config))``: the ONNX path's plan with its factor
+      tensors; each step's operators are found in the Relax function by
+      :func:`match_operators`, so the result computes what
+      ``plan.compressed(pass.applied)`` computes in onnxruntime.
+    * ``QMPass(planned)``: a :class:`~qmpass.plan.planner.Planned` whose steps name the
+      operators of :func:`extract_relax` (as :func:`plan_relax` makes them).
+    * ``QMPass(keep=F)`` / ``QMPass(delta=D)`` with ``method``/``align``: a data-free
+      plan made on the operators extracted from the module (:func:`plan_relax`).
+
+    After a run, ``outcomes`` says what happened to each step, ``applied`` lists the
+    applied step indices and ``planned`` is the plan that was applied.
+    """
+
+    def __init__(
+        self,
+        plan: OnnxPlan | Planned | None = None,
+        *,
+        keep: float | None = None,
+        delta: float | None = None,
+        method: Method = "qmfrg",
+        align: int = 8,
+        function: str = "main",
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        if plan is not None and (keep is not None or delta is not None):
+            raise ValueError("give a plan or a budget (keep/delta), not both")
+        self.plan = plan
+        self.budget = {"keep": keep, "delta": delta, "method": method, "align": align}
+        self.function = function
+        self.params = params
+        self.outcomes: tuple[RelaxOutcome, ...] = ()
+        self.planned: Planned | None = None
+        self.extraction: RelaxExtraction | None = None
+
+    @property
+    def applied(self) -> tuple[int, ...]:
+        return tuple(o.index for o in self.outcomes if o.status == "applied")
+
+    def transform_module(self, mod: Any, _ctx: Any) -> Any:
+        extraction = extract_relax(mod, self.function, self.params)
+        self.extraction = extraction
+        if isinstance(self.plan, Planned):
+            planned = self.plan
+            sites = {site.operator.name: site for site in extraction.sites}
+            ops = {site.operator.name: site.operator for site in extraction.sites}
+        elif self.plan is not None:
+            planned = self.plan.planned
+            sites = match_operators(self.plan.extraction.operators, extraction.sites)
+            ops = {op.name: op for op in self.plan.extraction.operators}
+        else:
+            planned = plan_relax(extraction, **self.budget)  # type: ignore[arg-type]
+            sites = {site.operator.name: site for site in extraction.sites}
+            ops = {site.operator.name: site.operator for site in extraction.sites}
+        self.planned = planned
+        replacements: list[_Replacement] = []
+        outcomes: list[RelaxOutcome] = []
+        used: set[Any] = set()
+        for index, (step, tensors) in enumerate(
+                zip(planned.plan.steps, planned.tensors, strict=True)):
+            found = _replacement(step, tensors, ops, sites)
+            if isinstance(found, _Replacement) and any(s.call in used for s in found.sites):
+                found = "a site of this step was rewritten by an earlier step"
+            if isinstance(found, str):
+                outcomes.append(RelaxOutcome(index, step, "declined", found))
+                continue
+            used.update(s.call for s in found.sites)
+            replacements.append(found)
+            outcomes.append(RelaxOutcome(index, step, "applied", None,
+                                         tuple(s.operator.name for s in found.sites)))
+        self.outcomes = tuple(outcomes)
+        if not replacements:
+            return mod
+        gvar = mod.get_global_var(self.function)
+        rewriter = _Rewriter(mod, replacements)
+        rewriter.builder_.update_func(gvar, rewriter.visit_expr(mod[self.function]))
+        return rewriter.builder_.get()
+
+
+# -- replacements -------------------------------------------------------------------------------
+Emit = Callable[[Any, Any], list[Any]]
+
+
+@dataclass(frozen=True, eq=False)
+class _Replacement:
+    """New bindings for some sites: ``emit(builder, x)`` emits them and returns one
+    expression per site (in ``sites`` order) to bind to that site's output variable."""
+
+    sites: tuple[Site, ...]
+    emit: Emit
+
+    @property
+    def trigger(self) -> Any:
+        """The earliest call of the sites: every input is defined by then."""
+        return min(self.sites, key=lambda site: site.position).call
+
+
+def _replacement(
+    step: Step, tensors: Mapping[str, np.ndarray], ops: Mapping[str, Operator],
+    sites: Mapping[str, Site],
+) -> _Replacement | str:
+    """The replacement for ``step``, or why the pass declines it."""
+    if step.kind == "prune_channels":
+        return ("channel pruning is not done by the Relax pass: channel groups are an "
+                "ONNX graph analysis; plan with convs='factorise' to factorise convolutions")
+    members: list[Site] = []
+    for name in step.operators:
+        if name not in ops:
+            return f"operator '{name}' is not in the plan's extraction"
+        site = sites.get(name)
+        if site is None:
+            return f"operator '{name}' has no matching call in the Relax function"
+        members.append(site)
+    d_in = members[0].operator.shape[1]
+    d_outs = [site.operator.shape[0] for site in members]
+    needs_bias = any(site.operator.bias is not None for site in members)
+    reason = decline_rank(step.rank, d_in, d_outs) or decline_factors(
+        tensors, step.rank, d_in, sum(d_outs), needs_bias=needs_bias)
+    if reason is not None:
+        return reason
+    first, second = np.asarray(tensors["first"]), np.asarray(tensors["second"])
+    bias = np.asarray(tensors["bias"]) if "bias" in tensors else None
+    if step.kind == "lowrank":
+        if len(members) != 1:
+            return f"a low-rank step names one operator, not {len(members)}"
+        site = members[0]
+        if site.kind == "conv2d":
+            geometry = site.operator.geometry
+            if geometry is None or geometry.groups != 1:
+                return "grouped conv2d is not factorised"
+            return _Replacement((site,), lambda bb, x: [_conv_chain(bb, x, site, first, second,
+                                                                      bias)])
+        return _Replacement((site,), lambda bb, x: [_matmul_chain(bb, x, first, second, bias,
+                                                                    site.dtype)])
+    if step.kind != "shared_basis":
+        return f"unknown step kind '{step.kind}'"
+    if len(members) < 2:
+        return f"a shared basis needs two or more operators, not {len(members)}"
+    if any(site.kind != "matmul" for site in members):
+        return "a shared basis fuses matmuls only"
+    if any(not site.input.same_as(members[0].input) for site in members):
+        return "the members do not read the same Relax variable"
+    if len({site.dtype for site in members}) > 1:
+        return "the members store weights in different types"
+
+    def emit(bb: Any, x: Any) -> list[Any]:
+        fused = bb.emit(_matmul_chain(bb, x, first, second, bias, members[0].dtype))
+        cuts = [int(c) for c in np.cumsum(d_outs)[:-1]]
+        parts = bb.emit(relax.op.split(fused, indices_or_sections=cuts, axis=-1))
+        return [relax.TupleGetItem(parts, i) for i in range(len(members))]
+
+    return _Replacement(tuple(members), emit)
+
+
+def _const(array: np.ndarray, dtype: str) -> Any:
+    return relax.const(np.ascontiguousarray(array).astype(dtype), dtype)
+
+
+def _matmul_chain(bb: Any, x: Any, first: np.ndarray, second: np.ndarray,
+                  bias: np.ndarray | None, dtype: str) -> Any:
+    """``(x @ first^T) @ second^T [+ bias]``; the last call is returned unbound."""
+    hidden = bb.emit(relax.op.matmul(x, _const(first.T, dtype)))
+    product = relax.op.matmul(hidden, _const(second.T, dtype))
+    if bias is None:
+        return product
+    return relax.op.add(bb.emit(product), _const(bias, dtype))
+
+
+def _conv_chain(bb: Any, x: Any, site: Site, first: np.ndarray, second: np.ndarray,
+                bias: np.ndarray | None) -> Any:
+    geometry = site.operator.geometry
+    assert geometry is not None  # checked by _replacement
+    d_out, d_in = site.operator.shape
+    kh, kw = geometry.kernel_shape
+    q = first.shape[0]
+    hidden = bb.emit(relax.op.nn.conv2d(
+        x, _const(first.reshape(q, d_in // (kh * kw), kh, kw), site.dtype),
+        strides=list(geometry.strides), padding=list(geometry.pads),
+        dilation=list(geometry.dilations), groups=1))
+    product = relax.op.nn.conv2d(hidden, _const(second.reshape(d_out, q, 1, 1), site.dtype))
+    if bias is None:
+        return product
+    return relax.op.add(bb.emit(product), _const(bias.reshape(1, d_out, 1, 1), site.dtype))
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    """Emits each replacement at its trigger call, binds the new expressions to fresh
+    variables of the same kind as the sites' outputs (dataflow or not), remaps the old
+    outputs to them, and drops every other binding of the replaced sites."""
+
+    def __init__(self, mod: Any, replacements: Sequence[_Replacement]) -> None:
+        super().__init__(mod)
+        self.triggers = {r.trigger: r for r in replacements}
+        self.dropped = {var for r in replacements for s in r.sites for var in s.internal}
+
+    def visit_var_binding_(self, binding: Any) -> None:
+        var = binding.var
+        replacement = self.triggers.get(var)
+        if replacement is not None:
+            x = self.visit_expr(replacement.sites[0].input)
+            for site, expr in zip(replacement.sites, replacement.emit(self.builder_, x),
+                                  strict=True):
+                self.set_var_remap(site.output, self._bind_like(expr, site.output))
+            return
+        if var in self.dropped:
+            return
+        super().visit_var_binding_(binding)
+
+    def _bind_like(self, expr: Any, old: Any) -> Any:
+        dataflow = self.builder_.current_block_is_dataflow()
+        if dataflow and not isinstance(old, relax.DataflowVar):
+            return self.builder_.emit_output(expr, name_hint=str(old.name))
+        return self.builder_.emit(expr, name_hint=str(old.name))
