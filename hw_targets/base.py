@@ -159,7 +159,9 @@ class Cost:
     """Predicted cycles of one kernel.
 
     ``pipes``: total cycles charged to each pipe on the slowest core; ``cycles``: that
-    core's sum over stages of the maximum over pipes; ``stages``: stages it ran.
+    core's sum over stages of the maximum over pipes; ``stages``: stages it ran;
+    ``dram_bytes``: the bytes all cores move between global memory and the chip, as the
+    model charges them (re-reads and padding to transfer units included).
     """
 
     cycles: int
@@ -264,11 +266,13 @@ def roofline(spec: KernelSpec, target: Target) -> int:
 
 @dataclass(frozen=True)
 class TileCost:
-    """Cycles of one output tile: its stages' sum of pipe maxima, and per-pipe totals."""
+    """Cycles of one output tile: its stages' sum of pipe maxima, per-pipe totals, and the
+    bytes it moves between global memory and the chip."""
 
     cycles: int
     stages: int
     pipes: Mapping[str, int]
+    moved: int
 
 
 def grid_cost(
@@ -278,7 +282,6 @@ def grid_cost(
     cores: int,
     tile_cost: Callable[[int, int], TileCost],
     padded_macs: int,
-    dram_bytes: int,
 ) -> Cost:
     """Cost of a GEMM whose output tiles are dealt round-robin to ``cores``.
 
@@ -306,7 +309,9 @@ def grid_cost(
         stages += np.bincount(core[mask], minlength=cores) * tc.stages
     slowest = int(np.argmax(per_core))
     pipes: dict[str, int] = {}
+    moved = 0
     for (r, c), tc in costs.items():
+        moved += int(np.count_nonzero((rows == r) & (cols == c))) * tc.moved
         count = int(np.count_nonzero((rows == r) & (cols == c) & (core == slowest)))
         for name, value in tc.pipes.items():
             pipes[name] = pipes.get(name, 0) + count * value
@@ -316,5 +321,5 @@ def grid_cost(
         stages=int(stages[slowest]),
         macs=spec.macs,
         padded_macs=padded_macs,
-        dram_bytes=dram_bytes,
+        dram_bytes=moved,
     )

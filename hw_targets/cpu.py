@@ -98,30 +98,33 @@ def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> Co
         rows = spec.images * spec.groups * spec.k
         busiest = ceil_div(rows, cores)
         return Cost(2 * busiest * move, {"dram": 2 * busiest * move, "fma": 0},
-                    busiest, 0, 0, spec.compulsory_bytes(4))
+                    busiest, 0, 0, 2 * rows * 4 * ho * wo)
     assert tiling is not None, "a GEMM needs a tiling"
     tm, tn, tk = tiling.tile_m, tiling.tile_n, tiling.tile_k
     kt = ceil_div(spec.k, tk)
 
     def tile(rows: int, cols: int) -> TileCost:
-        total, pipes = 0, dict.fromkeys(PIPES, 0)
+        total, pipes, moved = 0, dict.fromkeys(PIPES, 0), 0
         for s in range(kt):
             kk = min(tk, spec.k - s * tk)
             stage = {
                 "dram": ceil_div(4 * rows * kk, rate) + ceil_div(4 * kk * cols, rate),
                 "fma": ceil_div(rows * round_up(cols, lanes) * kk, macs),
             }
+            moved += 4 * (rows * kk + kk * cols)
             if s == kt - 1:
                 if spec.bias != "none":
                     stage["dram"] += ceil_div(4 * (rows if spec.bias == "row" else cols), rate)
+                    moved += 4 * (rows if spec.bias == "row" else cols)
                 stage["dram"] += ceil_div(4 * rows * cols, rate)
+                moved += 4 * rows * cols
             total += max(stage.values())
             for name, value in stage.items():
                 pipes[name] += value
-        return TileCost(total, kt, pipes)
+        return TileCost(total, kt, pipes, moved)
 
     padded = spec.batch * spec.m * round_up(spec.n, lanes) * spec.k
-    return grid_cost(spec, tm, tn, cores, tile, padded, spec.compulsory_bytes(4))
+    return grid_cost(spec, tm, tn, cores, tile, padded)
 
 
 def emit(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> KernelSource:

@@ -215,6 +215,13 @@ def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> Co
     kt = ceil_div(spec.k, tk)
     rate = _rate(d, _active(spec, tm, tn, d["cores"]))
 
+    def moved(rows: int, cols: int, kk: int, last: bool) -> int:
+        total = 2 * (rows * kk + kk * cols)
+        if last:
+            total += 4 * rows * cols + (4 * (rows if spec.bias == "row" else cols)
+                                        if spec.bias != "none" else 0)
+        return total
+
     def stage(rows: int, cols: int, kk: int, last: bool) -> dict[str, int]:
         vectors = ceil_div(cols, h_lanes)
         pipes = {
@@ -234,11 +241,12 @@ def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> Co
                   (stage(rows, cols, spec.k - (kt - 1) * tk, True), 1)]
         total = sum(max(s.values()) * count for s, count in stages)
         pipes = {name: sum(s[name] * count for s, count in stages) for name in PIPES}
-        return TileCost(total, kt, pipes)
+        last = spec.k - (kt - 1) * tk
+        return TileCost(total, kt, pipes,
+                        (kt - 1) * moved(rows, cols, tk, False) + moved(rows, cols, last, True))
 
     padded = spec.batch * spec.m * round_up(spec.n, h_lanes) * spec.k
-    return grid_cost(spec, tm, tn, int(target.cores.value), tile, padded,
-                     spec.compulsory_bytes(target.in_bytes))
+    return grid_cost(spec, tm, tn, int(target.cores.value), tile, padded)
 
 
 def library_cost(spec: GemmSpec, target: Target = TARGET) -> int:
@@ -279,12 +287,13 @@ def _im2col_cost(spec: Im2colSpec, target: Target) -> Cost:
     full, rest = divmod(ho, chunk)
     store = full * _dma(2 * chunk * wo, d, rate) + (_dma(2 * rest * wo, d, rate) if rest else 0)
     # An output row reads an input row unless its tap falls in the top/bottom padding.
-    loads = np.array([
-        int(np.count_nonzero((ih >= 0) & (ih < spec.height))) * _dma(2 * spec.width, d, rate)
-        for ih in (oh * sh - spec.pads[0] + tap * dh for tap in range(kh))
-    ], dtype=np.int64)
+    valid = np.array([int(np.count_nonzero((ih >= 0) & (ih < spec.height)))
+                      for ih in (oh * sh - spec.pads[0] + tap * dh for tap in range(kh))],
+                     dtype=np.int64)
     t = np.arange(rows)
-    moved = loads[(t // kw) % kh] + store
+    reads = valid[(t // kw) % kh]
+    moved = reads * _dma(2 * spec.width, d, rate) + store
+    traffic = int((reads * 2 * spec.width + 2 * ho * wo).sum())
     core = t % cores
     per_core = np.bincount(core, weights=moved, minlength=cores)
     slowest = int(np.argmax(per_core))
@@ -295,7 +304,7 @@ def _im2col_cost(spec: Im2colSpec, target: Target) -> Cost:
         stages=int(np.count_nonzero(mine)),
         macs=0,
         padded_macs=0,
-        dram_bytes=spec.compulsory_bytes(target.in_bytes),
+        dram_bytes=traffic,
     )
 
 

@@ -184,7 +184,7 @@ def _lower(args: argparse.Namespace) -> int:
     print(header)
     print("-" * len(header))
     for op in doc["operators"]:
-        print(f"{_short(op['operator'], full=True)[:40]:<40} {len(op['kernels']):>7} "
+        print(f"{op['operator'][-40:]:<40} {len(op['kernels']):>7} "
               f"{op['predicted_cycles']:>11,} {op['simulated_cycles']:>11,} "
               f"{op['roofline_cycles']:>10,} {op['max_abs_error']:9.2g} "
               f"{op['error_bound']:9.2g}")

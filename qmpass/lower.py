@@ -115,9 +115,8 @@ def lower(
     tensors = _capture(proto, config, lowerable)
     target = module.TARGET
     lowerings, feeds = [], []
-    used: set[str] = set()
     for index, op in enumerate(lowerable):
-        name = _kernel_name(index, op.name, used)
+        name = _kernel_name(index, op.name)
         lowering, feed = _lowering(module, target, name, op, tensors[op.input])
         lowerings.append(lowering)
         feeds.append(feed)
@@ -158,8 +157,12 @@ def lower(
             "error_bound": float(bound.max()),
             "within_bound": bool(np.all(error <= bound * (1 + 1e-9))),
         })
+    # the kernels also compute a MatMul's bias Add and a Conv's folded BatchNormalization:
+    # the nodes that produce the operators' outputs
+    folded = {op.output for op in lowerable}
+    lowered = {op.name for op in lowerable}
     host = Counter(node.op_type for node in proto.graph.node
-                   if node.name not in {op.name for op in lowerable})
+                   if node.name not in lowered and not folded.intersection(node.output))
     report = LoweringReport(_name(model, proto), target, tuple(kernels), tuple(not_lowered),
                             dict(sorted(host.items())), time.perf_counter() - started)
     if out_dir is not None:
@@ -233,12 +236,10 @@ def _lowering(
     return lowering, feed
 
 
-def _kernel_name(index: int, op_name: str, used: set[str]) -> str:
+def _kernel_name(index: int, op_name: str) -> str:
     """A C++ identifier for the operator's kernels: ``k<index>_<sanitised name>``."""
     stem = re.sub(r"\W+", "_", op_name).strip("_")[:40] or "op"
-    name = f"k{index}_{stem}"
-    used.add(name)
-    return name
+    return f"k{index}_{stem}"
 
 
 def _shape(spec: hw_targets.KernelSpec) -> dict[str, Any]:

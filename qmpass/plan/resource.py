@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import hw_targets
+from qmpass.errors import QmpassInputError
 from qmpass.extract import Operator
 from qmpass.plan.plan import Cost
 
@@ -149,7 +150,10 @@ class Cycles:
     def _conv_input(self, op: Operator) -> tuple[int, int, int, int]:
         shape = self.shapes.get(op.input)
         if shape is None or len(shape) != 4:
-            raise ValueError(f"no 4-D input shape for conv {op.name}")
+            raise QmpassInputError(
+                f"conv '{op.name}' has no known 4-D input shape; a cycle budget needs the "
+                "model's shapes (run onnx shape inference, or fix the input's dimensions)."
+            )
         return shape[0], shape[1], shape[2], shape[3]
 
     @staticmethod
