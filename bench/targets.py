@@ -106,25 +106,16 @@ def roofline(shapes: Sequence[tuple[int, int, int]]) -> None:
 def conv_weights() -> None:
     print("\n## D. Op-type weight c_conv implied by the cost models (paper eq. 9)\n")
     layers = [
-        ("3x3, 64->64, 56x56", (1, 64, 56, 56), 64, 3),
-        ("3x3, 32->64, 28x28", (1, 32, 28, 28), 64, 3),
-        ("3x3, 16->16, 8x8 (fixture)", (1, 16, 8, 8), 16, 3),
-        ("1x1, 64->256, 56x56", (1, 64, 56, 56), 256, 1),
+        ("3x3, 64->64, 56x56", hw_targets.ConvLayer((1, 64, 56, 56), 64, 3)),
+        ("3x3, 32->64, 28x28", hw_targets.ConvLayer((1, 32, 28, 28), 64, 3)),
+        ("3x3, 16->16, 8x8 (fixture)", hw_targets.ConvLayer((1, 16, 8, 8), 16, 3)),
+        ("1x1, 64->256, 56x56", hw_targets.ConvLayer((1, 64, 56, 56), 256, 1)),
     ]
     print("| conv layer | " + " | ".join(TARGETS) + " |")
     print("|---|" + "---|" * len(TARGETS))
-    for label, x, out, k in layers:
-        cells = []
-        for name in TARGETS:
-            module = hw_targets.get_target(name)
-            pad = k // 2
-            conv = hw_targets.lower_conv(module, module.TARGET, "c", x, out, (k, k),
-                                         pads=(pad, pad, pad, pad))
-            gemm = conv.specs[-1]
-            assert isinstance(gemm, GemmSpec)
-            same = hw_targets.lower_matmul(module, module.TARGET, "g", gemm.m,
-                                           gemm.k, gemm.n * gemm.batch, True)
-            cells.append(f"{conv.cycles() / same.cycles():.2f}")
+    for label, layer in layers:
+        cells = [f"{hw_targets.conv_weight(m, m.TARGET, layer):.2f}"
+                 for m in map(hw_targets.get_target, TARGETS)]
         print(f"| {label} | " + " | ".join(cells) + " |")
     paper = ", ".join(f"{t} {v}" for t, v in PAPER_C_CONV.items())
     print(f"\nThe paper states c_conv = {paper}.")

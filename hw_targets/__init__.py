@@ -14,10 +14,12 @@ from hw_targets.base import Cost, KernelSource, Param, Target, TargetModule, Til
 from hw_targets.lower import Lowering, lower_conv, lower_matmul, simulate_all, write_bundle
 from hw_targets.sim import CompileError, SimulationFault
 from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
+from hw_targets.weights import ConvLayer, conv_weight, op_type_weights
 
 __all__ = [
     "TARGET_NAMES",
     "CompileError",
+    "ConvLayer",
     "Cost",
     "GemmSpec",
     "Im2colSpec",
@@ -30,9 +32,11 @@ __all__ = [
     "TargetModule",
     "Tiling",
     "UnknownTarget",
+    "conv_weight",
     "get_target",
     "lower_conv",
     "lower_matmul",
+    "op_type_weights",
     "roofline",
     "simulate_all",
     "write_bundle",

@@ -38,3 +38,14 @@ def test_every_declared_number_says_where_it_comes_from() -> None:
 def test_an_unknown_target_is_refused_with_the_choices() -> None:
     with pytest.raises(hw_targets.UnknownTarget, match="ascend, mlu, kunlunxin, cpu"):
         hw_targets.get_target("tpu")
+
+
+@pytest.mark.parametrize("name", hw_targets.TARGET_NAMES)
+def test_op_type_weights_are_what_the_cost_model_implies(name: str) -> None:
+    module = hw_targets.get_target(name)
+    weights = hw_targets.op_type_weights(module)
+    assert weights["MatMul"] == weights["Gemm"] == 1.0
+    assert weights["Conv"] > 1.0  # a 3x3 conv pays for its im2col
+    pointwise = hw_targets.ConvLayer((1, 64, 28, 28), 128, 1)
+    # no im2col: the same GEMM (only the bias runs along rows instead of columns)
+    assert hw_targets.conv_weight(module, module.TARGET, pointwise) == pytest.approx(1, abs=0.02)
