@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
         help="budget --keep in this target's predicted cycles instead of weight parameters; "
         "the report gives cycles_before and cycles_after",
     )
+    compress_cmd.add_argument(
+        "--batch", type=int, default=CompressConfig.batch,
+        help="with --target: the batch (a dynamic first dimension) the cycles are "
+        "predicted at (default 1)",
+    )
     compress_cmd.add_argument("--report", type=Path, help="write the JSON report here")
 
     lower_cmd = sub.add_parser(
@@ -157,6 +162,7 @@ def _compress(args: argparse.Namespace) -> int:
         convs=args.convs,
         calib=None if args.calib is None else load_calib(args.calib, loaded.proto),
         target=args.target,
+        batch=args.batch,
     )
     model, report = compress(loaded.proto, config)
     document = report.to_dict()
@@ -289,7 +295,7 @@ def _print_compress_summary(report: Report) -> None:
     )
     if "target" in doc:
         t = doc["target"]
-        print(f"predicted {t['name']} cycles of the weight operators: "
+        print(f"predicted {t['name']} cycles of the weight operators (batch {t['batch']}): "
               f"{t['cycles_before']:,} -> {t['cycles_after']:,} "
               f"({t['cycles_before'] / max(t['cycles_after'], 1):.2f}x)")
 

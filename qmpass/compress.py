@@ -83,8 +83,11 @@ class CompressConfig:
     align: int = 8
     convs: Literal["auto", "prune", "factorise"] = "auto"
     target: str | None = None
+    batch: int = 1
 
     def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise QmpassInputError(f"--batch must be at least 1, got {self.batch}.")
         if self.target is not None and self.target not in TARGET_NAMES:
             raise QmpassInputError(
                 f"unknown target '{self.target}'; choose one of {', '.join(TARGET_NAMES)}."
@@ -168,7 +171,7 @@ class Report:
     operator_params: tuple[int, int]
     seconds: dict[str, float] = field(default_factory=dict)
     alternatives: dict[str, float] = field(default_factory=dict)
-    cycles: tuple[int, int] | None = None
+    cycles: tuple[int, int, int] | None = None  # before, after, at this batch
 
     @property
     def kept(self) -> tuple[Outcome, ...]:
@@ -202,6 +205,7 @@ class Report:
                 "name": self.plan.resource.removeprefix("cycles:"),
                 "cycles_before": self.cycles[0],
                 "cycles_after": self.cycles[1],
+                "batch": self.cycles[2],
             }}),
         }
 
@@ -259,8 +263,8 @@ def compress(
     timer = time.perf_counter()
     values = stored_values(original)
     choices = config.conv_choices()
-    resource = PARAMS if config.target is None else Cycles(config.target,
-                                                           infer_shapes(original))
+    resource = PARAMS if config.target is None else Cycles(
+        config.target, infer_shapes(original), config.batch)
     candidates = [
         make_plan(extraction, groups, values, stats, config.plan_config(convs, resource),
                   _name(model, original))
@@ -304,7 +308,9 @@ def compress(
         alternatives=alternatives,
         cycles=None if not isinstance(resource, Cycles) else (
             round(resource.operators(extraction.operators)),
-            round(Cycles(resource.target.name, infer_shapes(result)).operators(after.operators)),
+            round(Cycles(resource.target.name, infer_shapes(result), resource.batch)
+                  .operators(after.operators)),
+            resource.batch,
         ),
     )
     return result, report

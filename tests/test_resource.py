@@ -48,6 +48,16 @@ def test_cycles_are_the_cost_model_of_the_kernels_each_form_lowers_to() -> None:
     assert cycles.factorised([op], 16) == pair
 
 
+def test_a_dynamic_batch_is_priced_at_the_batch_given() -> None:
+    model, ops = _ops("mlp_digits")
+    cpu = hw_targets.get_target("cpu")
+    op = ops[0]
+    d_out, d_in = op.shape
+    at_64 = Cycles("cpu", infer_shapes(model), batch=64).operators([op])
+    assert at_64 == hw_targets.lower_matmul(cpu, cpu.TARGET, "g", 64, d_in, d_out, True).cycles()
+    assert at_64 > Cycles("cpu", infer_shapes(model)).operators([op])
+
+
 def test_cycles_of_a_conv_and_its_factorisation() -> None:
     model, ops = _ops("resnet_digits")
     cycles = Cycles("ascend", infer_shapes(model))

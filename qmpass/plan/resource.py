@@ -5,9 +5,10 @@ an operator as it is, operators through a rank-``q`` factorisation (one operator
 thinner ones; several reading one tensor: a shared basis and one fused operator), and an
 operator whose input and output channels were pruned. :data:`PARAMS` prices in stored
 weight values; :class:`Cycles` in the cycles that a target's cost model
-(:mod:`hw_targets`) predicts for the kernels each form lowers to, at the model's reference
-shapes (dynamic dimensions taken as 1), so ``--keep F --target T`` keeps ``F`` of the
-compressible operators' cycles on ``T`` and the Lagrangian trades error per cycle saved.
+(:mod:`hw_targets`) predicts for the kernels each form lowers to, at the model's shapes
+(a dynamic batch taken as ``--batch``, 1 by default), so ``--keep F --target T`` keeps
+``F`` of the compressible operators' cycles on ``T`` and the Lagrangian trades error per
+cycle saved.
 """
 
 from __future__ import annotations
@@ -90,15 +91,24 @@ class Cycles:
     """Cycles of a target's cost model for the kernels every form lowers to.
 
     ``input_shapes`` maps each operator's input tensor to its shape (from shape
-    inference; a dynamic dimension is taken as 1). Kernels are costed, not simulated.
+    inference): a dynamic first dimension is taken as ``batch``, any other dynamic one as
+    1. Kernels are costed, not simulated.
     """
 
-    def __init__(self, target: str, input_shapes: Mapping[str, Sequence[int | str | None]]):
+    def __init__(self, target: str, input_shapes: Mapping[str, Sequence[int | str | None]],
+                 batch: int = 1):
         self.name = f"cycles:{target}"
         self.module = hw_targets.get_target(target)
         self.target = self.module.TARGET
-        self.shapes = {k: tuple(d if isinstance(d, int) and d > 0 else 1 for d in v)
-                       for k, v in input_shapes.items()}
+        self.batch = batch
+        self.shapes = {
+            k: tuple(d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1)
+                     for i, d in enumerate(v))
+            for k, v in input_shapes.items()
+        }
+        # extraction counted FLOPs with dynamic dimensions as 1
+        self.batched = {k for k, v in input_shapes.items()
+                        if v and not (isinstance(v[0], int) and v[0] > 0)}
 
     # -- the resource -------------------------------------------------------------------
     def operators(self, ops: Sequence[Operator]) -> float:
@@ -145,7 +155,8 @@ class Cycles:
 
     # -- shapes and kernels ----------------------------------------------------------------
     def _rows(self, op: Operator) -> int:
-        return max(1, op.flops // (2 * op.shape[0] * op.shape[1]))
+        rows = max(1, op.flops // (2 * op.shape[0] * op.shape[1]))
+        return rows * self.batch if op.input in self.batched else rows
 
     def _conv_input(self, op: Operator) -> tuple[int, int, int, int]:
         shape = self.shapes.get(op.input)
