@@ -4,13 +4,16 @@
 
 For every fixture (and a wide MLP trained here on the digits, whose matmuls are large
 enough for FLOPs rather than per-call overhead to set the time), one data-aware plan
-(``qmfrg --keep 0.5`` with the calibration split, convolutions factorised: the Relax
-pass declines channel pruning) is applied twice: by ``QMPass`` to the module imported
-with ``from_onnx`` and built with ``tvm.compile(target="llvm")``, and by the ONNX
-rewriters (the same steps and factors) for onnxruntime. Latencies are medians of
+(``qmfrg --keep 0.5`` with the calibration split) is applied twice: by ``QMPass`` to the
+module imported with ``from_onnx`` and built with ``tvm.compile(target="llvm")``, and by
+the ONNX rewriters (the same steps and tensors) for onnxruntime. Models with
+convolutions get two rows, one per treatment of the convolutions (``convs``):
+factorised (low-rank convs) and pruned (channel groups pruned with least-squares
+compensation); the others have no convolution to treat. Latencies are medians of
 ``repeats`` runs of a ``batch``-sample input, original and compressed interleaved in one
 process. Ideal: the ratio of the weight operators' FLOPs before and after the applied
-steps. Prints a markdown table (docs/TVM_RESULTS.md).
+steps, counted on the rewritten ONNX model. Prints a markdown table (docs/RESULTS.md,
+part G).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -34,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402  (the fixtures live beside qmpass/)
 from qmpass import CompressConfig  # noqa: E402
+from qmpass.extract import extract_operators  # noqa: E402
 from qmpass.tvm import QMPass, plan_onnx  # noqa: E402
 
 
@@ -69,6 +74,10 @@ def _medians(runs: Sequence[Callable[[], None]], repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def _has_conv(model: onnx.ModelProto) -> bool:
+    return any(node.op_type == "Conv" for node in model.graph.node)
+
+
 def _wide_mlp() -> tuple[str, onnx.ModelProto, dict[str, np.ndarray], np.ndarray] | None:
     try:
         from models import wide_mlp
@@ -100,26 +109,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"TVM {tvm.__version__} llvm, onnxruntime {ort.__version__}; batch {args.batch}, "
           f"medians of {args.repeats} interleaved runs; qmfrg --keep {args.keep} with "
-          "calibration, convolutions factorised.\n")
-    print("| model | steps | ideal x | TVM original ms | TVM x | TVM / ideal |"
+          "calibration.\n")
+    print("| model | convs | steps | ideal x | TVM original ms | TVM x | TVM / ideal |"
           " ORT original ms | ORT x | ORT / ideal |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, model, calib, x_all in cases:
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    both: tuple[Literal["factorise", "prune"], ...] = ("factorise", "prune")
+    rows = [(case, convs) for case in cases
+            for convs in (both if _has_conv(case[1]) else both[:1])]
+    for (name, model, calib, x_all), convs in rows:
         reps = int(np.ceil(args.batch / len(x_all)))
         x = np.ascontiguousarray(np.concatenate([x_all] * reps)[: args.batch], np.float32)
-        plan = plan_onnx(model, CompressConfig(keep=args.keep, calib=calib), convs="factorise")
+        plan = plan_onnx(model, CompressConfig(keep=args.keep, calib=calib), convs=convs)
         mod = from_onnx(plan.model)
         rewrite = QMPass(plan)
         compressed_mod = rewrite(mod)
         compressed_onnx, _ = plan.compressed(rewrite.applied)
         steps = [plan.planned.plan.steps[i] for i in rewrite.applied]
+        # counted on the rewritten model: the per-step costs of prune steps that share
+        # an operator (a consumer of one group producing the next) do not add up
         before = sum(op.flops for op in plan.extraction.operators)
-        after = before - sum(s.before.flops - s.after.flops for s in steps)
+        after = sum(op.flops for op in extract_operators(compressed_onnx).operators)
         ideal = before / after
         t0, t1, o0, o1 = _medians(
             [_vm_runner(mod, x), _vm_runner(compressed_mod, x),
              _ort_runner(plan.model, x), _ort_runner(compressed_onnx, x)], args.repeats)
-        print(f"| {name} | {len(steps)} | {ideal:.2f} | {t0 * 1e3:.3f} | {t0 / t1:.2f} | "
+        treatment = convs if _has_conv(model) else "-"
+        print(f"| {name} | {treatment} | {len(steps)} | {ideal:.2f} | {t0 * 1e3:.3f} | "
+              f"{t0 / t1:.2f} | "
               f"{t0 / t1 / ideal:.2f} | {o0 * 1e3:.3f} | {o0 / o1:.2f} | "
               f"{o0 / o1 / ideal:.2f} |", flush=True)
     return 0

@@ -1,7 +1,7 @@
 """A TVM build script with qmpass: ONNX file -> Relax -> qmpass pass -> build -> run.
 
     python examples/tvm_build.py [MODEL.onnx] [--calib INPUTS.npz] [--keep F]
-                                 [--test TEST.npz]
+                                 [--test TEST.npz] [--convs prune|factorise]
 
 Without arguments it builds the bundled transformer (trained on scikit-learn's digits)
 with its calibration split, keeping half the weight parameters, and reports the held-out
@@ -41,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calib", help=".npz keyed by graph input name")
     parser.add_argument("--test", help=".npz with x (inputs) and y (labels)")
     parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--convs", choices=("prune", "factorise"), default="prune")
     args = parser.parse_args(argv)
     stem = Path(args.model).with_suffix("")
     calib_path = args.calib or (f"{stem}_calib.npz" if Path(f"{stem}_calib.npz").exists()
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 1. plan on the ONNX model (data-aware with calibration inputs)
     plan = plan_onnx(onnx.load(args.model), CompressConfig(keep=args.keep, calib=calib),
-                     convs="factorise")
+                     convs=args.convs)
     # 2. import into Relax and run the pass in a pipeline with TVM's own passes
     mod = from_onnx(plan.model)
     qmpass = QMPass(plan)
@@ -64,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     compressed = pipeline(mod)
     for outcome in qmpass.outcomes:
         step = outcome.step
-        print(f"step {outcome.index}: {step.kind} rank={step.rank} of "
+        size = f"rank={step.rank}" if step.kept is None else \
+            f"kept={len(step.kept)}/{step.channels}"
+        print(f"step {outcome.index}: {step.kind} {size} of "
               f"{', '.join(step.operators)} -> {outcome.status}"
               + (f" ({outcome.reason})" if outcome.reason else ""))
     # 3. build both, run on the Relax VM

@@ -39,7 +39,7 @@ from qmpass.extract.channels import ChannelConsumer, ChannelGroup, SlicedConstan
 from qmpass.plan.plan import Step, StepKind
 from qmpass.rewrite.base import Rewrite, StepTensors, unique_name
 
-__all__ = ["PruneChannels"]
+__all__ = ["PruneChannels", "decline_kept"]
 
 #: name of the bias ``Add`` inserted after a MatMul consumer that had none; a later step
 #: that prunes the MatMul's output channels finds it by this name and slices it too
@@ -87,7 +87,7 @@ class PruneChannels(Rewrite):
         if step.channels is not None and step.channels != group.channels:
             return (f"the step prunes {step.channels} channels, group '{group.name}' has "
                     f"{group.channels}")
-        reason = _decline_kept(step.kept, group.channels)
+        reason = decline_kept(step.kept, group.channels)
         if reason is not None:
             return reason
         nodes = {n.name: n for n in graph.nodes}
@@ -292,7 +292,9 @@ def _current_width(nodes: Mapping[str, gs.Node], group: ChannelGroup) -> int:
     return group.channels
 
 
-def _decline_kept(kept: Sequence[int] | None, channels: int) -> str | None:
+def decline_kept(kept: Sequence[int] | None, channels: int) -> str | None:
+    """Why ``kept`` is not a valid choice of channels of a group of ``channels`` (shared
+    with the Relax pass, :mod:`qmpass.tvm.prune`)."""
     if not kept:
         return "the step keeps no channel; a group cannot be removed entirely"
     values = list(kept)

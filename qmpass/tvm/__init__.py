@@ -5,7 +5,8 @@
 * :func:`plan_onnx`: the ONNX path's plan, with its factor tensors (what
   ``qmpass.compress`` plans), and :meth:`OnnxPlan.compressed` its ONNX model;
 * :class:`QMPass`: the ``tvm.transform`` module pass that applies a plan (or plans one
-  on the module, data-free) to a Relax function.
+  on the module, data-free) to a Relax function: low-rank matmuls and convs, fused
+  shared-basis matmuls, and channel pruning (:mod:`qmpass.tvm.prune`).
 
 Importing :mod:`qmpass` does not import TVM; importing this package does.
 """

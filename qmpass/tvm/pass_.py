@@ -15,8 +15,20 @@ and the new bias ``b'``:
   one fused matmul with the stacked ``second``, one add of the stacked biases, then
   ``R.split`` on the last axis, item ``i`` replacing member ``i``'s output.
 
-Channel pruning steps are declined (recorded with the reason): they need the channel
-groups of :mod:`qmpass.extract.channels`, which are defined on ONNX graphs.
+* channel pruning (:mod:`qmpass.tvm.prune`): the producers of a channel group keep the
+  ``kept`` output rows of their folded ``(W, b)``, depthwise convs their ``kept`` filters,
+  and each consumer's input slice ``W_g`` becomes ``W_g M`` with ``b += W_g s`` (the
+  planner's least-squares compensation ``x ~= M x_kept + s``); a classifier head's
+  ``reshape`` to ``[N, C]`` asks for ``[N, k]``. The groups are those of
+  :mod:`qmpass.extract.channels` on the ONNX model the plan was made on
+  (:class:`~qmpass.tvm.OnnxPlan` brings them); the pass checks in the Relax function that
+  only channel-wise operations without constants lie between producers and consumers,
+  and declines the step with the reason otherwise.
+
+Each step is applied or declined as a whole, and the reason is kept in
+``QMPass.outcomes``. A site is rewritten by one low-rank or shared-basis step, or by any
+number of prune steps (a consumer of one group is often the producer of the next: the
+edits compose), never by both kinds.
 
 Where it belongs in a pipeline: right after the import (``from_onnx``) and, for a module
 whose weights are parameters, after ``BindParams`` (or with the values in the
@@ -40,11 +52,13 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qmpass.extract import Operator
+from qmpass.extract.channels import ChannelGroup
 from qmpass.plan.plan import Step
 from qmpass.plan.planner import Method, Planned
 from qmpass.rewrite.base import decline_factors, decline_rank
 from qmpass.tvm.extract import RelaxExtraction, Site, extract_relax
 from qmpass.tvm.plans import OnnxPlan, plan_relax
+from qmpass.tvm.prune import Dataflow, SiteEdit, prune_step
 
 __all__ = ["QMPass", "RelaxOutcome", "match_operators"]
 
@@ -120,7 +134,8 @@ class QMPass:
       :func:`match_operators`, so the result computes what
       ``plan.compressed(pass.applied)`` computes in onnxruntime.
     * ``QMPass(planned)``: a :class:`~qmpass.plan.planner.Planned` whose steps name the
-      operators of :func:`extract_relax` (as :func:`plan_relax` makes them).
+      operators of :func:`extract_relax` (as :func:`plan_relax` makes them); its prune
+      steps need ``groups``, channel groups whose node names are those operators.
     * ``QMPass(keep=F)`` / ``QMPass(delta=D)`` with ``method``/``align``: a data-free
       plan made on the operators extracted from the module (:func:`plan_relax`).
 
@@ -138,10 +153,15 @@ class QMPass:
         align: int = 8,
         function: str = "main",
         params: Mapping[str, Any] | None = None,
+        groups: Sequence[ChannelGroup] | None = None,
     ) -> None:
         if plan is not None and (keep is not None or delta is not None):
             raise ValueError("give a plan or a budget (keep/delta), not both")
+        if groups is not None and not isinstance(plan, Planned):
+            raise ValueError("channel groups go with a Planned plan; an OnnxPlan has its own")
         self.plan = plan
+        self.groups = {g.name: g for g in (plan.groups if isinstance(plan, OnnxPlan)
+                                           else groups or ())}
         self.budget = {"keep": keep, "delta": delta, "method": method, "align": align}
         self.function = function
         self.params = params
@@ -171,11 +191,32 @@ class QMPass:
         self.planned = planned
         replacements: list[_Replacement] = []
         outcomes: list[RelaxOutcome] = []
-        used: set[Any] = set()
+        used: set[Any] = set()  # sites of low-rank and shared-basis steps
+        edits: dict[Any, SiteEdit] = {}  # sites of prune steps, with their edits so far
+        reshapes: dict[Any, Any] = {}
+        flow: Dataflow | None = None
         for index, (step, tensors) in enumerate(
                 zip(planned.plan.steps, planned.tensors, strict=True)):
+            if step.kind == "prune_channels":
+                group = self.groups.get(str(step.group))
+                if group is None:
+                    outcomes.append(RelaxOutcome(index, step, "declined", _no_group(step)))
+                    continue
+                flow = flow or Dataflow(mod[self.function], extraction.sites)
+                pruned = prune_step(step, index, tensors, group, ops, sites, flow, edits)
+                if not isinstance(pruned, str) and any(s.call in used for s in pruned.sites):
+                    pruned = "a site of this step was rewritten by an earlier step"
+                if isinstance(pruned, str):
+                    outcomes.append(RelaxOutcome(index, step, "declined", pruned))
+                    continue
+                edits.update(pruned.edits)
+                reshapes.update(pruned.reshapes)
+                outcomes.append(RelaxOutcome(index, step, "applied", None,
+                                             tuple(s.operator.name for s in pruned.sites)))
+                continue
             found = _replacement(step, tensors, ops, sites)
-            if isinstance(found, _Replacement) and any(s.call in used for s in found.sites):
+            if isinstance(found, _Replacement) and any(
+                    s.call in used or s.call in edits for s in found.sites):
                 found = "a site of this step was rewritten by an earlier step"
             if isinstance(found, str):
                 outcomes.append(RelaxOutcome(index, step, "declined", found))
@@ -185,10 +226,11 @@ class QMPass:
             outcomes.append(RelaxOutcome(index, step, "applied", None,
                                          tuple(s.operator.name for s in found.sites)))
         self.outcomes = tuple(outcomes)
+        replacements += [_Replacement((e.site,), _emitter(e)) for e in edits.values()]
         if not replacements:
             return mod
         gvar = mod.get_global_var(self.function)
-        rewriter = _Rewriter(mod, replacements)
+        rewriter = _Rewriter(mod, replacements, reshapes)
         rewriter.builder_.update_func(gvar, rewriter.visit_expr(mod[self.function]))
         return rewriter.builder_.get()
 
@@ -211,14 +253,22 @@ class _Replacement:
         return min(self.sites, key=lambda site: site.position).call
 
 
+def _no_group(step: Step) -> str:
+    if step.group is None:
+        return "the step names no channel group"
+    return (f"no channel group '{step.group}': channel pruning needs the groups of the ONNX "
+            "model the plan was made on (plan with plan_onnx, or give QMPass(groups=...))")
+
+
+def _emitter(edit: SiteEdit) -> Emit:
+    return lambda bb, x: [edit.emit(bb, x)]
+
+
 def _replacement(
     step: Step, tensors: Mapping[str, np.ndarray], ops: Mapping[str, Operator],
     sites: Mapping[str, Site],
 ) -> _Replacement | str:
     """The replacement for ``step``, or why the pass declines it."""
-    if step.kind == "prune_channels":
-        return ("channel pruning is not done by the Relax pass: channel groups are an "
-                "ONNX graph analysis; plan with convs='factorise' to factorise convolutions")
     members: list[Site] = []
     for name in step.operators:
         if name not in ops:
@@ -303,15 +353,24 @@ def _conv_chain(bb: Any, x: Any, site: Site, first: np.ndarray, second: np.ndarr
 class _Rewriter(PyExprMutator):
     """Emits each replacement at its trigger call, binds the new expressions to fresh
     variables of the same kind as the sites' outputs (dataflow or not), remaps the old
-    outputs to them, and drops every other binding of the replaced sites."""
+    outputs to them, and drops every other binding of the replaced sites. ``reshapes``
+    gives some ``reshape`` bindings a new target shape (a pruned classifier head); the
+    other bindings are re-emitted with the shapes of their new operands."""
 
-    def __init__(self, mod: Any, replacements: Sequence[_Replacement]) -> None:
+    def __init__(self, mod: Any, replacements: Sequence[_Replacement],
+                 reshapes: Mapping[Any, Any]) -> None:
         super().__init__(mod)
         self.triggers = {r.trigger: r for r in replacements}
         self.dropped = {var for r in replacements for s in r.sites for var in s.internal}
+        self.reshapes = reshapes
 
     def visit_var_binding_(self, binding: Any) -> None:
         var = binding.var
+        if var in self.reshapes:
+            x = self.visit_expr(binding.value.args[0])
+            self.set_var_remap(var, self._bind_like(
+                relax.op.reshape(x, self.reshapes[var]), var))
+            return
         replacement = self.triggers.get(var)
         if replacement is not None:
             x = self.visit_expr(replacement.sites[0].input)
