@@ -1,5 +1,6 @@
-"""The cpu target: emitted plain-C kernels compile, run, match onnxruntime, and cost what
-the simulation counts; an oversized tile is caught by the bounds-checked L2 arena."""
+"""The cpu target (matching onnxruntime and the cost model is tested for every target in
+test_hw_targets.py): an oversized tile is caught by the bounds-checked L2 arena; tilings
+fit L2; the cost is monotone and pays for partial SIMD vectors."""
 
 from __future__ import annotations
 
@@ -7,66 +8,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import trained_conv, trained_matrix
-from hw_helpers import gemm_tolerance, ort_conv, ort_matmul
 
-from hw_targets import SimulationFault, get_target, lower_conv, lower_matmul
+from hw_targets import SimulationFault, get_target, lower_matmul
 from hw_targets.spec import GemmSpec
 
 cpu = get_target("cpu")
 TARGET = cpu.TARGET
-RNG = np.random.default_rng(3)
 
-
-def _activations(rows: int, k: int) -> np.ndarray:
-    return RNG.standard_normal((rows, k)).astype(np.float32)
-
-
-@pytest.mark.parametrize(
-    ("rows", "k", "n", "bias"),
-    [(64, 64, 64, True), (5, 7, 3, False), (33, 100, 70, True), (128, 96, 200, True)],
-)
-def test_matmul_matches_onnxruntime_and_cost_model(rows: int, k: int, n: int, bias: bool) -> None:
-    w = trained_matrix(n, k).T.copy()  # B is k x n
-    b = trained_matrix(n, 1)[:, 0].copy() if bias else None
-    x = _activations(rows, k)
-    lowering = lower_matmul(cpu, TARGET, "mm", rows, k, n, bias)
-    y, result = lowering.simulate({"a": x, "b": w, "bias": b if b is not None else np.zeros(1)})
-    expected = ort_matmul(x, w, b)
-    assert np.all(np.abs(y - expected) <= gemm_tolerance(x, w, b, TARGET.in_dtype) + 1e-6)
-    (predicted,) = lowering.costs()
-    (counted,) = result.counters
-    assert counted["cycles"] == predicted.cycles
-    assert counted["pipes"] == dict(predicted.pipes)
-
-
-@pytest.mark.parametrize(
-    ("x_shape", "c_out", "k", "strides", "pads", "groups"),
-    [
-        ((2, 4, 9, 9), 6, 3, (1, 1), (1, 1, 1, 1), 1),  # padded 3x3
-        ((1, 8, 8, 8), 8, 3, (2, 2), (1, 0, 1, 0), 8),  # strided depthwise, asymmetric pads
-        ((2, 6, 5, 5), 4, 1, (1, 1), (0, 0, 0, 0), 2),  # grouped pointwise: no im2col
-    ],
-)
-def test_conv_matches_onnxruntime(
-    x_shape: tuple[int, int, int, int],
-    c_out: int,
-    k: int,
-    strides: tuple[int, int],
-    pads: tuple[int, int, int, int],
-    groups: int,
-) -> None:
-    w = trained_conv(c_out, x_shape[1] // groups, 3)[:, :, :k, :k].copy()
-    bias = RNG.standard_normal(c_out).astype(np.float32)
-    x = RNG.standard_normal(x_shape).astype(np.float32)
-    lowering = lower_conv(cpu, TARGET, "cv", x_shape, c_out, (k, k), strides, pads,
-                          groups=groups)
-    y, result = lowering.simulate({"a": w, "x": x, "bias": bias})
-    expected = ort_conv(x, w, bias, strides, pads, groups=groups)
-    assert y.shape == expected.shape
-    assert np.abs(y - expected).max() <= 1e-5 * max(1.0, float(np.abs(expected).max()))
-    assert len(result.counters) == (1 if k == 1 else 2)  # 1x1 needs no im2col kernel
-    assert [c["cycles"] for c in result.counters] == [c.cycles for c in lowering.costs()]
 
 
 def test_oversized_tile_is_caught() -> None:

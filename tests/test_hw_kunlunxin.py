@@ -1,6 +1,7 @@
-"""The kunlunxin target: emitted XPU C kernels compile, run on 8 x 64 simulated cores,
-match onnxruntime within the fp16 rounding bound, and cost what the simulation counts;
-an oversized tile is caught by the bounds-checked LM arena."""
+"""The kunlunxin target (8 x 64 simulated cores; matching onnxruntime and the cost model
+is tested for every target in test_hw_targets.py): an oversized tile is caught by the
+bounds-checked LM arena; tilings fit LM and its alignment; the model pays for partial
+SIMD vectors, per-call DMA latency and shared bandwidth."""
 
 from __future__ import annotations
 
@@ -8,17 +9,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import trained_conv, trained_matrix
-from hw_helpers import gemm_tolerance, ort_conv, ort_matmul
 
 from hw_targets import (
-    Lowering,
     SimulationFault,
     get_target,
-    lower_conv,
     lower_matmul,
     roofline,
-    simulate_all,
 )
 from hw_targets.base import Target, Tiling, UnsupportedKernel
 from hw_targets.kunlunxin import library_cost
@@ -26,78 +22,6 @@ from hw_targets.spec import GemmSpec, Im2colSpec
 
 kunlunxin = get_target("kunlunxin")
 TARGET = kunlunxin.TARGET
-RNG = np.random.default_rng(5)
-
-
-MATMULS = [(64, 64, 64, True), (5, 7, 3, False), (33, 100, 70, True), (40, 96, 200, False)]
-CONVS = [
-    ((2, 4, 9, 9), 6, 3, (1, 1), (1, 1, 1, 1), 1),  # padded 3x3
-    ((1, 8, 8, 8), 8, 3, (2, 2), (1, 0, 1, 0), 8),  # strided depthwise, asymmetric pads
-    ((2, 6, 5, 5), 4, 1, (1, 1), (0, 0, 0, 0), 2),  # grouped pointwise: no im2col
-]
-
-Run = tuple[Lowering, dict[str, np.ndarray], np.ndarray, list[dict[str, object]]]
-
-
-def _simulate(lowerings: list[Lowering], feeds: list[dict[str, np.ndarray]]) -> list[Run]:
-    """All operators in one program: one compile for the lot."""
-    done = simulate_all(lowerings, feeds)
-    return [(low, feed, y, counters)
-            for low, feed, (y, counters) in zip(lowerings, feeds, done, strict=True)]
-
-
-@pytest.fixture(scope="module")
-def matmuls() -> list[Run]:
-    lowerings, feeds = [], []
-    for index, (rows, k, n, bias) in enumerate(MATMULS):
-        lowerings.append(lower_matmul(kunlunxin, TARGET, f"mm{index}", rows, k, n, bias))
-        feeds.append({
-            "a": RNG.standard_normal((rows, k)).astype(np.float32),
-            "b": trained_matrix(n, k).T.copy(),  # B is k x n
-            "bias": trained_matrix(n, 1)[:, 0].copy() if bias else np.zeros(1, np.float32),
-        })
-    return _simulate(lowerings, feeds)
-
-
-@pytest.fixture(scope="module")
-def convs() -> list[Run]:
-    lowerings, feeds = [], []
-    for index, (x_shape, c_out, k, strides, pads, groups) in enumerate(CONVS):
-        lowerings.append(lower_conv(kunlunxin, TARGET, f"cv{index}", x_shape, c_out, (k, k),
-                                    strides, pads, groups=groups))
-        feeds.append({
-            "a": trained_conv(c_out, x_shape[1] // groups, 3)[:, :, :k, :k].copy(),
-            "x": RNG.standard_normal(x_shape).astype(np.float32),
-            "bias": RNG.standard_normal(c_out).astype(np.float32),
-        })
-    return _simulate(lowerings, feeds)
-
-
-@pytest.mark.parametrize("index", range(len(MATMULS)))
-def test_matmul_matches_onnxruntime_and_cost_model(matmuls: list[Run], index: int) -> None:
-    lowering, feed, y, counters = matmuls[index]
-    bias = feed["bias"] if MATMULS[index][3] else None
-    expected = ort_matmul(feed["a"], feed["b"], bias)
-    assert np.all(np.abs(y - expected) <= gemm_tolerance(feed["a"], feed["b"], bias, "half"))
-    (predicted,) = lowering.costs()
-    (counted,) = counters
-    assert counted["cycles"] == predicted.cycles
-    assert counted["stages"] == predicted.stages
-    assert counted["pipes"] == dict(predicted.pipes)
-
-
-@pytest.mark.parametrize("index", range(len(CONVS)))
-def test_conv_matches_onnxruntime_and_cost_model(convs: list[Run], index: int) -> None:
-    lowering, feed, y, counters = convs[index]
-    _, _, k, strides, pads, groups = CONVS[index]
-    expected = ort_conv(feed["x"], feed["a"], feed["bias"], strides, pads, groups=groups)
-    assert y.shape == expected.shape
-    # The GEMM bound of W_g @ cols (cols built in numpy), plus the fp32 bias add's.
-    assert np.all(np.abs(y - expected) <= lowering.error_bound(feed))
-    assert len(counters) == (1 if k == 1 else 2)  # 1x1 needs no im2col kernel
-    for count, predicted in zip(counters, lowering.costs(), strict=True):
-        assert count["cycles"] == predicted.cycles
-        assert count["pipes"] == dict(predicted.pipes)
 
 
 def test_oversized_tile_is_caught() -> None:
@@ -200,9 +124,3 @@ def test_library_fc_path_and_roofline_are_reported_side_by_side() -> None:
     # its own roofline; the model says so rather than hiding it.
     assert library < roofline(spec, TARGET) <= simulated
     assert TARGET.params["paper_attention_fusion_speedup"].tag == "U"
-
-
-def test_every_declared_number_has_a_tag_and_source() -> None:
-    for row in TARGET.table():
-        assert row["tag"] in ("V", "S", "U")
-        assert row["source"]
