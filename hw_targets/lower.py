@@ -13,6 +13,7 @@ touched outside a kernel.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,8 +43,9 @@ class Lowering:
     arg_names: tuple[tuple[str, ...], ...]
     output_shape: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def launches(self) -> tuple[Launch, ...]:
+        """The emitted kernels with their arguments (emitted once per lowering)."""
         return tuple(
             Launch(self.module.emit(spec, tiling, self.target), args)
             for spec, tiling, args in zip(self.specs, self.tilings, self.arg_names, strict=True)

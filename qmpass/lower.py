@@ -96,11 +96,10 @@ def lower(
     loaded = load_model(model)
     proto = loaded.proto
     extraction = extract_operators(proto, loaded.external)
-    ops = [op for op in extraction.operators]
     not_lowered = [{"operator": s.name, "op_type": s.op_type, "reason": s.reason}
                    for s in (*extraction.skipped, *extraction.unsupported)]
     lowerable: list[Operator] = []
-    for op in ops:
+    for op in extraction.operators:
         reason = _declines(op)
         if reason is None:
             lowerable.append(op)
