@@ -85,7 +85,7 @@ class Lowering:
         """Elementwise bound on ``|kernel - exact|`` in the operator's output layout.
 
         :func:`gemm_error_bound` of the GEMM's operands (for a conv, the weight and the
-        im2col matrix), plus the rounding of the fp32 bias add.
+        im2col matrix) and its bias.
         """
         gemm = self.specs[-1]
         assert isinstance(gemm, GemmSpec)
@@ -99,14 +99,13 @@ class Lowering:
             b = _cols(self.specs[0], np.asarray(feeds["x"], np.float64)) \
                 if isinstance(self.specs[0], Im2colSpec) else \
                 np.asarray(feeds["x"], np.float64).reshape(gemm.batch, gemm.k, gemm.n)
-        bound = gemm_error_bound(a, b, self.target.in_dtype)
+        bias = None
         if gemm.bias != "none":
-            bias = np.abs(np.asarray(feeds["bias"], np.float64))
+            bias = np.asarray(feeds["bias"], np.float64)
             if gemm.bias == "row":  # batch b adds bias[(b % groups) * m + row]
                 period = gemm.bias_operand.period
                 bias = bias.reshape(period, gemm.m)[np.arange(gemm.batch) % period][:, :, None]
-            bound = bound + 4 * _F32_UNIT * bias
-        return bound.reshape(self.output_shape)
+        return gemm_error_bound(a, b, self.target.in_dtype, bias).reshape(self.output_shape)
 
 
 _F16_UNIT = 2.0**-11
@@ -114,19 +113,26 @@ _F16_TINY = 2.0**-25
 _F32_UNIT = 2.0**-24
 
 
-def gemm_error_bound(a: np.ndarray, b: np.ndarray, dtype: str) -> np.ndarray:
-    """Elementwise bound on ``|kernel(a @ b) - a @ b|`` (batched ``a``, ``b`` allowed).
+def gemm_error_bound(
+    a: np.ndarray, b: np.ndarray, dtype: str, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """Elementwise bound on ``|kernel(a @ b + bias) - (a @ b + bias)|`` (batched ``a``,
+    ``b`` allowed; ``bias`` broadcast against the output).
 
     Inputs rounded to ``dtype`` (fp16: ``|fl(v) - v| <= max(u|v|, 2^-25)``, fp32 inputs
     are exact), products summed in fp32 by the kernel and by an fp32 reference:
-    ``|A| e_B + e_A |B| + e_A e_B + 2 gamma_(k+2) (|A| + e_A)(|B| + e_B)``.
+    ``|A| e_B + e_A |B| + e_A e_B + 2 gamma_(k+2) (|A| + e_A)(|B| + e_B)``, plus the
+    rounding of the fp32 bias add on both sides.
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     ea, eb = _rounding(a, dtype), _rounding(b, dtype)
     k = a.shape[-1]
     gamma = 2 * (k + 2) * _F32_UNIT / (1 - (k + 2) * _F32_UNIT)
-    return (np.abs(a) @ eb + ea @ np.abs(b) + ea @ eb
-            + gamma * ((np.abs(a) + ea) @ (np.abs(b) + eb)))
+    bound = (np.abs(a) @ eb + ea @ np.abs(b) + ea @ eb
+             + gamma * ((np.abs(a) + ea) @ (np.abs(b) + eb)))
+    if bias is not None:
+        bound = bound + 4 * _F32_UNIT * np.abs(np.asarray(bias, np.float64))
+    return bound
 
 
 def _rounding(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -14,8 +14,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hw_targets.lower import gemm_error_bound
 
-F32_UNIT = 2.0**-24
-
 
 def _run(graph: onnx.GraphProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
@@ -75,8 +73,5 @@ def gemm_tolerance(
     a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, dtype: str
 ) -> np.ndarray:
     """Bound on ``|kernel - onnxruntime|`` for ``a @ b + bias`` (2-D ``a``, ``b``): the
-    rounding bound of :func:`hw_targets.lower.gemm_error_bound` plus the bias add's."""
-    bound = gemm_error_bound(a, b, dtype)
-    if bias is not None:
-        bound = bound + 4 * F32_UNIT * np.abs(bias.astype(np.float64))
-    return bound + 1e-30
+    rounding bound of :func:`hw_targets.lower.gemm_error_bound`."""
+    return gemm_error_bound(a, b, dtype, bias) + 1e-30
