@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 import networkx as nx
 import numpy as np
-import onnx
 from tqdm import tqdm
 
 from qmpass.extract import Extraction, Operator, extract_operators
@@ -106,7 +105,7 @@ def analyze(model: ModelLike, config: AnalysisConfig = AnalysisConfig()) -> Anal
     by_spectrum = tuple(clusters(graph, metric="fs", method=config.cluster_method))
     seconds["qmfrg"] = time.perf_counter() - timer
     return Analysis(
-        _model_name(model, loaded.proto), extraction, states, graph, by_bures, seconds, by_spectrum
+        loaded.name, extraction, states, graph, by_bures, seconds, by_spectrum
     )
 
 
@@ -114,10 +113,6 @@ def _quiet(config: AnalysisConfig) -> bool | None:
     return None if config.progress is None else not config.progress
 
 
-def _model_name(model: ModelLike, proto: onnx.ModelProto) -> str:
-    if isinstance(model, onnx.ModelProto):
-        return proto.graph.name or "model"
-    return str(model)
 
 
 def _operator_dict(op: Operator, state: SpectralState) -> dict[str, Any]:

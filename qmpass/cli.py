@@ -21,7 +21,7 @@ from qmpass.compress import CompressConfig, Report, compress
 from qmpass.errors import QmpassInputError
 from qmpass.frg import FRGConfig, graph_to_graphml
 from qmpass.lower import LowerConfig, lower
-from qmpass.modelio import load_model, write_atomic
+from qmpass.modelio import check_outputs, load_model, write_all_atomic, write_atomic
 from qmpass.plan.planner import METHODS
 from qmpass.verify import accuracy, load_calib
 
@@ -145,7 +145,10 @@ def _analyze(args: argparse.Namespace) -> int:
     config = AnalysisConfig(
         frg=FRGConfig(threshold=args.threshold), cluster_method=args.clusters
     )
-    analysis = analyze(args.model, config)
+    loaded = load_model(args.model)
+    check_outputs({"--report": args.report, "--html": args.html, "--graphml": args.graphml},
+                  loaded.files)
+    analysis = analyze(loaded, config)
     _write_reports(analysis, report=args.report, html=args.html, graphml=args.graphml)
     _print_summary(analysis)
     return 0
@@ -153,6 +156,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _compress(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
+    check_outputs({"-o": args.output, "--report": args.report},
+                  [*loaded.files, *([args.calib] if args.calib else [])])
     config = CompressConfig(
         method=args.method,
         keep=args.keep,
@@ -164,13 +169,13 @@ def _compress(args: argparse.Namespace) -> int:
         target=args.target,
         batch=args.batch,
     )
-    model, report = compress(loaded.proto, config)
+    model, report = compress(loaded, config)
     document = report.to_dict()
     document["model"] = str(args.model)
-    payload = model.SerializeToString()
-    write_atomic(args.output, payload)
+    outputs: list[tuple[Path, bytes | str]] = [(args.output, model.SerializeToString())]
     if args.report is not None:
-        write_atomic(args.report, json.dumps(document, indent=1))
+        outputs.append((args.report, json.dumps(document, indent=1)))
+    write_all_atomic(outputs)
     _print_compress_summary(report)
     print(f"wrote {args.output}")
     return 0
@@ -180,8 +185,10 @@ def _lower(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise QmpassInputError(f"--samples must be at least 1, got {args.samples}.")
     loaded = load_model(args.model)
+    check_outputs({}, [*loaded.files, *([args.calib] if args.calib else [])],
+                  {"-o": args.output})
     calib = None if args.calib is None else load_calib(args.calib, loaded.proto)
-    report = lower(loaded.proto, LowerConfig(args.target, calib, args.samples), args.output)
+    report = lower(loaded, LowerConfig(args.target, calib, args.samples), args.output)
     doc = report.to_dict()
     header = (f"{'operator':<40} {'kernels':>7} {'predicted':>11} {'simulated':>11} "
               f"{'roofline':>10} {'max err':>9} {'bound':>9}")
@@ -214,8 +221,9 @@ def _demo(args: argparse.Namespace) -> int:
             f"the bundled model {DEFAULT_MODEL} is missing; run the demo from a source "
             "checkout installed with `pip install -e .`."
         )
-    analysis = analyze(DEFAULT_MODEL)
     out: Path = args.out
+    check_outputs({}, [DEFAULT_MODEL], {"--out": out})
+    analysis = analyze(DEFAULT_MODEL)
     _write_reports(
         analysis,
         report=out / "analysis.json",
@@ -260,8 +268,7 @@ def _write_reports(
         outputs.append((html, render_html(analysis)))
     if graphml is not None:
         outputs.append((graphml, graph_to_graphml(analysis.graph)))
-    for path, text in outputs:
-        write_atomic(path, text)
+    write_all_atomic(outputs)
 
 
 def _print_compress_summary(report: Report) -> None:

@@ -29,7 +29,7 @@ from qmpass.errors import QmpassInputError
 from qmpass.extract import Extraction, extract_operators
 from qmpass.extract.channels import ChannelGroup, channel_groups
 from qmpass.extract.shapes import infer_shapes
-from qmpass.modelio import ModelLike, load_model, stored_values
+from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
 from qmpass.plan import Plan, Step
 from qmpass.plan.planner import (
     METHODS,
@@ -40,7 +40,7 @@ from qmpass.plan.planner import (
     stats_requests,
 )
 from qmpass.plan.resource import PARAMS, Cycles, Resource
-from qmpass.plan.units import Built
+from qmpass.plan.units import Built, Candidate
 from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
 from qmpass.verify import (
@@ -172,6 +172,7 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     alternatives: dict[str, float] = field(default_factory=dict)
     cycles: tuple[int, int, int] | None = None  # before, after, at this batch
+    ir_version: tuple[int, int] = (0, 0)  # of the input and of the output
 
     @property
     def kept(self) -> tuple[Outcome, ...]:
@@ -201,6 +202,7 @@ class Report:
             "verification": self.verification.to_dict(),
             "conv_alternatives": self.alternatives,
             "seconds": self.seconds,
+            "ir_version": {"input": self.ir_version[0], "output": self.ir_version[1]},
             **({} if self.cycles is None else {"target": {
                 "name": self.plan.resource.removeprefix("cycles:"),
                 "cycles_before": self.cycles[0],
@@ -245,7 +247,7 @@ def compress(
             "the model is 2 GB or larger; protobuf cannot hold it in one message, and "
             "compress does not support such models yet."
         )
-    original = name_nodes(loaded.proto)
+    original = name_nodes(caller_form(loaded.proto))
     extraction = extract_operators(original, loaded.external)
     groups = channel_groups(original)
     seconds["analyse"] = time.perf_counter() - timer
@@ -254,6 +256,7 @@ def compress(
     feeds = check_feeds(config.calib, original) if config.calib is not None else synthesize_inputs(
         original, count=config.samples, seed=config.seed
     )
+    verifier = Verifier(original, feeds)  # first: refuses a model onnxruntime cannot run
     stats = (
         calibration_stats(original, extraction, groups, config.method, feeds)
         if config.calib is not None else None
@@ -265,15 +268,15 @@ def compress(
     choices = config.conv_choices()
     resource = PARAMS if config.target is None else Cycles(
         config.target, infer_shapes(original), config.batch)
+    memo: dict[tuple[str, ...], Candidate | None] = {}  # low-rank units, shared by both
     candidates = [
         make_plan(extraction, groups, values, stats, config.plan_config(convs, resource),
-                  _name(model, original))
+                  loaded.name, memo)
         for convs in choices
     ]
     seconds["plan"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    verifier = Verifier(original, feeds)
     applier = Applier(original, extraction, groups)
     tried = [_apply_all(applier, verifier, planned) for planned in candidates]
     if len(candidates) > 1 and candidates[0].plan == candidates[1].plan:
@@ -306,6 +309,7 @@ def compress(
         operator_params=(_params(extraction), _params(after)),
         seconds=seconds,
         alternatives=alternatives,
+        ir_version=(loaded.proto.ir_version, result.ir_version),
         cycles=None if not isinstance(resource, Cycles) else (
             round(resource.operators(extraction.operators)),
             round(Cycles(resource.target.name, infer_shapes(result), resource.batch)
@@ -373,8 +377,6 @@ def _outcome(step: Step, declined: str | None, note: str | None = None) -> Outco
     return Outcome(step, "kept", note)
 
 
-def _name(model: ModelLike, proto: onnx.ModelProto) -> str:
-    return proto.graph.name or "model" if isinstance(model, onnx.ModelProto) else str(model)
 
 
 def _params(extraction: Extraction) -> int:

@@ -31,9 +31,10 @@ import onnx
 import hw_targets
 from qmpass.errors import QmpassInputError
 from qmpass.extract import Operator, extract_operators
+from qmpass.extract.shapes import infer_types
 from qmpass.modelio import ModelLike, load_model
 from qmpass.verify import check_feeds, synthesize_inputs
-from qmpass.verify.runner import feed_batches, session_with_tensors
+from qmpass.verify.runner import ORT_ERRORS, feed_batches, session_with_tensors
 
 __all__ = ["LowerConfig", "LoweringReport", "lower"]
 
@@ -89,6 +90,8 @@ def lower(
     ``lowering.json`` are written there (atomically: a directory is renamed into place).
     """
     started = time.perf_counter()
+    if out_dir is not None:
+        _check_out_dir(Path(out_dir))  # before any work
     try:
         module = hw_targets.get_target(config.target)
     except hw_targets.UnknownTarget as exc:
@@ -99,17 +102,20 @@ def lower(
     not_lowered = [{"operator": s.name, "op_type": s.op_type, "reason": s.reason}
                    for s in (*extraction.skipped, *extraction.unsupported)]
     lowerable: list[Operator] = []
+    types = infer_types(proto, [op.input for op in extraction.operators])
     for op in extraction.operators:
-        reason = _declines(op)
+        reason = _declines(op, types.get(op.input, onnx.TensorProto.FLOAT))
         if reason is None:
             lowerable.append(op)
         else:
             not_lowered.append({"operator": op.name, "op_type": op.op_type, "reason": reason})
     if not lowerable:
         raise QmpassInputError(
-            f"{_name(model, proto)} has no operator that qmpass can lower for "
+            f"{loaded.name} has no operator that qmpass can lower for "
             f"{config.target} (it lowers MatMul/Gemm with a constant right-hand weight and "
-            "2-D Conv outside subgraphs)."
+            "2-D Conv outside subgraphs, float32)"
+            + (f"; {not_lowered[0]['operator']}: {not_lowered[0]['reason']}." if not_lowered
+               else ".")
         )
     tensors = _capture(proto, config, lowerable)
     target = module.TARGET
@@ -162,18 +168,25 @@ def lower(
     lowered = {op.name for op in lowerable}
     host = Counter(node.op_type for node in proto.graph.node
                    if node.name not in lowered and not folded.intersection(node.output))
-    report = LoweringReport(_name(model, proto), target, tuple(kernels), tuple(not_lowered),
+    report = LoweringReport(loaded.name, target, tuple(kernels), tuple(not_lowered),
                             dict(sorted(host.items())), time.perf_counter() - started)
     if out_dir is not None:
         _write(Path(out_dir), lowerings, feeds, report)
     return report
 
 
-def _declines(op: Operator) -> str | None:
+def _declines(op: Operator, input_type: int) -> str | None:
     if op.graph != "main":
         return "operator inside a subgraph is left to the host"
+    if 0 in op.weight.shape:
+        return f"its weight is empty ({op.shape[0]}x{op.shape[1]})"
+    if input_type != onnx.TensorProto.FLOAT:
+        name = onnx.TensorProto.DataType.Name(input_type)
+        return (f"its input is {name}; kernels are checked against float32 references only")
     if op.op_type in ("MatMul", "Gemm"):
-        return None if op.weight_side == "right" else "weight on the left is not lowered"
+        if op.weight_side != "right":
+            return "weight on the left is not lowered"
+        return "Gemm with transA=1 is not lowered" if op.transposed_input else None
     if op.op_type != "Conv":
         return f"{op.op_type} is not lowered"
     geometry = op.geometry
@@ -194,9 +207,15 @@ def _capture(
     else:
         feeds = synthesize_inputs(proto, count=config.samples, seed=config.seed)
     names = sorted({t for op in ops for t in (op.input, op.output)})
-    sess = session_with_tensors(proto, names)
-    first = next(iter(feed_batches(sess, feeds, config.samples)))
-    values = sess.run(names, first)
+    try:
+        sess = session_with_tensors(proto, names)
+        first = next(iter(feed_batches(sess, feeds, config.samples)))
+        values = sess.run(names, first)
+    except ORT_ERRORS as exc:  # the user's model, not ours: bad input
+        raise QmpassInputError(
+            f"onnxruntime cannot run the model, so the kernels cannot be checked "
+            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})."
+        ) from exc
     return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
 
 
@@ -256,11 +275,7 @@ def _write(
     report: LoweringReport,
 ) -> None:
     """Write the bundle beside ``directory`` and rename it into place (nothing half-written)."""
-    if directory.exists() and not (directory.is_dir() and (
-            not any(directory.iterdir()) or (directory / "lowering.json").is_file())):
-        raise QmpassInputError(
-            f"{directory} exists and is not an earlier qmpass lowering; choose another -o."
-        )
+    _check_out_dir(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
@@ -274,7 +289,13 @@ def _write(
         raise
 
 
-def _name(model: ModelLike, proto: onnx.ModelProto) -> str:
-    return Path(model).stem if not isinstance(model, onnx.ModelProto) else (
-        proto.graph.name or "model")
+def _check_out_dir(directory: Path) -> None:
+    """Refuse a destination that is not empty and not an earlier lowering (it is replaced)."""
+    if directory.exists() and not (directory.is_dir() and (
+            not any(directory.iterdir()) or (directory / "lowering.json").is_file())):
+        raise QmpassInputError(
+            f"{directory} exists and is not an earlier qmpass lowering; choose another -o."
+        )
+
+
 

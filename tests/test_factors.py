@@ -29,12 +29,13 @@ def test_data_free_projection_is_the_truncated_svd() -> None:
         assert proj.tail(rank) == pytest.approx(np.sum(s[rank:] ** 2) / np.sum(s**2))
 
 
-def test_whitened_projection_reaches_the_design_optimum() -> None:
-    w = trained_matrix(32, 40).astype(np.float64)
-    cov = _covariance(40)
+@pytest.mark.parametrize("shape", [(32, 40), (40, 32)])  # output-side Gram, or C^(1/2)
+def test_whitened_projection_reaches_the_design_optimum(shape: tuple[int, int]) -> None:
+    w = trained_matrix(*shape).astype(np.float64)
+    cov = _covariance(shape[1])
     root = sqrt_psd(cov)
     np.testing.assert_allclose(root @ root, cov, atol=1e-10)
-    proj = projection([w], root)
+    proj = projection([w], cov)
     rank = 10
     first, second = proj.factors(rank)
     # DESIGN.md: W' = [W C^(1/2)]_q C^(-1/2)

@@ -308,6 +308,7 @@ class _Match:
             params=int(value.size + bias_params),
             weight_side=side,
             notes=tuple(notes),
+            transposed_input=trans_a if side == "right" else trans_b,
         )
 
     def _vectors(self, x: str, side: str) -> int:
@@ -364,9 +365,16 @@ class _Match:
         bn = self._sole_consumer(output, "BatchNormalization")
         if bn is not None and len([o for o in bn.output if o]) == 1:
             stats = [s for s in (self._const(name) for name in bn.input[1:5]) if s is not None]
-            if len(stats) == 4:
-                gamma, beta, mean, var = stats
+            if len(stats) == 4 and all(s.size == c_out for s in stats):
+                gamma, beta, mean, var = (s.reshape(c_out) for s in stats)
                 eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+                if not np.all(var + eps > 0):
+                    channel = int(np.argmin(var + eps))
+                    raise QmpassInputError(
+                        f"BatchNormalization '{bn.name or bn.output[0]}' has running variance "
+                        f"{var[channel]:g} in channel {channel}, so var + epsilon is not "
+                        "positive and the model computes NaN there."
+                    )
                 scale = gamma / np.sqrt(var + eps)
                 w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
                 bias = scale * ((bias if bias is not None else 0.0) - mean) + beta

@@ -63,6 +63,9 @@ class Operator:
     weight_side: str = "right"
     folded_batchnorm: str | None = None
     notes: tuple[str, ...] = field(default=())
+    #: the activation is read transposed (a Gemm with ``transA=1`` and its weight on the
+    #: right, or ``transB=1`` with it on the left): its vectors are columns, not rows
+    transposed_input: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-__all__ = ["infer_shapes", "infer_types"]
+__all__ = ["dim_size", "infer_shapes", "infer_types"]
 
 _SMALL = 4096  # initializers up to this many elements stay (Reshape targets, axes...)
 
@@ -58,13 +58,18 @@ def _types(graph: onnx.GraphProto) -> dict[str, int]:
     return types
 
 
+def dim_size(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    """A static dimension's size, or ``None`` for a dynamic one: a symbol, no value, or a
+    negative value (PaddlePaddle's exporter and others write ``-1``, which onnxruntime
+    treats as dynamic)."""
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0 else None
+
+
 def _collect(graph: onnx.GraphProto, shapes: dict[str, Shape]) -> None:
     for info in [*graph.input, *graph.output, *graph.value_info]:
         tensor_type = info.type.tensor_type
         if tensor_type.HasField("shape"):
-            shapes[info.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
-            )
+            shapes[info.name] = tuple(dim_size(d) for d in tensor_type.shape.dim)
     for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
     for node in graph.node:

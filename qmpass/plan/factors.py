@@ -102,16 +102,27 @@ class Projection:
         return first, second
 
 
-def projection(weights: Sequence[np.ndarray], sqrt_cov: np.ndarray | None) -> Projection:
-    """The :class:`Projection` of members ``weights`` (each d_out_i x d_in) under the
-    input covariance whose square root is ``sqrt_cov`` (None: data-free, ``S = I``)."""
+def projection(weights: Sequence[np.ndarray], cov: np.ndarray | None) -> Projection:
+    """The :class:`Projection` of members ``weights`` (each d_out_i x d_in) under the input
+    covariance ``cov`` (None: data-free, ``S = I``).
+
+    Only the output side of ``D W S`` is needed. Where the stack has no more rows than
+    columns, its Gram matrix ``D W C W^T D`` gives it without a square root of ``C`` (an
+    eigendecomposition of ``d_in x d_in`` saved: 9216 x 9216 on AlexNet's first FC layer).
+    """
     stacked = np.vstack(weights)
-    seen = stacked if sqrt_cov is None else stacked @ sqrt_cov
-    scale = np.concatenate(
-        [np.full(w.shape[0], 1.0 / _norm(seen_rows)) for w, seen_rows in
-         zip(weights, np.split(seen, np.cumsum([w.shape[0] for w in weights])[:-1]), strict=True)]
-    )
-    basis, energy = _left_singular(scale[:, None] * seen)
+    rows, cols = stacked.shape
+    bounds = np.cumsum((0, *(w.shape[0] for w in weights)))
+    if cov is not None and rows <= cols:
+        gram = stacked @ cov @ stacked.T
+        gram = (gram + gram.T) / 2
+        row_energy = np.diag(gram)  # ||(W S)_r||^2 of each stacked row r
+        scale = _member_scale(row_energy, bounds)
+        basis, energy = _left_singular_gram(scale[:, None] * gram * scale[None, :], rows, cols)
+    else:
+        seen = stacked if cov is None else stacked @ sqrt_psd(cov)
+        scale = _member_scale(np.einsum("ij,ij->i", seen, seen), bounds)
+        basis, energy = _left_singular(scale[:, None] * seen)
     return Projection(
         weight=stacked,
         scale=scale,
@@ -119,6 +130,15 @@ def projection(weights: Sequence[np.ndarray], sqrt_cov: np.ndarray | None) -> Pr
         energy=energy,
         member_rows=tuple(w.shape[0] for w in weights),
     )
+
+
+def _member_scale(row_energy: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """``D`` over the stacked rows: ``1 / ||W_i S||_F`` for the rows of member ``i``."""
+    scale = np.empty(int(bounds[-1]))
+    for start, stop in itertools.pairwise(bounds):
+        norm = float(np.sqrt(max(row_energy[start:stop].sum(), 0.0)))
+        scale[start:stop] = 1.0 / norm if norm > 0 else 1.0
+    return scale
 
 
 def _left_singular(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,22 +150,33 @@ def _left_singular(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     certificates are computed from the factors actually used, so they stay sound."""
     rows, cols = matrix.shape
     if rows <= cols:
-        energy, basis = scipy.linalg.eigh(matrix @ matrix.T)
-        energy, basis = energy[::-1], basis[:, ::-1]
-    else:
-        energy, right = scipy.linalg.eigh(matrix.T @ matrix)
-        energy, right = energy[::-1], right[:, ::-1]
-        basis = matrix @ right  # columns U_j s_j
-    floor = max(float(energy[0]), 0.0) * max(rows, cols) * np.finfo(float).eps if energy.size \
-        else 0.0
-    keep = int(np.count_nonzero(energy > floor))
-    energy, basis = np.clip(energy[:keep], 0.0, None), basis[:, :keep]
-    if rows > cols:
-        basis = basis / np.sqrt(energy)
-        # re-orthonormalise what rounding bent; QR keeps every leading span, so the first
-        # q columns still span the top-q directions
-        basis, _ = np.linalg.qr(basis)
+        return _left_singular_gram(matrix @ matrix.T, rows, cols)
+    energy, right = scipy.linalg.eigh(matrix.T @ matrix)
+    energy, right = energy[::-1], right[:, ::-1]
+    keep = _resolved(energy, rows, cols)
+    energy = np.clip(energy[:keep], 0.0, None)
+    basis = (matrix @ right[:, :keep]) / np.sqrt(energy)  # columns U_j
+    # re-orthonormalise what rounding bent; QR keeps every leading span, so the first
+    # q columns still span the top-q directions
+    basis, _ = np.linalg.qr(basis)
     return np.ascontiguousarray(basis), energy
+
+
+def _left_singular_gram(gram: np.ndarray, rows: int, cols: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_left_singular` of a ``rows x cols`` matrix from its output-side Gram."""
+    energy, basis = scipy.linalg.eigh(gram)
+    energy, basis = energy[::-1], basis[:, ::-1]
+    keep = _resolved(energy, rows, cols)
+    return np.ascontiguousarray(basis[:, :keep]), np.clip(energy[:keep], 0.0, None)
+
+
+def _resolved(energy: np.ndarray, rows: int, cols: int) -> int:
+    """How many leading energies (descending) stand above the rounding noise."""
+    if not energy.size:
+        return 0
+    floor = max(float(energy[0]), 0.0) * max(rows, cols) * np.finfo(float).eps
+    return int(np.count_nonzero(energy > floor))
 
 
 def _norm(rows: np.ndarray) -> float:

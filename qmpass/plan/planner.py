@@ -146,12 +146,16 @@ def make_plan(
     stats: Mapping[str, StatsLike] | None,
     config: PlanConfig,
     model_name: str = "model",
+    memo: dict[tuple[str, ...], Candidate | None] | None = None,
 ) -> Planned:
     """Plan ``config`` for a model. ``values`` holds the stored tensors channel groups
-    name; ``stats`` the calibration statistics of :func:`stats_requests` (or None)."""
+    name; ``stats`` the calibration statistics of :func:`stats_requests` (or None).
+    Plans of one model that differ only in ``config.convs`` may share a ``memo``: their
+    low-rank candidates are the same, and computed once."""
     ops = {op.name: op for op in extraction.operators}
     declined: dict[str, str] = {}
-    candidates = _candidates(extraction, groups, values, stats, config, declined)
+    candidates = _candidates(extraction, groups, values, stats, config, declined,
+                             {} if memo is None else memo)
     if config.resource is not PARAMS:  # on a target, fewer parameters can cost more cycles
         saving = [c for c in candidates
                   if min(v.cost for v in c.variants[1:]) < c.variants[0].cost]
@@ -197,6 +201,7 @@ def _candidates(
     stats: Mapping[str, StatsLike] | None,
     config: PlanConfig,
     declined: dict[str, str],
+    memo: dict[tuple[str, ...], Candidate | None],
 ) -> list[Candidate]:
     method = config.method
     ops = {op.name: op for op in extraction.operators}
@@ -237,9 +242,15 @@ def _candidates(
     def op_stats(op: Operator) -> StatsLike | None:
         return stats.get(input_key(op).key) if whitened and stats is not None else None
 
+    def lowrank(members: list[Operator], fused: bool) -> Candidate | None:
+        key = (("fused",) if fused else ()) + tuple(op.name for op in members)
+        if key not in memo:
+            memo[key] = lowrank_candidate(members, op_stats(members[0]), config.align,
+                                          fused=fused, resource=config.resource)
+        return memo[key]
+
     def alone(op: Operator) -> Candidate | None:
-        candidate = lowrank_candidate([op], op_stats(op), config.align, fused=False,
-                                      resource=config.resource)
+        candidate = lowrank([op], fused=False)
         if candidate is None:
             declined[op.name] = (f"no rank (a multiple of {config.align}) of the "
                                  f"{op.shape[0]}x{op.shape[1]} matrix saves parameters")
@@ -251,8 +262,7 @@ def _candidates(
             if taken.intersection(members) or any(lowrank_declines(op) for op in cluster) \
                     or any(op.op_type not in ("MatMul", "Gemm") for op in cluster):
                 continue
-            fused = lowrank_candidate(cluster, op_stats(cluster[0]), config.align, fused=True,
-                                      resource=config.resource)
+            fused = lowrank(cluster, fused=True)
             separate = [c for c in map(alone, cluster) if c is not None]
             candidate = cluster_candidate(fused, separate)
             if candidate is not None:

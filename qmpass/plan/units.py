@@ -31,7 +31,7 @@ import numpy as np
 from qmpass.extract import Operator
 from qmpass.extract.channels import ChannelGroup
 from qmpass.plan.budget import Option, Unit, lower_hull
-from qmpass.plan.factors import compensation, greedy_channel_order, projection, sqrt_psd
+from qmpass.plan.factors import compensation, greedy_channel_order, projection
 from qmpass.plan.plan import Cost, Step, StepKind
 from qmpass.plan.resource import PARAMS, Resource, Scale, lowrank_cost
 from qmpass.spectral import operator_norm
@@ -140,7 +140,9 @@ def lowrank_declines(op: Operator) -> str | None:
     if op.graph != "main":
         return "operator inside a subgraph is left untouched"
     if op.op_type in ("MatMul", "Gemm"):
-        return None if op.weight_side == "right" else "weight on the left side is not factorised"
+        if op.weight_side != "right":
+            return "weight on the left side is not factorised"
+        return "Gemm with transA=1 is not rewritten" if op.transposed_input else None
     if op.op_type != "Conv":
         return f"{op.op_type} is not factorised"
     if op.geometry is None or op.geometry.groups != 1:
@@ -174,8 +176,7 @@ def lowrank_candidate(
     basis for operators that read one tensor (``fused=True``). None if no rank saves
     parameters and FLOPs (ranks that save them but cost more of ``resource`` stay: the
     allocation never picks them)."""
-    sqrt_cov = None if stats is None else sqrt_psd(stats.cov)
-    proj = projection([op.weight for op in members], sqrt_cov)
+    proj = projection([op.weight for op in members], None if stats is None else stats.cov)
     before = Cost.of(members)
     full = min(members[0].shape[1], sum(op.shape[0] for op in members))
     names = tuple(op.name for op in members)

@@ -200,17 +200,23 @@ def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` into a copy of ``original``'s envelope: the same IR version
     (onnxruntime refuses the newest), opsets, producer, metadata and functions, and the
     original's own records of the graph inputs and outputs (onnx-graphsurgeon drops
-    their ``metadata_props``, which the dynamo exporter writes)."""
+    their ``metadata_props``, which the dynamo exporter writes).
+
+    ``original`` must be in :func:`qmpass.modelio.caller_form` (no initializer-backed
+    inputs of IR < 4): its inputs are copied as they are."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     exported = gs.export_onnx(graph, do_type_check=False)
     model = onnx.ModelProto()
     model.CopyFrom(original)
     model.graph.CopyFrom(exported.graph)
-    for kind in ("input", "output"):
-        records = {v.name: v for v in getattr(original.graph, kind)}
-        for value in getattr(model.graph, kind):
-            if value.name in records:
-                value.CopyFrom(records[value.name])
+    # the interface is the original's, record for record (onnx-graphsurgeon drops inputs
+    # it sees no use for, e.g. the position inputs of Sequence ops)
+    del model.graph.input[:]
+    model.graph.input.extend(original.graph.input)
+    records = {v.name: v for v in original.graph.output}
+    for value in model.graph.output:
+        if value.name in records:
+            value.CopyFrom(records[value.name])
     del model.graph.metadata_props[:]
     model.graph.metadata_props.extend(original.graph.metadata_props)
     return model

@@ -25,7 +25,7 @@ import onnx
 from qmpass.compress import CompressConfig, calibration_stats
 from qmpass.extract import Extraction, extract_operators
 from qmpass.extract.channels import ChannelGroup, channel_groups
-from qmpass.modelio import ModelLike, load_model, stored_values
+from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
 from qmpass.plan.planner import Method, PlanConfig, Planned, make_plan
 from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
@@ -71,7 +71,7 @@ def plan_onnx(
     factors, bias corrections and, for ``convs="prune"``, channel pruning)."""
     config = config if config is not None else CompressConfig()
     loaded = load_model(model)
-    named = name_nodes(loaded.proto)
+    named = name_nodes(caller_form(loaded.proto))
     extraction = extract_operators(named, loaded.external)
     groups = channel_groups(named)
     stats = None

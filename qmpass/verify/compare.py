@@ -17,8 +17,11 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
-from qmpass.verify.runner import DEFAULT_BATCH, run_batched, session
+from qmpass.errors import QmpassInputError
+from qmpass.extract.shapes import dim_size
+from qmpass.verify.runner import DEFAULT_BATCH, ORT_ERRORS, run_batched, session
 
 __all__ = ["Verification", "Verifier", "accuracy", "compare", "sample_count"]
 
@@ -53,10 +56,12 @@ def compare(
     max_abs = 0.0
     per_output: list[float] = []
     for index, (ref, cand) in enumerate(zip(reference, candidate, strict=True)):
-        r = np.asarray(ref, dtype=np.float64)
-        c = np.asarray(cand, dtype=np.float64)
+        r, c = _values(ref), _values(cand)
         if r.shape != c.shape:
             raise ValueError(f"output {index}: reference shape {r.shape}, candidate {c.shape}")
+        if r.dtype.kind not in "biufc":  # strings and other non-numbers: equal or not
+            r, c = np.zeros(r.shape), np.where(r == c, 0.0, np.inf)
+        r, c = r.astype(np.float64), c.astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
             diff = np.abs(c - r)
         # equal values are equal, whatever they are (NaN where both are NaN, equal infinities)
@@ -79,7 +84,8 @@ def compare(
 class Verifier:
     """The original model's outputs on fixed feeds, and checks of candidates against them.
 
-    The reference outputs are computed once, at construction; :meth:`check` costs one
+    The reference outputs are computed once, at construction (a model onnxruntime cannot
+    load or run is refused there as bad input); :meth:`check` costs one
     onnxruntime session (graph optimisations on) and one batched run of the candidate on
     the same feeds. The compress loop calls it once per trial rewrite.
     """
@@ -93,7 +99,14 @@ class Verifier:
         self._feeds = dict(feeds)
         self._batch = batch
         self._outputs = [out.name for out in model.graph.output]
-        self._reference = tuple(run_batched(session(model), self._feeds, batch, self._outputs))
+        try:
+            reference = run_batched(session(model), self._feeds, batch, self._outputs)
+        except ORT_ERRORS as exc:  # the original is the user's model: bad input, not a bug
+            raise QmpassInputError(
+                f"onnxruntime {ort.__version__} cannot run the model, so nothing can be "
+                f"verified ({_first_line(exc)})."
+            ) from exc
+        self._reference = tuple(reference)
         self._inputs = sample_count(model, self._feeds)
 
     @property
@@ -146,17 +159,31 @@ def sample_count(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int
         if array is None or np.ndim(array) == 0:
             return 1
         dims = info.type.tensor_type.shape.dim
-        dynamic = not dims or not dims[0].HasField("dim_value")
+        dynamic = not dims or dim_size(dims[0]) is None
         if not dynamic and np.ndim(array) < 2:
             return 1
         lengths.add(int(np.shape(array)[0]))
     return lengths.pop() if len(lengths) == 1 else 1
 
 
+def _values(output: Any) -> np.ndarray:
+    """An output as an array of at least one dimension: a tensor (a scalar too), or a
+    sequence of tensors with its elements flattened and concatenated."""
+    if isinstance(output, list | tuple):
+        parts = [np.ravel(np.asarray(item)) for item in output]
+        return np.concatenate(parts) if parts else np.zeros(0)
+    return np.atleast_1d(np.asarray(output))
+
+
 def _relative(diff_sq: float, ref_sq: float) -> float:
     if ref_sq == 0.0:
         return 0.0 if diff_sq == 0.0 else math.inf
     return math.sqrt(diff_sq / ref_sq)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _json_float(value: float) -> float | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import onnx
 from onnx import TensorProto
 
 from qmpass.errors import QmpassInputError
-from qmpass.extract.shapes import infer_shapes
+from qmpass.extract.shapes import dim_size, infer_shapes
 
 __all__ = ["check_feeds", "load_calib", "synthesize_inputs"]
 
@@ -94,6 +95,10 @@ def check_feeds(
     return feeds
 
 
+#: values of one synthesised input, at most (a 2**40-element declaration is not a batch)
+SYNTHESIS_LIMIT = 2**28
+
+
 def synthesize_inputs(
     model: onnx.ModelProto,
     count: int = 64,
@@ -128,13 +133,19 @@ def synthesize_inputs(
             )
         shape = tuple(_size(d, axis, count, sizes, batch_names) for axis, d in
                       enumerate(spec.dims))
+        elements = prod(shape)
+        if elements > SYNTHESIS_LIMIT:
+            raise QmpassInputError(
+                f"graph input {spec.name!r} has shape {shape}: {elements:,} values to "
+                f"synthesise, more than {SYNTHESIS_LIMIT:,}; pass --calib INPUTS.npz."
+            )
         if spec.elem_type in _FLOATS:
             values = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.elem_type in _INTS:
             values = rng.integers(0, bounds.get(spec.name, 2), size=shape).astype(spec.dtype)
         else:  # bool (_input_specs admits nothing else)
             values = rng.random(shape) < 0.5
-        feeds[spec.name] = values
+        feeds[spec.name] = np.asarray(values)
     return feeds
 
 
@@ -191,7 +202,7 @@ def _input_specs(model: onnx.ModelProto) -> list[_InputSpec]:
         dims: tuple[Dim, ...] | None = None
         if tensor_type.HasField("shape"):
             dims = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                size if (size := dim_size(d)) is not None else (d.dim_param or None)
                 for d in tensor_type.shape.dim
             )
         specs.append(_InputSpec(info.name, tensor_type.elem_type, dims))
@@ -212,6 +223,13 @@ def _read_npz(file: Path) -> dict[str, np.ndarray]:
     with loaded:
         try:
             return {key: loaded[key] for key in loaded.files}
+        except ValueError as exc:
+            if "allow_pickle" not in str(exc):
+                raise QmpassInputError(f"{file}: the .npz is damaged or truncated "
+                                       f"({_first_line(exc)}); write it again.") from exc
+            raise QmpassInputError(f"{file}: holds object arrays (strings or pickled "
+                                   "objects), which qmpass does not load; give numeric "
+                                   "arrays.") from exc
         except Exception as exc:  # a damaged member fails in many ways (zlib.error,
             # SyntaxError or TokenError from its header, MemoryError for an absurd shape)
             raise QmpassInputError(f"{file}: the .npz is damaged or truncated "
@@ -252,7 +270,8 @@ def _checked(file: str, spec: _InputSpec, array: np.ndarray) -> np.ndarray:
         if array.dtype.kind != "b" and (array.min() < low or array.max() > high):
             raise QmpassInputError(f"{where} has values outside [{low}, {high}], the range "
                                    f"of the input's type {target}.")
-    return np.ascontiguousarray(array.astype(target, copy=False))
+    # (np.ascontiguousarray would turn a 0-d array into shape (1,))
+    return np.require(array.astype(target, copy=False), requirements="C")
 
 
 def _check_dims_agree(file: str, specs: list[_InputSpec], feeds: Mapping[str, np.ndarray]

@@ -14,6 +14,7 @@ whole. Models with a static first dimension are always run once.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,7 +23,21 @@ from onnx import TensorProto, helper
 
 from qmpass.extract.shapes import infer_types
 
-__all__ = ["DEFAULT_BATCH", "run_batched", "run_model", "session", "session_with_tensors"]
+__all__ = [
+    "DEFAULT_BATCH",
+    "ORT_ERRORS",
+    "run_batched",
+    "run_model",
+    "session",
+    "session_with_tensors",
+]
+
+#: what onnxruntime raises when it cannot load or run a model: its own exception types,
+#: and RuntimeError from its Python binding for element types numpy lacks (bfloat16)
+ORT_ERRORS: tuple[type[Exception], ...] = (*(
+    value for value in vars(ort.capi.onnxruntime_pybind11_state).values()
+    if isinstance(value, type) and issubclass(value, Exception)
+), RuntimeError)
 
 #: samples per onnxruntime call in batched runs; bounds the memory of activations
 DEFAULT_BATCH = 64
@@ -33,11 +48,13 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
     return session_from_bytes(model.SerializeToString())
 
 
-def session_from_bytes(data: bytes) -> ort.InferenceSession:
-    """A CPU session, with all graph optimisations, for a serialised model."""
+def session_from_bytes(
+    data: bytes, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+) -> ort.InferenceSession:
+    """A CPU session for a serialised model, with all graph optimisations by default."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 4  # fatal only: a refusal is one line of ours on stderr
+    options.graph_optimization_level = level
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
@@ -52,7 +69,10 @@ def session_with_tensors(model: onnx.ModelProto, names: Sequence[str]) -> ort.In
         helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None)
         for name in extra
     ]))
-    return session_from_bytes(model.SerializeToString() + addition.SerializeToString())
+    # basic optimisations only (constant folding): the tensors must be what the graph
+    # says, not what a fused kernel makes of them (QDQ fusion quantizes the activations)
+    return session_from_bytes(model.SerializeToString() + addition.SerializeToString(),
+                              ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
 
 
 def run_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -77,16 +97,22 @@ def run_batched(
     names = list(outputs) if outputs is not None else None
     chunks = list(feed_batches(sess, feeds, batch))
     if len(chunks) == 1:
-        return [np.asarray(out) for out in sess.run(names, chunks[0])]
+        return [_output(out) for out in sess.run(names, chunks[0])]
     parts: list[list[np.ndarray]] = []
     for chunk in chunks:
-        result = [np.asarray(out) for out in sess.run(names, chunk)]
+        result = [_output(out) for out in sess.run(names, chunk)]
         samples = _samples(chunk)
-        if any(out.ndim == 0 or out.shape[0] != samples for out in result):
+        if any(isinstance(out, list) or out.ndim == 0 or out.shape[0] != samples
+               for out in result):
             # an output does not carry the batch on axis 0: the samples are not independent
-            return [np.asarray(out) for out in sess.run(names, dict(feeds))]
+            return [_output(out) for out in sess.run(names, dict(feeds))]
         parts.append(result)
     return [np.concatenate(column, axis=0) for column in zip(*parts, strict=True)]
+
+
+def _output(value: Any) -> Any:
+    """An onnxruntime output: a tensor as an array; a sequence (a list) stays a list."""
+    return [np.asarray(v) for v in value] if isinstance(value, list) else np.asarray(value)
 
 
 def batch_size(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> int | None:
