@@ -48,7 +48,7 @@ __all__ = [
 
 def sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     """Symmetric square root of a covariance (negative rounding noise clipped to 0)."""
-    values, vectors = scipy.linalg.eigh(matrix)
+    values, vectors = scipy.linalg.eigh(matrix, driver="evd")  # divide and conquer: ~2x evr
     return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
@@ -151,7 +151,7 @@ def _left_singular(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = matrix.shape
     if rows <= cols:
         return _left_singular_gram(matrix @ matrix.T, rows, cols)
-    energy, right = scipy.linalg.eigh(matrix.T @ matrix)
+    energy, right = scipy.linalg.eigh(matrix.T @ matrix, driver="evd")
     energy, right = energy[::-1], right[:, ::-1]
     keep = _resolved(energy, rows, cols)
     energy = np.clip(energy[:keep], 0.0, None)
@@ -165,7 +165,7 @@ def _left_singular(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _left_singular_gram(gram: np.ndarray, rows: int, cols: int
                         ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_left_singular` of a ``rows x cols`` matrix from its output-side Gram."""
-    energy, basis = scipy.linalg.eigh(gram)
+    energy, basis = scipy.linalg.eigh(gram, driver="evd")
     energy, basis = energy[::-1], basis[:, ::-1]
     keep = _resolved(energy, rows, cols)
     return np.ascontiguousarray(basis[:, :keep]), np.clip(energy[:keep], 0.0, None)
