@@ -79,6 +79,7 @@ def load_model(model: ModelLike) -> LoadedModel:
     external = frozenset(
         t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
     )
+    validate(proto, str(path))  # before the external data: small whatever the weights
     files = (path, *sorted({
         path.parent / entry.value
         for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
@@ -91,7 +92,6 @@ def load_model(model: ModelLike) -> LoadedModel:
             f"{path}: external data could not be read ({_first_line(exc)}); keep the data "
             "files beside the model."
         ) from exc
-    validate(proto, str(path))
     return LoadedModel(proto, external, files, str(path))
 
 
@@ -104,6 +104,8 @@ def validate(model: onnx.ModelProto, source: str) -> None:
             f"{source}: IR version {model.ir_version} is not a valid ONNX model version (3 or "
             "later; the file may not be an ONNX model)."
         )
+    if model.ByteSize() >= _PROTOBUF_LIMIT:  # in memory with its weights: the checker
+        return  # cannot take a message protobuf cannot serialise (a file path it could)
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -205,6 +207,9 @@ def stored_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
                 if attr.name == "value":
                     values[node.output[0]] = numpy_helper.to_array(attr.t)
     return values
+
+
+_PROTOBUF_LIMIT = 2**31  # bytes of one serialised protobuf message
 
 
 def _umask() -> int:

@@ -222,7 +222,7 @@ def ort_outputs(model: onnx.ModelProto | str, feeds: dict[str, Any]) -> list[Any
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     source = model if isinstance(model, str) else model.SerializeToString()
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
@@ -297,7 +297,7 @@ def _loads(path: Path) -> None:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
