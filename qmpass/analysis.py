@@ -13,8 +13,7 @@ from tqdm import tqdm
 from qmpass.extract import Extraction, Operator, extract_operators
 from qmpass.frg import FRGConfig, build_qmfrg, clusters, graph_to_json
 from qmpass.modelio import ModelLike, load_model
-from qmpass.spectral import SpectralState, spectral_state
-from qmpass.spectral.state import Method
+from qmpass.spectral import SpectralState, SVMethod, spectral_state
 
 __all__ = ["Analysis", "AnalysisConfig", "analyze"]
 
@@ -30,7 +29,7 @@ class AnalysisConfig:
     stderr when it is a terminal (None), always (True) or never (False)."""
 
     frg: FRGConfig = field(default_factory=FRGConfig)
-    sv_method: Method = "gram"
+    sv_method: SVMethod = "gram"
     cluster_method: Literal["components", "spectral"] = "components"
     progress: bool | None = None
 

@@ -40,14 +40,19 @@ class Cost:
 class Step:
     """One planned rewrite.
 
-    ``operators`` are Operator names (node names after :func:`qmpass.rewrite.name_nodes`).
+    ``operators`` are Operator names (node names after
+    :func:`qmpass.rewrite.base.name_nodes`).
     For ``lowrank`` it is one operator and ``rank`` the inner width q; for
     ``shared_basis`` the members reading one tensor, in output order, and ``rank`` the
     width of the shared basis; for ``prune_channels`` the channel group named by
     ``group`` (producers first, then consumers), ``channels`` its width and ``kept`` the
     channel indices that stay. ``predicted_error`` is the relative output error the
     planner expects (energy lost, or calibration error when data-aware);
-    ``certificate`` holds the sound bound's terms (see ``qmpass.spectral.certificate``).
+    ``certificate`` holds the terms of the sound bound ``R ||W - W'||_op + ||b - b'||`` on
+    the change of one output vector: ``op_norm`` and ``bias_change`` always, ``radius``
+    (``R``, the longest input seen in calibration) and ``bound`` with calibration data.
+    The planner computes them from the new weights (:mod:`qmpass.plan.units`, with
+    :func:`qmpass.spectral.operator_norm`, which never underestimates).
     """
 
     kind: StepKind
