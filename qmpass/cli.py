@@ -140,8 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    if not 0.0 <= args.threshold <= 1.5707963267948966:
-        raise QmpassInputError(f"--threshold must be within [0, pi/2], got {args.threshold}.")
     config = AnalysisConfig(
         frg=FRGConfig(threshold=args.threshold), cluster_method=args.clusters
     )
@@ -182,8 +180,6 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _lower(args: argparse.Namespace) -> int:
-    if args.samples < 1:
-        raise QmpassInputError(f"--samples must be at least 1, got {args.samples}.")
     loaded = load_model(args.model)
     check_outputs({}, [*loaded.files, *([args.calib] if args.calib else [])],
                   {"-o": args.output})

@@ -42,12 +42,23 @@ __all__ = ["LowerConfig", "LoweringReport", "lower"]
 @dataclass(frozen=True)
 class LowerConfig:
     """``target``: one of :data:`hw_targets.TARGET_NAMES`; ``samples``: how many samples of
-    the calibration (or synthesised) inputs the kernels run on."""
+    the calibration (or synthesised) inputs the kernels run on. Invalid values raise
+    :class:`~qmpass.errors.QmpassInputError`."""
 
     target: str
     calib: Mapping[str, np.ndarray] | None = None
     samples: int = 1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target not in hw_targets.TARGET_NAMES:
+            raise QmpassInputError(
+                f"unknown target '{self.target}'; choose one of "
+                f"{', '.join(hw_targets.TARGET_NAMES)}."
+            )
+        if isinstance(self.samples, bool) or not isinstance(self.samples, (int, np.integer)) \
+                or self.samples < 1:
+            raise QmpassInputError(f"--samples must be at least 1, got {self.samples!r}.")
 
 
 @dataclass(frozen=True)
@@ -92,10 +103,7 @@ def lower(
     started = time.perf_counter()
     if out_dir is not None:
         _check_out_dir(Path(out_dir))  # before any work
-    try:
-        module = hw_targets.get_target(config.target)
-    except hw_targets.UnknownTarget as exc:
-        raise QmpassInputError(str(exc)) from exc
+    module = hw_targets.get_target(config.target)  # LowerConfig checked the name
     loaded = load_model(model)
     proto = loaded.proto
     extraction = extract_operators(proto, loaded.external)

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 import models
 from hw_targets import TARGET_NAMES
 from qmpass.cli import main
+from qmpass.errors import QmpassInputError
 from qmpass.lower import LowerConfig, lower
 
 
@@ -130,3 +131,13 @@ def test_unsupported_operators_are_listed_not_lowered(tmp_path: Path) -> None:
     reasons = {r["op_type"]: r["reason"] for r in report.to_dict()["not_lowered"]}
     assert "1-D convolution is not lowered" in reasons["Conv"]
     assert [op["op_type"] for op in report.to_dict()["operators"]] == ["Gemm"]
+
+
+def test_bad_configuration_raises_an_input_error() -> None:
+    """The library checks what the CLI used to check alone."""
+    with pytest.raises(QmpassInputError, match="unknown target 'tpu'"):
+        LowerConfig("tpu")
+    for samples in (0, -1, 1.5):
+        with pytest.raises(QmpassInputError, match="--samples"):
+            LowerConfig("cpu", samples=samples)  # type: ignore[arg-type]
+    assert LowerConfig("cpu", samples=np.int64(2)).samples == 2
