@@ -33,6 +33,7 @@ from qmpass.errors import QmpassInputError
 from qmpass.extract import Operator, extract_operators
 from qmpass.extract.shapes import infer_types
 from qmpass.modelio import ModelLike, load_model
+from qmpass.rewrite.base import name_nodes
 from qmpass.verify import check_feeds, synthesize_inputs
 from qmpass.verify.runner import ORT_ERRORS, feed_batches, session_with_tensors
 
@@ -174,13 +175,23 @@ def lower(
     # the nodes that produce the operators' outputs
     folded = {op.output for op in lowerable}
     lowered = {op.name for op in lowerable}
-    host = Counter(node.op_type for node in proto.graph.node
-                   if node.name not in lowered and not folded.intersection(node.output))
+    host = Counter(node.op_type for node, name in zip(proto.graph.node, _node_names(proto),
+                                                      strict=True)
+                   if name not in lowered and not folded.intersection(node.output))
     report = LoweringReport(loaded.name, target, tuple(kernels), tuple(not_lowered),
                             dict(sorted(host.items())), time.perf_counter() - started)
     if out_dir is not None:
         _write(Path(out_dir), lowerings, feeds, report)
     return report
+
+
+def _node_names(proto: onnx.ModelProto) -> list[str]:
+    """The names extraction gives the main graph's nodes (an unnamed node is
+    ``<op_type>_<index>``): :func:`~qmpass.rewrite.base.name_nodes` of the nodes alone,
+    without copying the weights."""
+    nodes = onnx.ModelProto()
+    nodes.graph.node.extend(proto.graph.node)
+    return [node.name for node in name_nodes(nodes).graph.node]
 
 
 def _declines(op: Operator, input_type: int) -> str | None:
