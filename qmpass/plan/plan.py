@@ -93,7 +93,8 @@ class Plan:
 
     ``budget`` is ``{"keep": F}`` or ``{"delta": D}``; ``baseline`` is the cost of all the
     operators the method could compress; ``resource`` what ``keep`` is a fraction of
-    (``params``, or ``cycles:<target>``: see :mod:`qmpass.plan.resource`).
+    (``params``, or ``cycles:<target>``: see :mod:`qmpass.plan.resource`). ``notes``:
+    sentences about what the planner could not promise (a ``keep`` budget it may miss).
     """
 
     model: str
@@ -103,6 +104,7 @@ class Plan:
     steps: tuple[Step, ...]
     declined: tuple[tuple[str, str], ...] = ()
     resource: str = "params"
+    notes: tuple[str, ...] = ()
 
     @property
     def params_saved(self) -> int:
@@ -117,6 +119,7 @@ class Plan:
             "steps": [s.to_dict() for s in self.steps],
             "declined": [{"operator": o, "reason": r} for o, r in self.declined],
             "resource": self.resource,
+            "notes": list(self.notes),
         }
 
     def to_json(self) -> str:
@@ -132,6 +135,7 @@ class Plan:
             steps=tuple(Step.from_dict(s) for s in data["steps"]),
             declined=tuple((d["operator"], d["reason"]) for d in data.get("declined", ())),
             resource=data.get("resource", "params"),
+            notes=tuple(data.get("notes", ())),
         )
 
     @classmethod
