@@ -10,11 +10,11 @@ import networkx as nx
 import numpy as np
 from tqdm import tqdm
 
+from qmpass.errors import QmpassInputError
 from qmpass.extract import Extraction, Operator, extract_operators
 from qmpass.frg import FRGConfig, build_qmfrg, clusters, graph_to_json
 from qmpass.modelio import ModelLike, load_model
-from qmpass.spectral import SpectralState, spectral_state
-from qmpass.spectral.state import Method
+from qmpass.spectral import SV_METHODS, SpectralState, SVMethod, spectral_state
 
 __all__ = ["Analysis", "AnalysisConfig", "analyze"]
 
@@ -27,12 +27,33 @@ class AnalysisConfig:
     """Knobs of :func:`analyze`. ``sv_method`` picks Gram eigenvalues (fast, see
     ``qmpass.spectral.state``) or LAPACK singular values; ``cluster_method`` splits the
     graph by connected components or by spectral clustering; ``progress`` shows a bar on
-    stderr when it is a terminal (None), always (True) or never (False)."""
+    stderr when it is a terminal (None), always (True) or never (False). Invalid values
+    raise :class:`~qmpass.errors.QmpassInputError` (``frg`` checks its own)."""
 
     frg: FRGConfig = field(default_factory=FRGConfig)
-    sv_method: Method = "gram"
+    sv_method: SVMethod = "gram"
     cluster_method: Literal["components", "spectral"] = "components"
     progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.frg, FRGConfig):
+            raise QmpassInputError(
+                f"frg must be an FRGConfig, got {type(self.frg).__name__}."
+            )
+        if self.sv_method not in SV_METHODS:
+            raise QmpassInputError(
+                f"unknown singular-value method '{self.sv_method}'; choose "
+                f"{' or '.join(SV_METHODS)}."
+            )
+        if self.cluster_method not in ("components", "spectral"):
+            raise QmpassInputError(
+                f"unknown cluster method '{self.cluster_method}'; choose components or "
+                "spectral."
+            )
+        if self.progress not in (None, True, False):
+            raise QmpassInputError(
+                f"progress must be None, True or False, got {self.progress!r}."
+            )
 
 
 @dataclass(frozen=True)

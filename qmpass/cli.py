@@ -140,8 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    if not 0.0 <= args.threshold <= 1.5707963267948966:
-        raise QmpassInputError(f"--threshold must be within [0, pi/2], got {args.threshold}.")
     config = AnalysisConfig(
         frg=FRGConfig(threshold=args.threshold), cluster_method=args.clusters
     )
@@ -182,8 +180,6 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _lower(args: argparse.Namespace) -> int:
-    if args.samples < 1:
-        raise QmpassInputError(f"--samples must be at least 1, got {args.samples}.")
     loaded = load_model(args.model)
     check_outputs({}, [*loaded.files, *([args.calib] if args.calib else [])],
                   {"-o": args.output})
@@ -287,8 +283,9 @@ def _print_compress_summary(report: Report) -> None:
             else str(step.rank)
         )
         params = f"{step.before.params:,} -> {step.after.params:,}"
+        tries = f" ({len(outcome.attempts)} variants tried)" if len(outcome.attempts) > 1 else ""
         print(f"{step.kind:<15} {names[:44]:<44} {size!s:>9} {params:>17} "
-              f"{step.predicted_error:8.2g} {outcome.status:<11}")
+              f"{step.predicted_error:8.2g} {outcome.status}{tries}")
     doc = report.to_dict()
     v = report.verification
     print(
@@ -300,6 +297,8 @@ def _print_compress_summary(report: Report) -> None:
         f"verified on {v.inputs} inputs: relative output error {v.relative_error:.4g}, "
         f"max abs error {v.max_abs_error:.4g}"
     )
+    for note in report.plan.notes:
+        print(f"qmpass: warning: {note}", file=sys.stderr)
     if "target" in doc:
         t = doc["target"]
         print(f"predicted {t['name']} cycles of the weight operators (batch {t['batch']}): "

@@ -53,7 +53,7 @@ from qmpass.verify import (
     synthesize_inputs,
 )
 
-__all__ = ["CompressConfig", "Report", "calibration_stats", "compress"]
+__all__ = ["Attempt", "CompressConfig", "Outcome", "Report", "calibration_stats", "compress"]
 
 #: vectors per calibration statistic, at most (about): the fixtures stay below it
 CALIBRATION_VECTORS = 50_000
@@ -130,12 +130,30 @@ class CompressConfig:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """One verification of a unit of the plan: the steps of the variant tried (the
+    planned one first, then milder ones) and the model's measured relative output error
+    with them and the steps accepted before."""
+
+    steps: tuple[Step, ...]
+    relative_error: float
+
+
+@dataclass(frozen=True)
 class Outcome:
-    """What happened to one planned step: ``kept``, ``rolled_back`` or ``declined``."""
+    """What happened to one planned step: ``kept``, ``rolled_back`` or ``declined``.
+
+    ``step`` is the step as planned, or, kept as a milder variant, as applied (a higher
+    rank, more channels); ``attempts`` are the verifications of its unit, in order (one
+    when everything passed together: that run's error). A unit kept as a milder variant
+    of another shape (a cluster's members factorised separately instead of a shared
+    basis) has one outcome per step applied.
+    """
 
     step: Step
     status: Literal["kept", "rolled_back", "declined"]
     reason: str | None = None
+    attempts: tuple[Attempt, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         step = self.step
@@ -155,7 +173,24 @@ class Outcome:
             out.update(group=step.group, channels=step.channels, kept_channels=len(step.kept or ()))
         if self.reason:
             out["reason"] = self.reason
+        out["attempts"] = [_attempt_dict(step, attempt) for attempt in self.attempts]
         return out
+
+
+def _attempt_dict(row: Step, attempt: Attempt) -> dict[str, Any]:
+    """An attempt as the row of ``row`` shows it: the size tried for these operators
+    (a rank, or kept channels), or the whole variant when it has another shape."""
+    same = [s for s in attempt.steps if s.operators == row.operators]
+    if len(same) == 1:
+        return {**_size(same[0]), "relative_error": attempt.relative_error}
+    return {"variant": [{"operators": list(s.operators), **_size(s)} for s in attempt.steps],
+            "relative_error": attempt.relative_error}
+
+
+def _size(step: Step) -> dict[str, Any]:
+    if step.kind == "prune_channels":
+        return {"kind": step.kind, "kept_channels": len(step.kept or ())}
+    return {"kind": step.kind, "rank": step.rank}
 
 
 @dataclass(frozen=True)
@@ -200,6 +235,7 @@ class Report:
                 {"operator": name, "reason": reason} for name, reason in self.plan.declined
             ],
             "verification": self.verification.to_dict(),
+            "notes": list(self.plan.notes),
             "conv_alternatives": self.alternatives,
             "seconds": self.seconds,
             "ir_version": {"input": self.ir_version[0], "output": self.ir_version[1]},
@@ -278,9 +314,9 @@ def compress(
 
     timer = time.perf_counter()
     applier = Applier(original, extraction, groups)
-    tried = [_apply_all(applier, verifier, planned) for planned in candidates]
     if len(candidates) > 1 and candidates[0].plan == candidates[1].plan:
-        candidates, tried = candidates[:1], tried[:1]
+        candidates = candidates[:1]  # both treatments planned the same: verify it once
+    tried = [_apply_all(applier, verifier, planned) for planned in candidates]
     alternatives: dict[str, float] = {}
     if len(tried) > 1:  # what each treatment of the convolutions verified at
         alternatives = {c: t[2].relative_error for c, t in zip(choices, tried, strict=True)}
@@ -337,11 +373,13 @@ def _apply_verified(
     everything = list(zip(planned.plan.steps, planned.tensors, strict=True))
     model, declined, verification = first
     if verification.relative_error <= tolerance:
-        return model, [_outcome(step, declined.get(i)) for i, (step, _) in
+        together = (Attempt(planned.plan.steps, verification.relative_error),)
+        return model, [_outcome(step, declined.get(i), together) for i, (step, _) in
                        enumerate(everything)], verification
 
     # Too much error together: take the units one at a time, least predicted error first.
-    # A unit whose variant breaks the tolerance falls back to milder variants of itself.
+    # A unit whose variant breaks the tolerance falls back to milder variants of itself;
+    # its outcomes (one per planned step) list every variant tried.
     accepted: Built = []
     outcomes: list[Outcome] = []
     model, _ = applier.build([])
@@ -349,32 +387,39 @@ def _apply_verified(
     units = sorted(planned.units, key=lambda u: sum(
         planned.plan.steps[i].predicted_error for i in u.steps))
     for unit in units:
-        attempts = itertools.chain([[everything[i] for i in unit.steps]], unit.fallbacks())
-        for number, built in enumerate(attempts):
+        plan_steps = [everything[i] for i in unit.steps]
+        tried: list[Attempt] = []
+        for built in itertools.chain([plan_steps], unit.fallbacks()):
             candidate, declined = applier.build([*accepted, *built])
             refused = {i - len(accepted): why for i, why in declined.items()
                        if i >= len(accepted)}
             measured = verifier.check(candidate)
+            tried.append(Attempt(tuple(step for step, _ in built), measured.relative_error))
             if measured.relative_error <= tolerance:
-                note = None if number == 0 else "a milder variant than planned (see above)"
-                outcomes += [_outcome(step, refused.get(i), note)
+                note = None if len(tried) == 1 else "a milder variant than planned (see attempts)"
+                outcomes += [_outcome(step, refused.get(i), tuple(tried), note)
                              for i, (step, _) in enumerate(built)]
                 accepted += [pair for i, pair in enumerate(built) if i not in refused]
                 model, verification = candidate, measured
                 break
+        else:
+            least = min(a.relative_error for a in tried)
+            which = "with this step" if len(tried) == 1 else \
+                f"(the least of {len(tried)} variants tried, see attempts)"
             outcomes += [
                 Outcome(step, "rolled_back",
-                        f"relative output error {measured.relative_error:.4g} with this step "
-                        f"exceeds the tolerance {tolerance:g}")
-                for step, _ in built
+                        f"relative output error {least:.4g} {which} exceeds the tolerance "
+                        f"{tolerance:g}", tuple(tried))
+                for step, _ in plan_steps
             ]
     return model, outcomes, verification
 
 
-def _outcome(step: Step, declined: str | None, note: str | None = None) -> Outcome:
+def _outcome(step: Step, declined: str | None, attempts: tuple[Attempt, ...],
+             note: str | None = None) -> Outcome:
     if declined is not None:
-        return Outcome(step, "declined", declined)
-    return Outcome(step, "kept", note)
+        return Outcome(step, "declined", declined, attempts)
+    return Outcome(step, "kept", note, attempts)
 
 
 

@@ -33,6 +33,7 @@ from qmpass.errors import QmpassInputError
 from qmpass.extract import Operator, extract_operators
 from qmpass.extract.shapes import infer_types
 from qmpass.modelio import ModelLike, load_model
+from qmpass.rewrite.base import name_nodes
 from qmpass.verify import check_feeds, synthesize_inputs
 from qmpass.verify.runner import ORT_ERRORS, feed_batches, session_with_tensors
 
@@ -42,12 +43,23 @@ __all__ = ["LowerConfig", "LoweringReport", "lower"]
 @dataclass(frozen=True)
 class LowerConfig:
     """``target``: one of :data:`hw_targets.TARGET_NAMES`; ``samples``: how many samples of
-    the calibration (or synthesised) inputs the kernels run on."""
+    the calibration (or synthesised) inputs the kernels run on. Invalid values raise
+    :class:`~qmpass.errors.QmpassInputError`."""
 
     target: str
     calib: Mapping[str, np.ndarray] | None = None
     samples: int = 1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target not in hw_targets.TARGET_NAMES:
+            raise QmpassInputError(
+                f"unknown target '{self.target}'; choose one of "
+                f"{', '.join(hw_targets.TARGET_NAMES)}."
+            )
+        if isinstance(self.samples, bool) or not isinstance(self.samples, (int, np.integer)) \
+                or self.samples < 1:
+            raise QmpassInputError(f"--samples must be at least 1, got {self.samples!r}.")
 
 
 @dataclass(frozen=True)
@@ -92,10 +104,7 @@ def lower(
     started = time.perf_counter()
     if out_dir is not None:
         _check_out_dir(Path(out_dir))  # before any work
-    try:
-        module = hw_targets.get_target(config.target)
-    except hw_targets.UnknownTarget as exc:
-        raise QmpassInputError(str(exc)) from exc
+    module = hw_targets.get_target(config.target)  # LowerConfig checked the name
     loaded = load_model(model)
     proto = loaded.proto
     extraction = extract_operators(proto, loaded.external)
@@ -166,13 +175,23 @@ def lower(
     # the nodes that produce the operators' outputs
     folded = {op.output for op in lowerable}
     lowered = {op.name for op in lowerable}
-    host = Counter(node.op_type for node in proto.graph.node
-                   if node.name not in lowered and not folded.intersection(node.output))
+    host = Counter(node.op_type for node, name in zip(proto.graph.node, _node_names(proto),
+                                                      strict=True)
+                   if name not in lowered and not folded.intersection(node.output))
     report = LoweringReport(loaded.name, target, tuple(kernels), tuple(not_lowered),
                             dict(sorted(host.items())), time.perf_counter() - started)
     if out_dir is not None:
         _write(Path(out_dir), lowerings, feeds, report)
     return report
+
+
+def _node_names(proto: onnx.ModelProto) -> list[str]:
+    """The names extraction gives the main graph's nodes (an unnamed node is
+    ``<op_type>_<index>``): :func:`~qmpass.rewrite.base.name_nodes` of the nodes alone,
+    without copying the weights."""
+    nodes = onnx.ModelProto()
+    nodes.graph.node.extend(proto.graph.node)
+    return [node.name for node in name_nodes(nodes).graph.node]
 
 
 def _declines(op: Operator, input_type: int) -> str | None:

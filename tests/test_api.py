@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import onnx
+import pytest
 from conftest import fixture_path
 
 import qmpass
+from qmpass.frg import FRGConfig
 
 
 def test_public_api_is_small() -> None:
@@ -31,3 +33,13 @@ def test_every_fixture_is_analysed_end_to_end(fixture_names) -> None:
         assert len(analysis.operators) == expected[name]
         assert not analysis.extraction.unsupported
         assert all(op.flops > 0 and op.params > 0 for op in analysis.operators)
+
+
+def test_analysis_configuration_is_checked_by_the_library() -> None:
+    for kwargs in ({"sv_method": "lapack"}, {"cluster_method": "kmeans"}, {"progress": "yes"},
+                   {"frg": {"threshold": 0.1}}):
+        with pytest.raises(qmpass.QmpassInputError):
+            qmpass.AnalysisConfig(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(qmpass.QmpassInputError, match="threshold"):
+        qmpass.AnalysisConfig(frg=FRGConfig(threshold=-3))
+    assert qmpass.AnalysisConfig(sv_method="svd", cluster_method="spectral").sv_method == "svd"

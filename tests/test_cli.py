@@ -88,6 +88,16 @@ def test_bad_usage_exits_2(capsys) -> None:
     assert "threshold" in capsys.readouterr().err
 
 
+def test_lower_checks_samples_through_the_library(tmp_path, capsys) -> None:
+    """The CLI no longer repeats the library's checks; the answer is the same."""
+    out = tmp_path / "out"
+    assert main(["lower", str(fixture_path("mlp_digits")), "--target", "cpu", "-o", str(out),
+                 "--samples", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--samples must be at least 1" in err[0]
+    assert not out.exists()
+
+
 def test_demo_runs_with_no_arguments(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "qmpass", "demo"], cwd=tmp_path,
                           capture_output=True, text=True, check=False)

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 import models
 import qmpass
 from qmpass import CompressConfig, QmpassInputError
-from qmpass.verify import accuracy, compare, load_calib, run_model
+from qmpass.verify import Verifier, accuracy, compare, load_calib, run_model
 
 TOLERANCE = 0.05
 
@@ -186,3 +186,51 @@ def test_metadata_of_graph_inputs_and_outputs_survives() -> None:
     assert list(model.graph.input) == list(original.graph.input)
     assert list(model.graph.output) == list(original.graph.output)
     assert list(model.graph.metadata_props) == list(original.graph.metadata_props)
+
+
+def test_rolled_back_steps_get_one_row_each_with_their_attempts() -> None:
+    """One report row per planned step, not one per verification: the attempts (the
+    planned variant, then milder ones) are listed in the row."""
+    original = onnx.load(str(fixture_path("mlp_digits")))
+    _, report = qmpass.compress(original, CompressConfig(keep=0.3, tolerance=0.0))
+    planned = report.plan.steps
+    assert len(planned) >= 2
+    assert len(report.outcomes) == len(planned)
+    assert sorted(o.step.operators for o in report.outcomes) == \
+        sorted(s.operators for s in planned)
+    assert all(o.step in planned for o in report.outcomes)
+    rows = report.to_dict()["rewrites"]
+    assert len(rows) == len(planned)
+    for outcome, row in zip(report.outcomes, rows, strict=True):
+        assert outcome.status == "rolled_back"
+        assert outcome.attempts and outcome.attempts[0].steps == (outcome.step,)
+        assert all(a.relative_error > 0.0 for a in outcome.attempts)
+        assert len(row["attempts"]) == len(outcome.attempts)
+        assert row["attempts"][0] == {"kind": "lowrank", "rank": outcome.step.rank,
+                                      "relative_error": outcome.attempts[0].relative_error}
+        # milder variants: higher ranks of the same operator
+        ranks = [a["rank"] for a in row["attempts"]]
+        assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
+    assert any(len(o.attempts) > 1 for o in report.outcomes)
+    assert report.to_dict()["notes"] == []  # the planner met its budget
+
+
+def test_identical_conv_plans_are_verified_once(monkeypatch) -> None:
+    """Without convolutions, pruning and factorising them plan the same: the plan is
+    verified once, not twice and then compared."""
+    original = onnx.load(str(fixture_path("mlp_digits")))
+    calib = _calib("mlp_digits", original)
+    runs = []
+    check = Verifier.check
+
+    def counted(self, model):
+        runs.append(model)
+        return check(self, model)
+
+    monkeypatch.setattr(Verifier, "check", counted)
+    _, report = qmpass.compress(original, CompressConfig(keep=0.5, calib=calib,
+                                                         tolerance=float("inf")))
+    assert CompressConfig(calib=calib).conv_choices() == ("prune", "factorise")
+    assert report.to_dict()["conv_alternatives"] == {}
+    assert len(runs) == 1
+    assert all(len(o.attempts) == 1 for o in report.outcomes)

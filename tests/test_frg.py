@@ -110,3 +110,17 @@ def test_exports_round_trip(analysis, tmp_path) -> None:
     back = nx.read_graphml(path)
     assert set(back.nodes) == set(analysis.graph.nodes)
     assert back.number_of_edges() == analysis.graph.number_of_edges()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"threshold": -3.0}, {"threshold": 2.0}, {"threshold": float("nan")},
+    {"max_neighbors": 0}, {"max_neighbors": 1.5}, {"block_rows": 0},
+    {"bures_work": -1.0}, {"bures_work": float("nan")}, {"bures_min_flops": -1.0},
+])
+def test_bad_configuration_raises_an_input_error(kwargs) -> None:
+    """The library refuses what would build a wrong graph, not only the CLI."""
+    with pytest.raises(qmpass.QmpassInputError, match=next(iter(kwargs))):
+        FRGConfig(**kwargs)
+    # the edges of the range and an uncapped Bures budget are fine
+    FRGConfig(threshold=0.0, bures_work=np.inf, bures_min_flops=0.0, max_neighbors=1)
+    FRGConfig(threshold=np.pi / 2, max_neighbors=np.int64(3))

@@ -12,11 +12,12 @@ import numpy as np
 import onnx
 import pytest
 from conftest import fixture_path, make_model, tensor
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import models
 from hw_targets import TARGET_NAMES
 from qmpass.cli import main
+from qmpass.errors import QmpassInputError
 from qmpass.lower import LowerConfig, lower
 
 
@@ -130,3 +131,34 @@ def test_unsupported_operators_are_listed_not_lowered(tmp_path: Path) -> None:
     reasons = {r["op_type"]: r["reason"] for r in report.to_dict()["not_lowered"]}
     assert "1-D convolution is not lowered" in reasons["Conv"]
     assert [op["op_type"] for op in report.to_dict()["operators"]] == ["Gemm"]
+
+
+def test_bad_configuration_raises_an_input_error() -> None:
+    """The library checks what the CLI used to check alone."""
+    with pytest.raises(QmpassInputError, match="unknown target 'tpu'"):
+        LowerConfig("tpu")
+    for samples in (0, -1, 1.5):
+        with pytest.raises(QmpassInputError, match="--samples"):
+            LowerConfig("cpu", samples=samples)  # type: ignore[arg-type]
+    assert LowerConfig("cpu", samples=np.int64(2)).samples == 2
+
+
+def test_host_ops_are_counted_right_in_a_graph_without_node_names() -> None:
+    """Lowered MatMuls were matched by ``node.name``, so with unnamed nodes they (and a
+    MatMul whose bias Add rides along) were counted as host ops too."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal(shape).astype(np.float32) for shape in ((16, 8), (8, 4)))
+    bias = rng.standard_normal(8).astype(np.float32)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("Add", ["h", "b1"], ["hb"]),
+         helper.make_node("Relu", ["hb"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        [tensor("x", [2, 16])], [tensor("y", [2, 4])],
+        initializers=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(bias, "b1"),
+                      numpy_helper.from_array(w2, "w2")],
+    )
+    assert not any(node.name for node in model.graph.node)
+    report = lower(model, LowerConfig("cpu"))
+    assert [op["operator"] for op in report.to_dict()["operators"]] == ["MatMul_0", "MatMul_3"]
+    assert dict(report.host_ops) == {"Relu": 1}

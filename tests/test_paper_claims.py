@@ -1,7 +1,9 @@
 """Claims of the source paper that are false, kept as counterexamples.
 
 qmpass never relies on them: spectra are used only as a filter that rules pairs out, and
-every guarantee it prints comes from the certificate (see qmpass/spectral/metrics.py).
+every guarantee it prints comes from the certificates of plan steps (qmpass/plan/units.py,
+checked by tests/test_certificates.py). The paper's formulas used here live in
+qmpass/spectral/paper.py, which nothing else imports.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import trained_matrix
 
-from qmpass.spectral import fs_distance, gksl_derivative, paper_eq7_derivative, wasserstein2
+from qmpass.spectral import fs_distance
+from qmpass.spectral.paper import gksl_derivative, paper_eq7_derivative, wasserstein2
 
 
 def test_equal_spectra_do_not_mean_equal_functions() -> None:

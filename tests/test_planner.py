@@ -14,6 +14,7 @@ from qmpass.compress import calibration_stats
 from qmpass.extract import extract_operators
 from qmpass.extract.channels import channel_groups
 from qmpass.modelio import stored_values
+from qmpass.plan import Plan, planner
 from qmpass.plan.factors import projection
 from qmpass.plan.planner import PlanConfig, Planned, make_plan
 from qmpass.rewrite.base import name_nodes
@@ -128,3 +129,17 @@ def test_data_aware_plan_predicts_less_error_than_data_free() -> None:
         sum(s.predicted_error for s in free.plan.steps)
     assert all("bound" in s.certificate for s in aware.plan.steps)
     assert np.isfinite([s.certificate["bound"] for s in aware.plan.steps]).all()
+
+
+def test_a_budget_tightening_cannot_meet_is_noted_in_the_plan(monkeypatch) -> None:
+    """When measuring and tightening stops at its round limit above the budget, the plan
+    says the budget may be missed instead of staying silent."""
+    planned, _ = _plan("transformer_digits", PlanConfig("svd", keep=0.5))
+    assert planned.plan.notes == ()  # met: nothing to say
+    exact = planner._exact_cost
+    monkeypatch.setattr(planner, "_exact_cost", lambda *args: exact(*args) + 1e9)
+    missed, _ = _plan("transformer_digits", PlanConfig("svd", keep=0.5))
+    (note,) = missed.plan.notes
+    assert "may be missed" in note and f"{planner.TIGHTENING_ROUNDS} rounds" in note
+    assert Plan.from_json(missed.plan.to_json()) == missed.plan
+    assert missed.plan.to_dict()["notes"] == [note]

@@ -17,16 +17,14 @@ from qmpass.spectral import (
     augmented_matrix,
     augmented_singular_values,
     bures_angle,
-    certificate,
     fs_distance,
     fs_distance_matrix,
-    gksl_derivative,
+    operator_norm,
     quantum_relative_entropy,
     spectral_state,
-    truncation_certificate,
-    wasserstein2,
     weighted_fs,
 )
+from qmpass.spectral.paper import gksl_derivative, wasserstein2
 
 finite = st.floats(-3, 3, allow_nan=False, allow_infinity=False, width=64)
 
@@ -112,13 +110,16 @@ def test_mirsky_and_weyl(op, delta) -> None:
 @settings(max_examples=60)
 @given(operators(rows=6, cols=5), st.integers(0, 5), st.integers(0, 2**32 - 1))
 def test_certificate_is_never_violated(op, rank, seed) -> None:
+    """The plan's certificate, ``R ||W - W'||_op + ||b - b'||`` with ``operator_norm``
+    (qmpass.plan.units), bounds the change of a 1-Lipschitz activation's output; for a
+    truncated SVD with the bias kept it is ``R sigma_{q+1}``."""
     w, b = op
     u, s, vt = np.linalg.svd(w, full_matrices=False)
     w_q = (u[:, :rank] * s[:rank]) @ vt[:rank]
     radius = 2.0
-    cert = certificate(w, b, w_q, b, lipschitz=1.0, radius=radius)
-    assert cert == pytest.approx(truncation_certificate(s, rank, lipschitz=1.0, radius=radius),
-                                 abs=1e-9)
+    cert = radius * operator_norm(w - w_q) + 0.0  # the bias is kept: ||b - b'|| = 0
+    tail = float(s[rank]) if rank < s.size else 0.0
+    assert cert == pytest.approx(radius * tail, abs=1e-9)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((200, 5))
     x *= radius * rng.uniform(0, 1, (200, 1)) / np.linalg.norm(x, axis=1, keepdims=True)

@@ -1,4 +1,9 @@
-"""The QM-FRG redundancy graph and its clusters."""
+"""The QM-FRG redundancy graph and its clusters.
+
+Built by ``analyze`` only (from the spectral states), for its report, GraphML and
+clusters. ``compress`` does not use it: its same-input clusters are extraction's fusion
+groups.
+"""
 
 from qmpass.frg.export import graph_to_graphml, graph_to_json
 from qmpass.frg.graph import FRGConfig, build_qmfrg, clusters, spectral_edges

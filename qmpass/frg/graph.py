@@ -11,6 +11,7 @@ the kept pairs leave it, so memory stays bounded for tens of thousands of operat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -20,6 +21,7 @@ import numpy as np
 import scipy.cluster.vq
 import scipy.linalg
 
+from qmpass.errors import QmpassInputError
 from qmpass.extract import Operator
 from qmpass.spectral import (
     SpectralState,
@@ -42,7 +44,10 @@ class FRGConfig:
     layer many times. ``bures_work`` caps the Bures computations at that multiple of the
     floating-point work of the spectra themselves, or at ``bures_min_flops``, whichever
     is larger; the closest pairs are taken first, and pairs left over keep their FS
-    distance only (the graph says how many).
+    distance only (the graph says how many). ``block_rows``: rows of the FS distance
+    matrix computed at a time (memory, not the result).
+
+    Invalid values raise :class:`~qmpass.errors.QmpassInputError`.
     """
 
     threshold: float = 0.15
@@ -51,6 +56,21 @@ class FRGConfig:
     bures_work: float = 1.0
     bures_min_flops: float = 2e9
     block_rows: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= math.pi / 2:  # also refuses NaN
+            raise QmpassInputError(
+                f"--threshold must be within [0, pi/2] radians (an FS distance), "
+                f"got {self.threshold}."
+            )
+        for name in ("max_neighbors", "block_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise QmpassInputError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("bures_work", "bures_min_flops"):
+            value = getattr(self, name)
+            if not value >= 0.0:  # also refuses NaN; infinity means no cap
+                raise QmpassInputError(f"{name} must be non-negative, got {value}.")
 
 
 def spectral_edges(

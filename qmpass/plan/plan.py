@@ -40,14 +40,19 @@ class Cost:
 class Step:
     """One planned rewrite.
 
-    ``operators`` are Operator names (node names after :func:`qmpass.rewrite.name_nodes`).
+    ``operators`` are Operator names (node names after
+    :func:`qmpass.rewrite.base.name_nodes`).
     For ``lowrank`` it is one operator and ``rank`` the inner width q; for
     ``shared_basis`` the members reading one tensor, in output order, and ``rank`` the
     width of the shared basis; for ``prune_channels`` the channel group named by
     ``group`` (producers first, then consumers), ``channels`` its width and ``kept`` the
     channel indices that stay. ``predicted_error`` is the relative output error the
     planner expects (energy lost, or calibration error when data-aware);
-    ``certificate`` holds the sound bound's terms (see ``qmpass.spectral.certificate``).
+    ``certificate`` holds the terms of the sound bound ``R ||W - W'||_op + ||b - b'||`` on
+    the change of one output vector: ``op_norm`` and ``bias_change`` always, ``radius``
+    (``R``, the longest input seen in calibration) and ``bound`` with calibration data.
+    The planner computes them from the new weights (:mod:`qmpass.plan.units`, with
+    :func:`qmpass.spectral.operator_norm`, which never underestimates).
     """
 
     kind: StepKind
@@ -88,7 +93,8 @@ class Plan:
 
     ``budget`` is ``{"keep": F}`` or ``{"delta": D}``; ``baseline`` is the cost of all the
     operators the method could compress; ``resource`` what ``keep`` is a fraction of
-    (``params``, or ``cycles:<target>``: see :mod:`qmpass.plan.resource`).
+    (``params``, or ``cycles:<target>``: see :mod:`qmpass.plan.resource`). ``notes``:
+    sentences about what the planner could not promise (a ``keep`` budget it may miss).
     """
 
     model: str
@@ -98,6 +104,7 @@ class Plan:
     steps: tuple[Step, ...]
     declined: tuple[tuple[str, str], ...] = ()
     resource: str = "params"
+    notes: tuple[str, ...] = ()
 
     @property
     def params_saved(self) -> int:
@@ -112,6 +119,7 @@ class Plan:
             "steps": [s.to_dict() for s in self.steps],
             "declined": [{"operator": o, "reason": r} for o, r in self.declined],
             "resource": self.resource,
+            "notes": list(self.notes),
         }
 
     def to_json(self) -> str:
@@ -127,6 +135,7 @@ class Plan:
             steps=tuple(Step.from_dict(s) for s in data["steps"]),
             declined=tuple((d["operator"], d["reason"]) for d in data.get("declined", ())),
             resource=data.get("resource", "params"),
+            notes=tuple(data.get("notes", ())),
         )
 
     @classmethod

@@ -166,7 +166,8 @@ def make_plan(
         candidates = saving
     baseline = Cost.of(ops[n] for n in sorted({n for c in candidates for n in c.operators})
                        if n in ops)
-    choice = _choose(candidates, ops, config, baseline)
+    notes: list[str] = []
+    choice = _choose(candidates, ops, config, baseline, notes)
 
     steps: list[Step] = []
     tensors: list[dict[str, np.ndarray]] = []
@@ -190,6 +191,7 @@ def make_plan(
         steps=tuple(steps),
         declined=tuple(sorted(declined.items())),
         resource=config.resource.name,
+        notes=tuple(notes),
     )
     return Planned(plan, tuple(tensors), tuple(units))
 
@@ -282,11 +284,16 @@ def _candidates(
 
 
 # -- choosing variants ------------------------------------------------------------------------
+#: rounds of measuring and tightening a ``keep`` budget over overlapping channel groups
+TIGHTENING_ROUNDS = 12
+
+
 def _choose(
     candidates: Sequence[Candidate], ops: Mapping[str, Operator], config: PlanConfig,
-    baseline: Cost,
+    baseline: Cost, notes: list[str],
 ) -> dict[str, int]:
-    """The variant index of every unit under the budget."""
+    """The variant index of every unit under the budget; a budget the allocation may miss
+    adds a sentence to ``notes``."""
     if config.delta is not None:
         allowed = 1.0 - math.exp(-config.delta)
         return {
@@ -309,12 +316,18 @@ def _choose(
     units = [c.unit for c in candidates]
     budget = sum(u.options[0].cost for u in units) - (full - target)
     choice: dict[str, int] = {}
-    for _ in range(12):
+    for _ in range(TIGHTENING_ROUNDS):
         choice = {key: option.value for key, option in allocate(units, budget).items()}
         spent = _exact_cost(candidates, ops, choice, resource)
         if spent <= target + 0.5:
             break
         budget -= spent - target
+    else:
+        notes.append(
+            f"the keep budget may be missed: after {TIGHTENING_ROUNDS} rounds of tightening, "
+            f"the plan spends {spent:,.0f} {resource.name} of the compressible operators' "
+            f"{full:,.0f}, above the {target:,.0f} that keep={config.keep:g} allows"
+        )
     return choice
 
 

@@ -109,6 +109,12 @@ class Cycles:
         # extraction counted FLOPs with dynamic dimensions as 1
         self.batched = {k for k, v in input_shapes.items()
                         if v and not (isinstance(v[0], int) and v[0] > 0)}
+        # Kernel costs memoised per instance (the planner prices the same shapes many
+        # times). Not ``lru_cache`` on the methods: that cache is one per class, keyed on
+        # ``self``, so it would keep every Cycles alive (compress makes two per call: the
+        # plan's, and one that prices the result) until evicted.
+        self._matmul = functools.lru_cache(maxsize=4096)(self._matmul_cycles)
+        self._conv = functools.lru_cache(maxsize=4096)(self._conv_cycles)
 
     # -- the resource -------------------------------------------------------------------
     def operators(self, ops: Sequence[Operator]) -> float:
@@ -174,14 +180,12 @@ class Cycles:
         wo = (x[3] + pads[1] + pads[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
         return ho, wo
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019  (one resource per compress call)
-    def _matmul(self, rows: int, k: int, n: int, bias: bool) -> int:
+    def _matmul_cycles(self, rows: int, k: int, n: int, bias: bool) -> int:
         return hw_targets.lower_matmul(self.module, self.target, "g", rows, k, n, bias).cycles()
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019
-    def _conv(self, x: tuple[int, ...], out: int, kernel: tuple[int, ...],
-              strides: tuple[int, ...], pads: tuple[int, ...], dilations: tuple[int, ...],
-              groups: int, bias: bool) -> int:
+    def _conv_cycles(self, x: tuple[int, ...], out: int, kernel: tuple[int, ...],
+                     strides: tuple[int, ...], pads: tuple[int, ...],
+                     dilations: tuple[int, ...], groups: int, bias: bool) -> int:
         return hw_targets.lower_conv(
             self.module, self.target, "c", (x[0], x[1], x[2], x[3]), out,
             (kernel[0], kernel[1]), (strides[0], strides[1]),

@@ -1,45 +1,45 @@
-"""Spectral states of operators and the metrics between them (read-only numerics)."""
+"""Spectral states of operators and the metrics between them (read-only numerics).
+
+Used by ``analyze`` (states, FS distances, Bures angles for the QM-FRG and its report).
+``compress`` uses one helper, :func:`operator_norm`, for the certificates of plan steps;
+it computes no spectral states. The source paper's formulas that qmpass does not use
+live apart, in :mod:`qmpass.spectral.paper`, kept for the tests of its claims.
+"""
 
 from qmpass.spectral.metrics import (
     bures_angle,
     bures_angle_of_factors,
-    certificate,
     fs_distance,
     fs_distance_matrix,
-    gksl_derivative,
     input_factor,
     operator_norm,
-    paper_eq7_derivative,
     psi_matrix,
     quantum_relative_entropy,
-    truncation_certificate,
-    wasserstein2,
     weighted_fs,
 )
 from qmpass.spectral.state import (
+    SV_METHODS,
     SpectralState,
+    SVMethod,
     augmented_matrix,
     augmented_singular_values,
     spectral_state,
 )
 
 __all__ = [
+    "SV_METHODS",
+    "SVMethod",
     "SpectralState",
     "augmented_matrix",
     "augmented_singular_values",
     "bures_angle",
     "bures_angle_of_factors",
-    "certificate",
     "fs_distance",
     "fs_distance_matrix",
-    "gksl_derivative",
     "input_factor",
     "operator_norm",
-    "paper_eq7_derivative",
     "psi_matrix",
     "quantum_relative_entropy",
     "spectral_state",
-    "truncation_certificate",
-    "wasserstein2",
     "weighted_fs",
 ]

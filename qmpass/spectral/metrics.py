@@ -8,14 +8,18 @@ What holds, and is used:
   ``rho = W^T W^ / ||W^||_F**2``. ``fs_distance <= bures_angle`` always, and the Bures
   angle is 0 exactly when ``W^_1 = c Q W^_2`` for an orthogonal ``Q``: so spectra are a
   sound filter that rules pairs *out*, never in.
-* Mirsky and Weyl make spectral distance a lower bound on weight distance; the
-  certificate (``certificate``) bounds the output change of a replaced operator.
+* Mirsky and Weyl make spectral distance a lower bound on weight distance.
+* ``operator_norm``: ``||M||_op``, never below the true value. Every step of a plan
+  carries a certificate built from it (:mod:`qmpass.plan.units`): the change of one
+  output vector is at most ``R ||W - W'||_op + ||b - b'||`` for inputs no longer than
+  ``R`` (``tests/test_certificates.py`` checks it on the rewritten models).
+* ``quantum_relative_entropy``: the reference for the closed form
+  ``S(rho_q || rho) = -log F(q)`` that ``SpectralState.rank_for_delta`` uses.
 
-What does not hold (kept as tests in ``tests/test_paper_claims.py``): equal spectra do not
-imply equal functions (``W`` and ``Q W``), ``W2 <= sqrt(2) d_FS`` fails, the paper's
-"majorization profile" of ``sigma`` is not a CDF, and its Lindblad equation (7) is not
-trace preserving (``gksl_derivative`` is the correct form, ``paper_eq7_derivative`` the
-printed one).
+What does not hold (kept as tests in ``tests/test_paper_claims.py``, with the paper's
+formulas in :mod:`qmpass.spectral.paper`): equal spectra do not imply equal functions
+(``W`` and ``Q W``), ``W2 <= sqrt(2) d_FS`` fails, the paper's "majorization profile" of
+``sigma`` is not a CDF, and its Lindblad equation (7) is not trace preserving.
 """
 
 from __future__ import annotations
@@ -30,17 +34,12 @@ from qmpass.spectral.state import SpectralState
 __all__ = [
     "bures_angle",
     "bures_angle_of_factors",
-    "certificate",
     "fs_distance",
     "fs_distance_matrix",
-    "gksl_derivative",
     "input_factor",
     "operator_norm",
-    "paper_eq7_derivative",
     "psi_matrix",
     "quantum_relative_entropy",
-    "truncation_certificate",
-    "wasserstein2",
     "weighted_fs",
 ]
 
@@ -66,22 +65,6 @@ def fs_distance_matrix(states: Sequence[SpectralState]) -> np.ndarray:
     """All pairwise FS distances, as one matrix product of the zero-padded ``psi`` vectors."""
     psi = psi_matrix(states)
     return np.arccos(np.clip(psi @ psi.T, 0.0, 1.0))
-
-
-def wasserstein2(p1: np.ndarray, p2: np.ndarray) -> float:
-    """2-Wasserstein distance of two energy distributions on positions ``0, 1, 2, ...``.
-
-    In one dimension ``W2**2 = int_0^1 |Q1(u) - Q2(u)|**2 du`` with the quantile functions
-    ``Q``; both are step functions, so the integral is exact over the merged breakpoints
-    of the two CDFs. (scipy's ``wasserstein_distance`` is the 1-Wasserstein distance.)
-    """
-    c1, c2 = np.cumsum(p1) / np.sum(p1), np.cumsum(p2) / np.sum(p2)
-    levels = np.unique(np.concatenate(([0.0], c1, c2)))
-    levels = levels[levels <= 1.0]
-    mids = (levels[:-1] + levels[1:]) / 2
-    q1 = np.minimum(np.searchsorted(c1, mids), p1.size - 1)
-    q2 = np.minimum(np.searchsorted(c2, mids), p2.size - 1)
-    return float(np.sqrt(np.sum(np.diff(levels) * (q1 - q2) ** 2)))
 
 
 def input_factor(augmented: np.ndarray) -> np.ndarray:
@@ -166,56 +149,3 @@ def operator_norm(matrix: np.ndarray) -> float:
     top = float(scipy.linalg.eigvalsh(gram, subset_by_index=[n - 1, n - 1])[0])
     rounding = n * np.finfo(float).eps * float(np.abs(gram).sum(axis=1).max())
     return float(np.sqrt(max(top, 0.0) + rounding))
-
-
-def certificate(
-    w: np.ndarray,
-    b: np.ndarray | None,
-    w_new: np.ndarray,
-    b_new: np.ndarray | None,
-    *,
-    lipschitz: float,
-    radius: float,
-) -> float:
-    """Sound bound on ``sup ||act(Wx+b) - act(W'x+b')||`` over ``||x||_2 <= radius``.
-
-    ``L (R ||W - W'||_op + ||b - b'||_2)`` for an ``L``-Lipschitz activation.
-    """
-    op_norm = operator_norm(w - w_new)
-    zero = np.zeros(w.shape[0])
-    bias_gap = float(
-        np.linalg.norm((zero if b is None else b) - (zero if b_new is None else b_new))
-    )
-    return lipschitz * (radius * op_norm + bias_gap)
-
-
-def truncation_certificate(
-    singular_values: np.ndarray, rank: int, *, lipschitz: float, radius: float
-) -> float:
-    """The certificate for a rank-``rank`` truncated SVD of ``W`` (bias kept):
-    ``||W - W_q||_op = sigma_{q+1}``, so the bound is ``L R sigma_{q+1}``."""
-    tail = float(singular_values[rank]) if rank < singular_values.size else 0.0
-    return lipschitz * radius * tail
-
-
-def gksl_derivative(
-    rho: np.ndarray, hamiltonian: np.ndarray, jump_operators: Sequence[np.ndarray]
-) -> np.ndarray:
-    """``d rho/dt = -i[H, rho] + sum_k (L_k rho L_k^+ - 1/2 {L_k^+ L_k, rho})``: the GKSL
-    (Lindblad) generator, which preserves trace and Hermiticity."""
-    out = -1j * (hamiltonian @ rho - rho @ hamiltonian)
-    for jump in jump_operators:
-        jd = jump.conj().T
-        out += jump @ rho @ jd - 0.5 * (jd @ jump @ rho + rho @ jd @ jump)
-    return out
-
-
-def paper_eq7_derivative(
-    rho: np.ndarray, hamiltonian: np.ndarray, jump_operators: Sequence[np.ndarray]
-) -> np.ndarray:
-    """The paper's eq. (7) as printed, ``i d rho/dt = -i[H, rho] + sum_k L_k rho L_k^+``,
-    solved for ``d rho/dt``: without the anticommutator it does not preserve the trace."""
-    rhs = -1j * (hamiltonian @ rho - rho @ hamiltonian)
-    for jump in jump_operators:
-        rhs += jump @ rho @ jump.conj().T
-    return -1j * rhs

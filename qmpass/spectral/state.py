@@ -19,9 +19,19 @@ from typing import Literal
 import numpy as np
 import scipy.linalg
 
-__all__ = ["SpectralState", "augmented_matrix", "augmented_singular_values", "spectral_state"]
+__all__ = [
+    "SV_METHODS",
+    "SVMethod",
+    "SpectralState",
+    "augmented_matrix",
+    "augmented_singular_values",
+    "spectral_state",
+]
 
-Method = Literal["gram", "svd"]
+#: how singular values are computed: Gram eigenvalues (fast) or LAPACK (accurate); not
+#: to be confused with the planner's ``svd`` method (:data:`qmpass.plan.planner.Method`)
+SVMethod = Literal["gram", "svd"]
+SV_METHODS: tuple[SVMethod, ...] = ("gram", "svd")
 
 
 def augmented_matrix(weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -36,7 +46,7 @@ def augmented_matrix(weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
 
 
 def augmented_singular_values(
-    weight: np.ndarray, bias: np.ndarray | None, method: Method = "gram"
+    weight: np.ndarray, bias: np.ndarray | None, method: SVMethod = "gram"
 ) -> np.ndarray:
     """Singular values of the augmented matrix, descending (``min(d_out, d_in) + 1`` of them)."""
     if method == "svd":
@@ -122,7 +132,7 @@ class SpectralState:
 
 
 def spectral_state(
-    name: str, weight: np.ndarray, bias: np.ndarray | None, method: Method = "gram"
+    name: str, weight: np.ndarray, bias: np.ndarray | None, method: SVMethod = "gram"
 ) -> SpectralState:
     """The state of ``y = W x + b``."""
     values = augmented_singular_values(weight, bias, method)
