@@ -23,13 +23,24 @@ step and a producer of the next is edited by both, in plan order; each site is e
 once, as ``conv2d(x, W')`` (original strides, padding, dilation; ``groups``) ``+ b'`` as
 ``(1, C', 1, 1)``, or ``matmul(x, W'^T) + b'``.
 
-Between the producers and the consumers the Relax function may hold only operations
-that act on every channel alone and read no constant: unary activations, a residual
-``add`` (``subtract``/``multiply``/``maximum``/``minimum``) of two tensors of the group,
-NCHW pooling, a global mean/max over the spatial axes and the ``reshape``/``squeeze`` to
-``[N, C]`` after it (its shape ``[N, C]`` becomes ``[N, k]``). Anything else on the path
-(a constant add, a batch norm not folded into a site, a concat, an unknown op, the
-function's output) declines the step with the reason, and the function is unchanged.
+Which Relax ops the group's channels pass through is decided by the registry of channel
+rules that the ONNX analysis uses (:mod:`qmpass.extract.channels.rules`), looked up by
+the op's name: an ``elementwise`` op (``relu``, ``sqrt``, ``exp``...), a ``binary`` op
+(``add``, ``subtract``, ``multiply``, ``divide``, ``power``, ``maximum``, ``minimum``)
+of two tensors of the group or of one and a constant that broadcasts over the channels
+(a scalar), NCHW pooling, a global mean/max over the spatial axes and the
+``reshape``/``squeeze`` to ``[N, C]`` after it (its shape ``[N, C]`` becomes ``[N, k]``).
+Where the registry lets the ONNX analysis go on but this pass cannot, it declines
+explicitly, with the reason, and the function is unchanged:
+
+* a constant operand with one value per channel (the ONNX rewriter slices it; here
+  constants are edited only inside the conv2d/matmul sites);
+* a batch norm that is not folded into a site (it reads per-channel constants);
+* a concat (the consumers' offsets into another group's channels are not supported);
+* a split or strided slice (declined on both sides: see the registry).
+
+Any other op, a tensor the function returns, or a site the step does not name declines
+the step as well.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from tvm import relax
 
 from qmpass.extract import Operator
 from qmpass.extract.channels import ChannelGroup
+from qmpass.extract.channels.rules import relax_rule
 from qmpass.plan.plan import Step
 from qmpass.rewrite.prune_channels import PruneChannels, decline_kept
 from qmpass.tvm.extract import Site
@@ -54,16 +66,6 @@ __all__ = ["Dataflow", "PrunedStep", "SiteEdit", "prune_step"]
 #: where a tensor of the group has its channels: NCHW, NCHW after a global pooling
 #: (spatial dims 1), or the last axis
 Layout = Literal["nchw", "pooled", "last"]
-
-_UNARY = frozenset({
-    "relax.nn.relu", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.silu",
-    "relax.nn.leakyrelu", "relax.sigmoid", "relax.tanh", "relax.negative", "relax.abs",
-})
-_BINARY = frozenset({
-    "relax.add", "relax.subtract", "relax.multiply", "relax.maximum", "relax.minimum",
-})
-_POOLS = frozenset({"relax.nn.max_pool2d", "relax.nn.avg_pool2d"})
-_GLOBAL = frozenset({"relax.mean", "relax.max"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -315,7 +317,8 @@ def _walk(
                 return f"'{var.name}' is read by '{reader.name}': {problem}"
             out_layout, binary, shape = problem
             if binary:
-                operands.extend((reader, arg) for arg in value.args)
+                operands.extend((reader, arg) for arg in value.args
+                                if isinstance(arg, relax.Var))
             if shape is not None:
                 reshapes[reader] = relax.ShapeExpr([shape.values[0], kept])
             enter(reader, out_layout)
@@ -335,28 +338,36 @@ def _walk(
 def _channel_wise(
     value: Any, var: Any, where: Layout, channels: int
 ) -> tuple[Layout, bool, Any] | str:
-    """The layout of a reader's output, whether it is a binary op, and the shape to
-    retarget (a head reshape); or why the reader does not act on each channel alone."""
+    """The layout of a reader's output, whether it is a binary op of tensors, and the
+    shape to retarget (a head reshape); or why the reader does not act on each channel
+    alone (or does, but would need an edit this pass does not make)."""
     if not isinstance(value, relax.Call):
         return f"a {type(value).__name__} binding is not a channel-wise operation"
     op = _op(value)
+    rule = relax_rule(op)
+    kind = None if rule is None else rule.kind
     tensor_args = [a for a in value.args if isinstance(getattr(a, "ty", None), relax.TensorType)]
-    if op in _UNARY and len(tensor_args) == 1:
+    if kind == "elementwise" and len(tensor_args) == 1:
         return where, False, None
-    if op in _BINARY and len(value.args) == 2:
-        if any(not isinstance(a, relax.Var) for a in value.args):
-            return (f"{op} with a constant operand (the pass slices no constant outside "
-                    "the conv2d/matmul sites)")
+    if kind == "binary" and len(value.args) == 2:
+        for arg in value.args:
+            if not isinstance(arg, relax.Var):
+                problem = _constant_operand(arg, var, where)
+                if problem is not None:
+                    return (f"{op} with a constant operand {problem} (the pass slices no "
+                            "constant outside the conv2d/matmul sites)")
         return where, True, None
-    if op == "relax.nn.batch_norm":
+    if kind == "batchnorm":
         return "a batch norm that is not folded into a conv2d site (it reads per-channel " \
                "constants)"
-    if op == "relax.concat":
+    if kind == "concat":
         return "a concat (channel offsets across groups are not supported)"
-    if op in _POOLS and where in ("nchw", "pooled") and \
+    if kind == "split" and rule is not None:
+        return f"{op}: {rule.declined}"
+    if kind == "pool" and where in ("nchw", "pooled") and \
             str(value.attrs.layout) == "NCHW" and str(value.attrs.out_layout) == "NCHW":
         return where, False, None
-    if op in _GLOBAL and where in ("nchw", "pooled"):
+    if kind == "reduce" and where in ("nchw", "pooled"):
         axes = value.attrs.axis
         if axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3]:
             return ("pooled" if bool(value.attrs.keepdims) else "last"), False, None
@@ -375,6 +386,34 @@ def _channel_wise(
         return f"a reshape to {shape}, not a static [N, {channels}]"
     return f"{op or type(value.op).__name__} is not a channel-wise operation the pass " \
            "prunes through"
+
+
+def _constant_operand(arg: Any, var: Any, where: Layout) -> str | None:
+    """Why a binary op's non-tensor-of-the-group operand would need an edit, or None when
+    it broadcasts over the channels (size 1 on their axis) without widening ``var``."""
+    shape, target = _static_dims(arg), _static_dims(var)
+    if shape is None or None in shape or target is None:
+        return "of unknown shape"
+    if len(shape) > len(target):
+        return f"of shape {list(shape)}, which adds dimensions"
+    lead = len(target) - len(shape)
+    if any(d != 1 and d != target[lead + i] for i, d in enumerate(shape)):
+        return f"of shape {list(shape)}, which widens the tensor"
+    axis = (1 if where in ("nchw", "pooled") else len(target) - 1) - lead
+    if axis >= 0 and shape[axis] != 1:
+        return f"of shape {list(shape)}, one value per channel"
+    return None
+
+
+def _static_dims(expr: Any) -> tuple[int | None, ...] | None:
+    """Static shape of a tensor expression (None for symbolic dims), if its rank is known."""
+    ty = getattr(expr, "ty", None)
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    values = getattr(ty.shape, "values", None)
+    if values is None:
+        return None
+    return tuple(int(v) if isinstance(v, tvm.tirx.IntImm) else None for v in values)
 
 
 def _op(call: Any) -> str:

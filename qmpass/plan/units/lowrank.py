@@ -1,0 +1,158 @@
+"""Low-rank units: one operator factorised at rank ``q``, or operators reading one tensor
+(a cluster) sharing a basis or factorised separately.
+
+* low-rank operator: one variant per rank ``q`` (a multiple of ``align``) that saves
+  parameters and FLOPs; error = relative tail energy (:mod:`qmpass.plan.factors`).
+* cluster: the fused shared-basis variants *and* the members factorised separately (the
+  members' own Lagrangian path); the allocation picks whichever loses less for its cost,
+  so a shared basis is used where it pays.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from qmpass.extract import Operator
+from qmpass.plan.budget import lower_hull
+from qmpass.plan.factors import projection
+from qmpass.plan.plan import Cost, Step, StepKind
+from qmpass.plan.resource import PARAMS, Resource, lowrank_cost
+from qmpass.plan.units.common import Built, Candidate, StatsLike, Variant, unchanged
+from qmpass.spectral import operator_norm
+
+__all__ = ["cluster_candidate", "lowrank_candidate", "lowrank_declines"]
+
+
+def lowrank_declines(op: Operator) -> str | None:
+    """Why the planner does not factorise ``op`` (the rewrites check again)."""
+    if op.graph != "main":
+        return "operator inside a subgraph is left untouched"
+    if op.op_type in ("MatMul", "Gemm"):
+        if op.weight_side != "right":
+            return "weight on the left side is not factorised"
+        return "Gemm with transA=1 is not rewritten" if op.transposed_input else None
+    if op.op_type != "Conv":
+        return f"{op.op_type} is not factorised"
+    if op.geometry is None or op.geometry.groups != 1:
+        groups = None if op.geometry is None else op.geometry.groups
+        return f"grouped conv (groups={groups}) is not factorised"
+    return None
+
+
+def _certificate(delta_w: np.ndarray, delta_b: np.ndarray, radius: float | None
+                 ) -> dict[str, float]:
+    """Terms of the sound bound ``R ||W - W'||_op + ||b - b'||`` on one output vector
+    (``R``: the largest input norm seen in calibration, when there was calibration)."""
+    cert = {"op_norm": operator_norm(delta_w), "bias_change": float(np.linalg.norm(delta_b))}
+    if radius is not None:
+        cert["radius"] = float(radius)
+        cert["bound"] = cert["radius"] * cert["op_norm"] + cert["bias_change"]
+    return cert
+
+
+def _biases(ops: Sequence[Operator]) -> np.ndarray:
+    return np.concatenate(
+        [np.zeros(op.shape[0]) if op.bias is None else np.asarray(op.bias) for op in ops]
+    )
+
+
+def lowrank_candidate(
+    members: Sequence[Operator], stats: StatsLike | None, align: int, *, fused: bool,
+    resource: Resource = PARAMS,
+) -> Candidate | None:
+    """Low-rank variants of one operator (``fused=False``, one member) or of a shared
+    basis for operators that read one tensor (``fused=True``). None if no rank saves
+    parameters and FLOPs (ranks that save them but cost more of ``resource`` stay: the
+    allocation never picks them)."""
+    proj = projection([op.weight for op in members], None if stats is None else stats.cov)
+    before = Cost.of(members)
+    full = min(members[0].shape[1], sum(op.shape[0] for op in members))
+    names = tuple(op.name for op in members)
+    kind: StepKind = "shared_basis" if fused else "lowrank"
+
+    def build(rank: int) -> Built:
+        first, second = proj.factors(rank)
+        approx = second @ first
+        original = _biases(members)
+        bias = original.copy()
+        tensors = {"first": first, "second": second}
+        if stats is not None:
+            bias += (proj.weight - approx) @ stats.mean  # the mean of what was cut
+        if stats is not None or any(op.bias is not None for op in members):
+            tensors["bias"] = bias
+        step = Step(
+            kind=kind,
+            operators=names,
+            before=before,
+            after=lowrank_cost(members, rank),
+            predicted_error=proj.tail(rank),
+            rank=rank,
+            certificate=_certificate(
+                proj.weight - approx, bias - original, None if stats is None else stats.max_norm
+            ),
+            data_aware=stats is not None,
+        )
+        return [(step, tensors)]
+
+    variants = [unchanged(resource.operators(members))]
+    for rank in range(align, full, align):
+        cost = lowrank_cost(members, rank)
+        if cost.params >= before.params or cost.flops >= before.flops:
+            break
+        variants.append(
+            Variant(
+                resource.factorised(members, rank),
+                proj.tail(rank),
+                float(proj.member_errors(rank).max()),
+                rank,
+                lambda rank=rank: build(rank),  # type: ignore[misc]
+            )
+        )
+        if rank >= proj.rank:
+            break  # lossless from here on: higher ranks only cost more
+    if len(variants) == 1:
+        return None
+    return Candidate(f"{kind}:{names[0]}", names, tuple(variants))
+
+
+def cluster_candidate(fused: Candidate | None, separate: Sequence[Candidate]) -> Candidate | None:
+    """One unit for operators reading one tensor: the shared-basis variants plus the
+    members factorised separately, walked along the members' own Lagrangian path (each
+    step the cheapest error per saved parameter, as in :mod:`qmpass.plan.budget`)."""
+    if not separate:
+        return fused
+    before = sum(c.variants[0].cost for c in separate)
+    variants = list(fused.variants) if fused is not None else [unchanged(before)]
+    hulls = [[o.value for o in lower_hull(c.unit.options)] for c in separate]
+    at = [0] * len(separate)
+    heap = [(_slope(c, h, 0), i) for i, (c, h) in enumerate(zip(separate, hulls, strict=True))
+            if len(h) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        at[i] += 1
+        if at[i] + 1 < len(hulls[i]):
+            heapq.heappush(heap, (_slope(separate[i], hulls[i], at[i]), i))
+        picks = [c.variants[h[a]] for c, h, a in zip(separate, hulls, at, strict=True)]
+        variants.append(
+            Variant(
+                sum(v.cost for v in picks),
+                sum(v.error for v in picks),
+                max(v.worst for v in picks),
+                -1,
+                lambda picks=picks: [s for v in picks for s in v.build()],  # type: ignore[misc]
+            )
+        )
+    names = tuple(n for c in separate for n in c.operators)
+    return Candidate(f"cluster:{names[0]}", names, tuple(variants))
+
+
+def _slope(candidate: Candidate, hull: Sequence[int], at: int) -> float:
+    a, b = candidate.variants[hull[at]], candidate.variants[hull[at + 1]]
+    saved = a.cost - b.cost
+    return (b.error - a.error) / saved if saved > 0 else math.inf
+
