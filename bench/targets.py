@@ -44,7 +44,6 @@ from qmpass.extract.shapes import infer_shapes  # noqa: E402
 from qmpass.plan.resource import Cycles  # noqa: E402
 
 TARGETS = hw_targets.TARGET_NAMES
-PAPER_C_CONV = {"ascend": 1.2, "mlu": 1.5}
 
 
 def declared() -> None:
@@ -122,7 +121,9 @@ def conv_weights() -> None:
         cells = [f"{hw_targets.conv_weight(m, m.TARGET, layer):.2f}"
                  for m in map(hw_targets.get_target, TARGETS)]
         print(f"| {label} | " + " | ".join(cells) + " |")
-    paper = ", ".join(f"{t} {v}" for t, v in PAPER_C_CONV.items())
+    stated = {name: hw_targets.get_target(name).TARGET.params.get("paper_c_conv")
+              for name in TARGETS}
+    paper = ", ".join(f"{t} {p.value}" for t, p in stated.items() if p is not None)
     print(f"\nThe paper states c_conv = {paper}.")
 
 
@@ -146,7 +147,9 @@ def attention_fusion() -> None:
                                             True).cycles()
             print(f"| {label}: {m} x {k} x 3 x {n} | {name} | {3 * one:,} | {fused:,} | "
                   f"{3 * one / fused:.2f}x |")
-    print("\nThe paper claims 2.1x on Kunlunxin from fusing redundant attention heads.")
+    claim = hw_targets.get_target("kunlunxin").TARGET.params["paper_attention_fusion_speedup"]
+    print(f"\nThe paper claims {claim.value}x on Kunlunxin from fusing redundant attention "
+          "heads.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,16 +1,27 @@
 """hw_targets: NPU-style targets simulated on the CPU (TARGETS.md).
 
-One module per target (``cpu``, ``ascend``, ``mlu``, ``kunlunxin``), each with its
-description as data, its cost model, its code emitter and, in ``include/``, the header
-that gives its intrinsics their meaning on the CPU. qmpass uses only what this package
-exports.
+One package per target (``cpu``, ``ascend``, ``mlu``, ``kunlunxin``), each split into its
+description as data (``target.py``), its cost model (``cost.py``) and its emitter
+(``emit.py``, which fills in the kernel templates of ``templates/<target>/``); in
+``include/``, the header that gives its intrinsics their meaning on the CPU. What the
+targets share (the contract, the dispatch on kernel kinds, the tiling search, the grid of
+tiles) is in :mod:`hw_targets.base`. qmpass uses only what this package exports.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from hw_targets.base import Cost, KernelSource, Param, Target, TargetModule, Tiling, roofline
+from hw_targets.base import (
+    KernelCost,
+    KernelSource,
+    Param,
+    Target,
+    TargetModule,
+    Tiling,
+    UnsupportedKernel,
+    roofline,
+)
 from hw_targets.lower import Lowering, lower_conv, lower_matmul, simulate_all, write_bundle
 from hw_targets.sim import CompileError, SimulationFault
 from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
@@ -20,9 +31,9 @@ __all__ = [
     "TARGET_NAMES",
     "CompileError",
     "ConvLayer",
-    "Cost",
     "GemmSpec",
     "Im2colSpec",
+    "KernelCost",
     "KernelSource",
     "KernelSpec",
     "Lowering",
@@ -32,6 +43,7 @@ __all__ = [
     "TargetModule",
     "Tiling",
     "UnknownTarget",
+    "UnsupportedKernel",
     "conv_weight",
     "get_target",
     "lower_conv",

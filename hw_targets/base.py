@@ -21,17 +21,18 @@ simulation counts for the operations it executes (tests check equality).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 
-from hw_targets.spec import GemmSpec, KernelSpec
+from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
 
 __all__ = [
+    "OUT_BYTES",
     "Buffer",
-    "Cost",
+    "KernelCost",
     "KernelSource",
     "Param",
     "Target",
@@ -39,13 +40,20 @@ __all__ = [
     "TileCost",
     "Tiling",
     "UnsupportedKernel",
+    "best_tiling",
+    "by_kind",
     "ceil_div",
     "grid_cost",
+    "pipe_names",
     "roofline",
     "round_up",
 ]
 
 Tag = Literal["V", "S", "U"]
+T = TypeVar("T")
+
+OUT_BYTES = 4
+"""Bytes of an element of C and of the bias: fp32 on every target (see :mod:`hw_targets.spec`)."""
 
 
 @dataclass(frozen=True)
@@ -66,16 +74,25 @@ class Param:
 
 @dataclass(frozen=True)
 class Buffer:
-    """An on-chip memory level of one core (or one cluster when ``scope == "cluster"``)."""
+    """An on-chip memory level of one core (or one cluster when ``scope == "cluster"``).
+
+    ``align`` is the byte alignment of every allocation in it (a :class:`Param`, so the
+    alignment a kernel and the simulation's arena use is declared with its source like
+    the size, and overriding it reaches both).
+    """
 
     name: str
     size: Param
-    align: int
+    align: Param
     scope: Literal["core", "cluster"] = "core"
 
     @property
     def bytes(self) -> int:
         return int(self.size.value)
+
+    @property
+    def alignment(self) -> int:
+        return int(self.align.value)
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,7 @@ class Target:
             ("MACs/cycle (core)", self.macs_per_cycle),
         ]
         rows += [(f"{b.name} bytes ({b.scope})", b.size) for b in self.buffers]
+        rows += [(f"{b.name} align ({b.scope})", b.align) for b in self.buffers]
         rows += list(self.params.items())
         return [
             {"name": n, "value": p.value, "unit": p.unit, "tag": p.tag, "source": p.source}
@@ -155,8 +173,9 @@ class Tiling:
 
 
 @dataclass(frozen=True)
-class Cost:
-    """Predicted cycles of one kernel.
+class KernelCost:
+    """Predicted cycles of one kernel (not :class:`qmpass.plan.plan.Cost`, a plan's
+    parameter and FLOP count).
 
     ``pipes``: total cycles charged to each pipe on the slowest core; ``cycles``: that
     core's sum over stages of the maximum over pipes; ``stages``: stages it ran;
@@ -215,7 +234,7 @@ class TargetModule(Protocol):
         """Tile sizes that fit the target's buffers (double-buffered) and alignment."""
         ...
 
-    def cost(self, spec: KernelSpec, tiling: Tiling | None, target: Target) -> Cost:
+    def cost(self, spec: KernelSpec, tiling: Tiling | None, target: Target) -> KernelCost:
         """Cycles of the kernel, stage by stage, as the simulation counts them."""
         ...
 
@@ -263,7 +282,6 @@ def roofline(spec: KernelSpec, target: Target) -> int:
     return math.ceil(max(compute, traffic))
 
 
-
 @dataclass(frozen=True)
 class TileCost:
     """Cycles of one output tile: its stages' sum of pipe maxima, per-pipe totals, and the
@@ -282,7 +300,7 @@ def grid_cost(
     cores: int,
     tile_cost: Callable[[int, int], TileCost],
     padded_macs: int,
-) -> Cost:
+) -> KernelCost:
     """Cost of a GEMM whose output tiles are dealt round-robin to ``cores``.
 
     Tiles are numbered batch-major, then by row block, then by column block
@@ -315,7 +333,7 @@ def grid_cost(
         count = int(np.count_nonzero((rows == r) & (cols == c) & (core == slowest)))
         for name, value in tc.pipes.items():
             pipes[name] = pipes.get(name, 0) + count * value
-    return Cost(
+    return KernelCost(
         cycles=int(per_core[slowest]),
         pipes=pipes,
         stages=int(stages[slowest]),
@@ -323,3 +341,57 @@ def grid_cost(
         padded_macs=padded_macs,
         dram_bytes=moved,
     )
+
+
+def by_kind(
+    spec: KernelSpec,
+    tiling: Tiling | None,
+    gemm: Callable[[GemmSpec, Tiling], T],
+    im2col: Callable[[Im2colSpec], T],
+) -> T:
+    """The dispatch every target's ``cost`` and ``emit`` share: an im2col needs no
+    tiling, a GEMM does, and a GEMM without one is refused the same way on every target
+    (:class:`UnsupportedKernel`, not an ``assert`` that ``python -O`` would drop)."""
+    if isinstance(spec, Im2colSpec):
+        return im2col(spec)
+    if tiling is None:
+        raise UnsupportedKernel(f"{spec.name}: a GEMM needs a tiling")
+    return gemm(spec, tiling)
+
+
+def best_tiling(
+    candidates: Iterable[Tiling],
+    cost: Callable[[Tiling], KernelCost],
+    refusal: str,
+    bound: Callable[[Tiling], float] | None = None,
+) -> Tiling:
+    """The candidate of least predicted ``(cycles, stages)``; the first one on ties.
+
+    With ``bound`` (a lower bound on a candidate's cycles) candidates are costed in the
+    order of their bound and the search stops once the bound exceeds the best cost found,
+    which is exact because the bound never exceeds the cost. No candidate at all (none
+    fits the target's buffers) raises :class:`UnsupportedKernel` with ``refusal``.
+    """
+    ordered: Iterable[Tiling] = candidates
+    bounds: dict[int, float] = {}
+    if bound is not None:
+        listed = list(candidates)
+        values = [bound(c) for c in listed]
+        order = sorted(range(len(listed)), key=values.__getitem__)
+        ordered = [listed[i] for i in order]
+        bounds = {rank: values[i] for rank, i in enumerate(order)}
+    best: tuple[int, int, Tiling] | None = None
+    for rank, candidate in enumerate(ordered):
+        if best is not None and bound is not None and bounds[rank] > best[0]:
+            break
+        c = cost(candidate)
+        if best is None or (c.cycles, c.stages) < best[:2]:
+            best = (c.cycles, c.stages, candidate)
+    if best is None:
+        raise UnsupportedKernel(refusal)
+    return best[2]
+
+
+def pipe_names(pipes: Iterable[str]) -> str:
+    """The pipes as the C++ initializer ``qmsim::begin_kernel`` takes (in header order)."""
+    return ", ".join(f'"{p}"' for p in pipes)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hw_targets.base import Cost, Target, TargetModule, Tiling, roofline
+from hw_targets.base import KernelCost, Target, TargetModule, Tiling, roofline
 from hw_targets.sim import CXXFLAGS, INCLUDE_DIR, Argument, Launch, SimResult, harness_source, run
 from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec, Operand
 
@@ -51,7 +51,7 @@ class Lowering:
             for spec, tiling, args in zip(self.specs, self.tilings, self.arg_names, strict=True)
         )
 
-    def costs(self) -> tuple[Cost, ...]:
+    def costs(self) -> tuple[KernelCost, ...]:
         return tuple(
             self.module.cost(spec, tiling, self.target)
             for spec, tiling in zip(self.specs, self.tilings, strict=True)

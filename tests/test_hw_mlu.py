@@ -101,12 +101,12 @@ def test_emitted_kernel_reads_as_bang_c() -> None:
 def test_tiling_search_bound_never_exceeds_the_cost() -> None:
     # tiling() stops at the first candidate whose bound exceeds the best cost: exact only
     # if the bound is a true lower bound
-    from hw_targets.mlu import _lower_bound, _Rates
+    from hw_targets.mlu.cost import Rates, lower_bound
 
-    rates = _Rates.of(TARGET, 1)
+    rates = Rates.of(TARGET, 1)
     for m, k, n in [(33, 100, 70), (256, 512, 130)]:
         spec = GemmSpec("g", m, k, n)
         for tm, tn, tk, p in [(16, 64, 64, 1), (32, 128, 64, 4), (64, 64, 256, 8),
                               (128, 256, 512, 2)]:
             exact = mlu.cost(spec, Tiling(tm, tn, tk, p), TARGET).cycles
-            assert _lower_bound(spec, tm, tn, min(tk, k), p, rates) <= exact
+            assert lower_bound(spec, tm, tn, min(tk, k), p, rates) <= exact

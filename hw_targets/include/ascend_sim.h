@@ -1,4 +1,4 @@
-// ascend_sim.h: the meaning on the CPU of the Ascend C subset that hw_targets/ascend.py
+// ascend_sim.h: the meaning on the CPU of the Ascend C subset that hw_targets/ascend/
 // emits, with the cycles its cost model charges.
 //
 // One Da Vinci AI Core is simulated at a time (qmsim runs cores one after the other). Its
@@ -7,22 +7,27 @@
 // that does not fit faults there, naming the memory; every access of an intrinsic is
 // checked against its tensor and arena, every global access with qmsim::gm_check.
 //
-// Layouts (Ascend C `Mmad` doc): a fractal is 16 x 16 elements (512 B of fp16). A tile in
+// Layouts (Ascend C `Mmad` doc): a fractal is E x E elements, E = QM_CUBE_EDGE = 16 (512 B
+// of fp16). A tile in
 // L1 is "NZ" (fractal columns one after the other, rows inside a fractal contiguous); A in
 // L0A is "zZ" (fractals row-major, each row-major), B in L0B is "zN" (fractals row-major,
 // each column-major), C in L0C is "NZ" in fp32. Partial fractals are zero-padded, and the
-// cube computes whole fractals: padding to 16 is paid for.
+// cube computes whole fractals: padding to E is paid for.
 //
-// Pipes and what is charged to them (constants QM_* come from hw_targets/ascend.py):
+// Pipes and what is charged to them (constants QM_* come from hw_targets/ascend/target.py):
 //   MTE2  GM -> L1/UB: bytes / QM_L2_RATE (reads are served by the chip's L2)
-//   MTE1  L1 -> L0A/L0B: 512 B per fractal / QM_L1_TO_L0A_RATE or QM_L1_TO_L0B_RATE
-//   M     the cube: ceil(m/16) ceil(n/16) ceil(k/16) cycles per Mmad
-//   V     vector unit: one cycle per repeat (<= 256 B); L0C -> UB moves at QM_L0C_TO_UB_RATE
+//   MTE1  L1 -> L0A/L0B: one fp16 fractal's bytes per fractal / QM_L1_TO_L0A_RATE or
+//         QM_L1_TO_L0B_RATE
+//   M     the cube: ceil(m/E) ceil(n/E) ceil(k/E) cycles per Mmad
+//   V     vector unit: QM_VECTOR_REPEAT_CYCLES per repeat (<= QM_VECTOR_BYTES);
+//         L0C -> UB moves at QM_L0C_TO_UB_RATE
 //   MTE3  UB -> GM: bytes / QM_UB_TO_DDR_RATE
 //   HBM   this core's share of the chip's HBM: bytes / (reuse x QM_HBM_CORE_RATE), where
 //         `reuse` (set with the qmsim extension GlobalTensor::SetL2Reuse) is how many tiles
 //         read each element of the tensor from L2 after its one fetch from HBM.
 // Every move charges the whole transfer to its pipe(s); QM_END_STAGE() closes a stage.
+// UB data moves in blocks of QM_UB_ALIGN (32) bytes: DataCopyPad pitches and vector
+// strides count them.
 #pragma once
 
 #include <cstdint>
@@ -39,12 +44,16 @@ using GM_ADDR = std::uint8_t*;
 
 namespace AscendC {
 
+constexpr int kEdge = QM_CUBE_EDGE;               // elements along a fractal's side
+constexpr int kFractal = kEdge * kEdge;           // elements of a fractal
+constexpr long long kBlock = QM_UB_ALIGN;         // bytes of a UB block
+
 using half = qmsim::half;
 
 enum class TPosition { GM, A1, A2, B1, B2, CO1, CO2, VECIN, VECOUT, VECCALC };
 using QuePosition = TPosition;
 
-// The order of the names in begin_kernel (hw_targets/ascend.py PIPES).
+// The order of the names in begin_kernel (hw_targets/ascend/target.py PIPES).
 enum Pipe { PIPE_MTE2 = 0, PIPE_MTE1 = 1, PIPE_M = 2, PIPE_V = 3, PIPE_MTE3 = 4, PIPE_HBM = 5 };
 
 // ---------------------------------------------------------------- on-chip memories
@@ -53,15 +62,15 @@ inline qmsim::Arena& l1() {
   return a;
 }
 inline qmsim::Arena& l0a() {
-  static qmsim::Arena a("L0A", QM_L0A_BYTES, QM_L0_ALIGN);
+  static qmsim::Arena a("L0A", QM_L0A_BYTES, QM_L0A_ALIGN);
   return a;
 }
 inline qmsim::Arena& l0b() {
-  static qmsim::Arena a("L0B", QM_L0B_BYTES, QM_L0_ALIGN);
+  static qmsim::Arena a("L0B", QM_L0B_BYTES, QM_L0B_ALIGN);
   return a;
 }
 inline qmsim::Arena& l0c() {
-  static qmsim::Arena a("L0C", QM_L0C_BYTES, QM_L0_ALIGN);
+  static qmsim::Arena a("L0C", QM_L0C_BYTES, QM_L0C_ALIGN);
   return a;
 }
 inline qmsim::Arena& ub() {
@@ -265,25 +274,26 @@ struct Nd2NzParams {
   std::uint16_t dValue = 0;             // columns
   std::uint16_t srcNdMatrixStride = 0;
   std::uint16_t srcDValue = 0;          // row pitch of the source, elements
-  std::uint16_t dstNzC0Stride = 0;      // rows of the NZ tile (a multiple of 16)
+  std::uint16_t dstNzC0Stride = 0;      // rows of the NZ tile (a multiple of kEdge)
   std::uint16_t dstNzNStride = 1;
   std::uint16_t dstNzMatrixStride = 0;
 };
 
-// dst (NZ, rows padded to dstNzC0Stride, columns to 16, padding zeroed) = src[nValue x dValue].
+// dst (NZ, rows padded to dstNzC0Stride, columns to kEdge, padding zeroed) = src[nValue x dValue].
 inline void DataCopy(const LocalTensor<half>& dst, const GlobalTensor<half>& src,
                      const Nd2NzParams& p) {
   const int rows = p.nValue, cols = p.dValue, rp = p.dstNzC0Stride;
-  if (rp % 16 != 0 || rp < rows) qmsim::fault("DataCopy Nd2Nz: dstNzC0Stride must be a multiple of 16 >= nValue");
-  const long long cp = cdiv(cols, 16) * 16;
+  if (rp % kEdge != 0 || rp < rows) qmsim::fault("DataCopy Nd2Nz: dstNzC0Stride must be a multiple of the cube edge >= nValue");
+  const long long cp = cdiv(cols, kEdge) * kEdge;
   dst.check(rp * cp, "DataCopy(Nd2Nz)");
   std::memset(dst.data, 0, sizeof(half) * rp * cp);
   for (int r = 0; r < rows; ++r) {
     const half* row = src.base + static_cast<long long>(r) * p.srcDValue;
     qmsim::gm_check(row, sizeof(half) * cols, "DataCopy(Nd2Nz)");
-    for (int c = 0; c < cols; ++c) dst.data[(c / 16) * rp * 16 + r * 16 + c % 16] = row[c];
+    for (int c = 0; c < cols; ++c)
+      dst.data[(c / kEdge) * rp * kEdge + r * kEdge + c % kEdge] = row[c];
   }
-  charge_gm_read(2LL * rows * cols, src.reuse);
+  charge_gm_read(static_cast<long long>(sizeof(half)) * rows * cols, src.reuse);
 }
 
 // ---------------------------------------------------------------- MTE1: L1 -> L0A/L0B
@@ -293,24 +303,25 @@ struct LoadData2dParams {
   std::uint16_t srcStride = 1;   // fractals between consecutive source fractals
   std::uint8_t sid = 0;
   std::uint16_t dstGap = 0;      // fractals skipped between consecutive destination fractals
-  bool ifTranspose = false;      // transpose each 16 x 16 fractal (NZ -> zN for B)
+  bool ifTranspose = false;      // transpose each fractal (NZ -> zN for B)
 };
 
 inline void LoadData(const LocalTensor<half>& dst, const LocalTensor<half>& src,
                      const LoadData2dParams& p) {
   if (dst.pos != TPosition::A2 && dst.pos != TPosition::B2) qmsim::fault("LoadData: destination is not L0A/L0B");
-  const long long last_src = (p.startIndex + static_cast<long long>(p.repeatTimes - 1) * p.srcStride + 1) * 256;
-  const long long last_dst = (static_cast<long long>(p.repeatTimes - 1) * (1 + p.dstGap) + 1) * 256;
+  const long long last_src = (p.startIndex + static_cast<long long>(p.repeatTimes - 1) * p.srcStride + 1) * kFractal;
+  const long long last_dst = (static_cast<long long>(p.repeatTimes - 1) * (1 + p.dstGap) + 1) * kFractal;
   src.check(last_src, "LoadData source");
   dst.check(last_dst, "LoadData destination");
   for (int r = 0; r < p.repeatTimes; ++r) {
-    const half* s = src.data + (p.startIndex + static_cast<long long>(r) * p.srcStride) * 256;
-    half* d = dst.data + static_cast<long long>(r) * (1 + p.dstGap) * 256;
-    for (int i = 0; i < 16; ++i)
-      for (int j = 0; j < 16; ++j) d[i * 16 + j] = p.ifTranspose ? s[j * 16 + i] : s[i * 16 + j];
+    const half* s = src.data + (p.startIndex + static_cast<long long>(r) * p.srcStride) * kFractal;
+    half* d = dst.data + static_cast<long long>(r) * (1 + p.dstGap) * kFractal;
+    for (int i = 0; i < kEdge; ++i)
+      for (int j = 0; j < kEdge; ++j)
+        d[i * kEdge + j] = p.ifTranspose ? s[j * kEdge + i] : s[i * kEdge + j];
   }
   const int rate = dst.pos == TPosition::A2 ? QM_L1_TO_L0A_RATE : QM_L1_TO_L0B_RATE;
-  qmsim::charge(PIPE_MTE1, cdiv(512LL * p.repeatTimes, rate));
+  qmsim::charge(PIPE_MTE1, cdiv(static_cast<long long>(sizeof(half)) * kFractal * p.repeatTimes, rate));
 }
 
 // ---------------------------------------------------------------- M: the cube
@@ -322,26 +333,27 @@ struct MmadParams {
   bool cmatrixInitVal = true;  // C = A B (true) or C += A B (false)
 };
 
-// c (L0C, NZ fp32) (+)= a (L0A, zZ fp16) @ b (L0B, zN fp16), whole 16 x 16 x 16 fractals.
+// c (L0C, NZ fp32) (+)= a (L0A, zZ fp16) @ b (L0B, zN fp16), whole E x E x E fractals.
 inline void Mmad(const LocalTensor<float>& c, const LocalTensor<half>& a,
                  const LocalTensor<half>& b, const MmadParams& p) {
   if (a.pos != TPosition::A2 || b.pos != TPosition::B2 || c.pos != TPosition::CO1)
     qmsim::fault("Mmad needs A in L0A, B in L0B and C in L0C");
-  const long long mf = cdiv(p.m, 16), nf = cdiv(p.n, 16), kf = cdiv(p.k, 16);
-  a.check(mf * kf * 256, "Mmad A");
-  b.check(kf * nf * 256, "Mmad B");
-  c.check(mf * nf * 256, "Mmad C");
-  if (p.cmatrixInitVal) std::memset(c.data, 0, sizeof(float) * mf * nf * 256);
+  const long long mf = cdiv(p.m, kEdge), nf = cdiv(p.n, kEdge), kf = cdiv(p.k, kEdge);
+  a.check(mf * kf * kFractal, "Mmad A");
+  b.check(kf * nf * kFractal, "Mmad B");
+  c.check(mf * nf * kFractal, "Mmad C");
+  if (p.cmatrixInitVal) std::memset(c.data, 0, sizeof(float) * mf * nf * kFractal);
   for (long long fi = 0; fi < mf; ++fi) {
     for (long long fj = 0; fj < nf; ++fj) {
-      float* cf = c.data + (fj * mf + fi) * 256;
+      float* cf = c.data + (fj * mf + fi) * kFractal;
       for (long long fk = 0; fk < kf; ++fk) {
-        const half* af = a.data + (fi * kf + fk) * 256;
-        const half* bf = b.data + (fk * nf + fj) * 256;
-        for (int i = 0; i < 16; ++i)
-          for (int kk = 0; kk < 16; ++kk) {
-            const float av = static_cast<float>(af[i * 16 + kk]);
-            for (int j = 0; j < 16; ++j) cf[i * 16 + j] += av * static_cast<float>(bf[j * 16 + kk]);
+        const half* af = a.data + (fi * kf + fk) * kFractal;
+        const half* bf = b.data + (fk * nf + fj) * kFractal;
+        for (int i = 0; i < kEdge; ++i)
+          for (int kk = 0; kk < kEdge; ++kk) {
+            const float av = static_cast<float>(af[i * kEdge + kk]);
+            for (int j = 0; j < kEdge; ++j)
+              cf[i * kEdge + j] += av * static_cast<float>(bf[j * kEdge + kk]);
           }
       }
     }
@@ -361,16 +373,16 @@ struct DataCopyEnhancedParams {
   BlockMode blockMode = BlockMode::BLOCK_MODE_NORMAL;
 };
 
-// CO1 (L0C) -> CO2 (UB), whole fp32 fractals (1 KB each), layout kept.
+// CO1 (L0C) -> CO2 (UB), whole fp32 fractals (1 KB each at E = 16), layout kept.
 inline void DataCopy(const LocalTensor<float>& dst, const LocalTensor<float>& src,
                      const DataCopyParams& p, const DataCopyEnhancedParams& e) {
   if (src.pos != TPosition::CO1 || e.blockMode != BlockMode::BLOCK_MODE_MATRIX)
     qmsim::fault("DataCopy(CO2, CO1) copies matrix blocks out of L0C");
-  const long long count = 256LL * p.blockCount * p.blockLen;
+  const long long count = static_cast<long long>(kFractal) * p.blockCount * p.blockLen;
   src.check(count, "DataCopy(CO2, CO1) source");
   dst.check(count, "DataCopy(CO2, CO1) destination");
   std::memcpy(dst.data, src.data, sizeof(float) * count);
-  qmsim::charge(PIPE_V, cdiv(4 * count, QM_L0C_TO_UB_RATE));
+  qmsim::charge(PIPE_V, cdiv(static_cast<long long>(sizeof(float)) * count, QM_L0C_TO_UB_RATE));
 }
 
 struct BinaryRepeatParams {
@@ -383,10 +395,10 @@ struct UnaryRepeatParams {
   std::uint8_t dstRepStride = 8, srcRepStride = 8;
 };
 
-// Element e of repeat r of an operand with the given strides (in 32-byte blocks).
+// Element e of repeat r of an operand with the given strides (in UB blocks).
 template <class T>
 inline long long vec_index(int r, int e, int blk_stride, int rep_stride) {
-  constexpr int per_block = 32 / sizeof(T);
+  constexpr int per_block = kBlock / sizeof(T);
   return (static_cast<long long>(r) * rep_stride + (e / per_block) * blk_stride) * per_block +
          e % per_block;
 }
@@ -395,7 +407,7 @@ inline long long vec_index(int r, int e, int blk_stride, int rep_stride) {
 template <class T>
 inline void Add(const LocalTensor<T>& dst, const LocalTensor<T>& src0, const LocalTensor<T>& src1,
                 std::uint64_t mask, std::uint8_t repeatTimes, const BinaryRepeatParams& p) {
-  if (mask > 256 / sizeof(T)) qmsim::fault("Add: mask wider than one 256-byte repeat");
+  if (mask > QM_VECTOR_BYTES / sizeof(T)) qmsim::fault("Add: mask wider than one repeat");
   for (int r = 0; r < repeatTimes; ++r) {
     for (int e = 0; e < static_cast<int>(mask); ++e) {
       const long long d = vec_index<T>(r, e, p.dstBlkStride, p.dstRepStride);
@@ -414,7 +426,7 @@ inline void Add(const LocalTensor<T>& dst, const LocalTensor<T>& src0, const Loc
 template <class T>
 inline void Adds(const LocalTensor<T>& dst, const LocalTensor<T>& src, T scalar, std::uint64_t mask,
                  std::uint8_t repeatTimes, const UnaryRepeatParams& p) {
-  if (mask > 256 / sizeof(T)) qmsim::fault("Adds: mask wider than one 256-byte repeat");
+  if (mask > QM_VECTOR_BYTES / sizeof(T)) qmsim::fault("Adds: mask wider than one repeat");
   for (int r = 0; r < repeatTimes; ++r) {
     for (int e = 0; e < static_cast<int>(mask); ++e) {
       const long long d = vec_index<T>(r, e, p.dstBlkStride, p.dstRepStride);
@@ -456,7 +468,7 @@ inline void Gather(const LocalTensor<T>& dst, const LocalTensor<T>& src,
 struct DataCopyExtParams {
   std::uint16_t blockCount = 1;
   std::uint32_t blockLen = 0;   // bytes per block
-  std::uint32_t srcStride = 0;  // gap after each block: bytes in GM, 32-byte blocks in UB
+  std::uint32_t srcStride = 0;  // gap after each block: bytes in GM, UB blocks in UB
   std::uint32_t dstStride = 0;
   std::uint32_t rsv = 0;
 };
@@ -469,10 +481,10 @@ struct DataCopyPadExtParams {
 };
 
 inline long long ub_pitch(const DataCopyExtParams& p, std::uint32_t gap_blocks) {
-  return (cdiv(p.blockLen, 32) + gap_blocks) * 32;  // bytes from one UB block to the next
+  return (cdiv(p.blockLen, kBlock) + gap_blocks) * kBlock;  // bytes from one UB block to the next
 }
 
-// GM -> UB (MTE2): blockCount blocks of blockLen bytes; UB blocks start 32-byte aligned.
+// GM -> UB (MTE2): blockCount blocks of blockLen bytes; UB blocks start kBlock-aligned.
 template <class T>
 inline void DataCopyPad(const LocalTensor<T>& dst, const GlobalTensor<T>& src,
                         const DataCopyExtParams& p, const DataCopyPadExtParams<T>&) {

@@ -8,7 +8,7 @@
 // memory), and every GDRAM range with qmsim::gm_check. On-chip memory is filled with 0xff
 // (fp16 NaN) before each task, so a kernel that reads padding it did not zero fails.
 //
-// Pipes and charges (constants QM_* come from hw_targets/mlu.py):
+// Pipes and charges (constants QM_* come from hw_targets/mlu/target.py):
 //   IO-DMA    GDRAM<->NRAM: bytes in QM_GDRAM_UNIT units per segment (a store that
 //             leaves a partial unit also reads it: read-modify-write), at the chip's DRAM
 //             bandwidth shared by the taskDim active cores.
@@ -30,8 +30,8 @@ using half = qmsim::half;
 #define __mlu_global__
 #define __mlu_entry__
 #define __mlu_func__ static inline
-#define __nram__ static __attribute__((aligned(64)))
-#define __wram__ static __attribute__((aligned(64)))
+#define __nram__ static __attribute__((aligned(QM_NRAM_ALIGN)))
+#define __wram__ static __attribute__((aligned(QM_WRAM_ALIGN)))
 #define MAX_NRAM_SIZE QM_NRAM_BYTES
 #define MAX_WRAM_SIZE QM_WRAM_BYTES
 

@@ -4,7 +4,7 @@
 // QM_LOCAL_BYTES that tiles are packed into (cache blocking made explicit and checked).
 // Pipes: dram (every move between DRAM and the local arena, loads and stores alike: they
 // share the bandwidth) and fma (the SIMD FMA units). Constants
-// QM_* come from hw_targets/cpu.py (the harness defines them before this header).
+// QM_* come from hw_targets/cpu/target.py (the harness defines them before this header).
 #pragma once
 
 #include "qmsim.h"

@@ -5,7 +5,7 @@
 // harness runs the cores one after the other (`kernel<<<QM_CLUSTERS,
 // QM_CORES_PER_CLUSTER>>>` becomes a loop that calls xpu::enter before each core).
 //
-// Cost (constants QM_* come from hw_targets/kunlunxin.py; the cost model there predicts
+// Cost (constants QM_* come from hw_targets/kunlunxin/target.py; its cost model predicts
 // exactly what is charged here):
 //   dma     every GM2LM / LM2GM (and _ASYNC) call, both directions sharing the core's
 //           engine and its GDDR6 share: QM_DMA_LATENCY + ceil(bytes / per-core DMA rate)
@@ -26,6 +26,10 @@ using float16 = qmsim::half;
 #define __global__
 #define __device__
 #define __local__
+
+// The emitted kernels use the 512-bit vector types (float32x16_t, float16x32_t); a target
+// described with other vectors costs them in the model but cannot be simulated here.
+static_assert(QM_SIMD_BITS == 512, "xpu_sim.h simulates the 512-bit SIMD of QM_SIMD_BITS");
 
 namespace xpu {
 

@@ -1,0 +1,238 @@
+"""The kunlunxin target's cost model and tiling search (numbers from :mod:`.target`).
+
+The matrix engine (SDNN) is reachable only through the vendor's fc/xblas libraries
+(TARGETS.md), so the kernels emitted here run on the cluster cores: ``__global__``
+kernels launched ``<<<cluster_num, core_num>>>``, output tiles dealt round-robin over all
+512 cores (tile ``t`` to core ``cluster_id * core_num + core_id == t % 512``, as
+:func:`hw_targets.base.grid_cost`).
+
+A GEMM tile (``TM x TN`` of C, fp32, in LM) walks K in steps of ``TK``; a *stage* is one
+step: ``GM2LM_ASYNC`` the A slice (``rows`` calls of ``kk`` fp16, one call when the
+slice is contiguous) and the B slice (``kk`` calls of ``cols`` fp16) into the other half
+of a double buffer, and run the SIMD on this half. Pipes and their charges:
+
+* ``dma``: every GM2LM and LM2GM call (both directions share the core's engine and its
+  bandwidth), ``dma_latency + ceil(bytes / rate)`` with
+  ``rate = min(core_dma_bytes_per_cycle, GDDR6 / active)``: the cores that have work
+  stream at once and share the chip's bandwidth evenly;
+* ``simd``: one cycle per vector instruction; per k-step and 32-column fp16 vector of B
+  two widenings to fp32 plus two ``svmac`` per row, so a partial vector costs a whole
+  one (padding to 32 columns); vector loads/stores and scalar code are free.
+
+A stage costs its slowest pipe; the tile's last stage also loads the bias slice, adds it
+(two vector adds per row and vector) and ``LM2GM``s C. LM holds two A and two B slices,
+C and the bias slice, ``2 (2 TM TK + 2 TK TN32) + 4 TM TN32 + 4 |bias|`` bytes, with
+``TN32`` = TN rounded up to 32 and ``TK`` a multiple of 16 (32-byte aligned fp16 rows).
+An im2col row (one channel and kernel tap) is a stage: ``GM2LM`` of each input row it
+reads, a scalar gather in LM, and ``LM2GM`` of output-row chunks that fit LM.
+
+Not modelled, on purpose: cluster shared memory (SM) is declared but unused (staging B
+in SM would cut its GDDR6 traffic up to 64-fold, but its bandwidth is unpublished and the
+simulation runs a cluster's cores one after another); the 64 MB L3 (all traffic is
+charged at GDDR6 rates, a conservative choice). :func:`library_cost` gives the other
+path, an fc call on the SDNN at peak x efficiency, as a number beside the simulated one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from hw_targets.base import (
+    OUT_BYTES,
+    KernelCost,
+    Target,
+    TileCost,
+    Tiling,
+    UnsupportedKernel,
+    best_tiling,
+    by_kind,
+    ceil_div,
+    grid_cost,
+    round_up,
+)
+from hw_targets.kunlunxin.target import PIPES, TARGET, defines, lanes, row_unit
+from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
+
+__all__ = ["active", "cost", "im2col_chunk", "library_cost", "lm_bytes", "tiling"]
+
+#: Tile edges tried (a search space, not hardware): M in rows, N in whole fp16 vectors,
+#: K in LM alignment units (16 fp16 = 32 B); bounded in practice by what fits LM.
+_M_TILES = (1, 2, 4, 8, 16, 32, 64)
+_N_VECTORS = 8
+_K_UNITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def _rate(d: Mapping[str, int], busy: int) -> int:
+    """Bytes per 1000 cycles of one core's DMA when ``busy`` cores share the GDDR6."""
+    return max(1, min(d["core_dma_bytes_per_kcycle"], d["gm_bytes_per_kcycle"] // busy))
+
+
+def _dma(nbytes: int, d: Mapping[str, int], rate: int) -> int:
+    return d["dma_latency"] + ceil_div(nbytes * 1000, rate)
+
+
+def _copy2d(rows: int, width: int, gm_ld: int, lm_ld: int, elem: int, d: Mapping[str, int],
+            rate: int) -> int:
+    """Cycles of a 2-D copy: one DMA call if both sides are contiguous, else one per row."""
+    if gm_ld == width and lm_ld == width:
+        return _dma(rows * width * elem, d, rate)
+    return rows * _dma(width * elem, d, rate)
+
+
+def active(spec: GemmSpec, tm: int, tn: int, cores: int) -> int:
+    """Cores that get at least one output tile."""
+    return min(cores, spec.batch * ceil_div(spec.m, tm) * ceil_div(spec.n, tn))
+
+
+def lm_bytes(spec: GemmSpec, tm: int, tn: int, tk: int, target: Target) -> int:
+    """LM a tiling needs, allocated in the emitted order with the LM alignment."""
+    e, tnp = target.in_bytes, round_up(tn, lanes(target)[1])
+    sizes = [e * tm * tk] * 2 + [e * tk * tnp] * 2 + [OUT_BYTES * tm * tnp]
+    if spec.bias != "none":
+        sizes.append(OUT_BYTES * (tm if spec.bias == "row" else tnp))
+    align, used = target.buffer("LM").alignment, 0
+    for size in sizes:
+        used = round_up(used, align) + size
+    return used
+
+
+def tiling(spec: GemmSpec, target: Target = TARGET) -> Tiling:
+    """The tiling of least predicted cycles among those that fit LM (ties: fewer stages).
+
+    ``TK`` is a multiple of the LM alignment in fp16 (16: rows of A land 32-byte aligned
+    in LM) and ``TN`` a multiple of the fp16 lanes, so every LM row starts aligned.
+    """
+    _, h_lanes = lanes(target)
+    unit = row_unit(target)
+    budget = target.buffer("LM").bytes
+    m_cap = max(_M_TILES)
+    ms = sorted({t for t in _M_TILES if t < spec.m} | {min(spec.m, m_cap)})
+    n_full, n_cap = round_up(spec.n, h_lanes), _N_VECTORS * h_lanes
+    ns = sorted({t for t in range(h_lanes, n_cap + 1, h_lanes) if t < n_full}
+                | {min(n_full, n_cap)})
+    k_full, k_cap = round_up(spec.k, unit), unit * max(_K_UNITS)
+    ks = sorted({t for t in (unit * u for u in _K_UNITS) if t < k_full} | {min(k_full, k_cap)})
+    fitting = (Tiling(tm, tn, tk, int(target.cores.value), buffers={"LM": used})
+               for tm, tn, tk in itertools.product(ms, ns, ks)
+               if (used := lm_bytes(spec, tm, tn, tk, target)) <= budget)
+    return best_tiling(
+        fitting, lambda c: _gemm_cost(spec, c, target),
+        f"no tiling of {spec.name} fits {budget} bytes of LM (a 1 x {h_lanes} x {unit} tile "
+        f"needs {lm_bytes(spec, 1, h_lanes, unit, target)})",
+    )
+
+
+def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> KernelCost:
+    """Cycles of the kernel, stage by stage, as ``include/xpu_sim.h`` counts them."""
+    return by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
+                   lambda i: _im2col_cost(i, target))
+
+
+def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
+    d = defines(target)
+    f_lanes, h_lanes = lanes(target)
+    halves = h_lanes // f_lanes  # fp32 vectors per fp16 vector: widenings and svmacs
+    e = target.in_bytes
+    tm, tn, tk = tiling.tile_m, tiling.tile_n, tiling.tile_k
+    tnp = round_up(tn, h_lanes)
+    op = d["simd_op_cycles"]
+    kt = ceil_div(spec.k, tk)
+    rate = _rate(d, active(spec, tm, tn, d["cores"]))
+    bias = 0 if spec.bias == "none" else OUT_BYTES
+
+    def moved(rows: int, cols: int, kk: int, last: bool) -> int:
+        total = e * (rows * kk + kk * cols)
+        if last:
+            total += OUT_BYTES * rows * cols + bias * (rows if spec.bias == "row" else cols)
+        return total
+
+    def stage(rows: int, cols: int, kk: int, last: bool) -> dict[str, int]:
+        vectors = ceil_div(cols, h_lanes)
+        pipes = {
+            "dma": _copy2d(rows, kk, spec.k, tk, e, d, rate)
+            + _copy2d(kk, cols, spec.n, tnp, e, d, rate),
+            "simd": vectors * kk * (halves + halves * rows) * op,
+        }
+        if last:
+            if spec.bias != "none":
+                pipes["dma"] += _dma(bias * (rows if spec.bias == "row" else cols), d, rate)
+                pipes["simd"] += halves * rows * vectors * op
+            pipes["dma"] += _copy2d(rows, cols, spec.n, tnp, OUT_BYTES, d, rate)
+        return pipes
+
+    def tile(rows: int, cols: int) -> TileCost:
+        stages = [(stage(rows, cols, tk, False), kt - 1),
+                  (stage(rows, cols, spec.k - (kt - 1) * tk, True), 1)]
+        total = sum(max(s.values()) * count for s, count in stages)
+        pipes = {name: sum(s[name] * count for s, count in stages) for name in PIPES}
+        last = spec.k - (kt - 1) * tk
+        return TileCost(total, kt, pipes,
+                        (kt - 1) * moved(rows, cols, tk, False) + moved(rows, cols, last, True))
+
+    padded = spec.batch * spec.m * round_up(spec.n, h_lanes) * spec.k
+    return grid_cost(spec, tm, tn, int(target.cores.value), tile, padded)
+
+
+def library_cost(spec: GemmSpec, target: Target = TARGET) -> int:
+    """Cycles of the same GEMM as a vendor fc call on the SDNN (not simulated).
+
+    The SDNN at ``sdnn_flops_fp16 x sdnn_efficiency``, or the compulsory traffic at the
+    GDDR6 bandwidth, whichever is slower: the path Paddle takes (``fc_fusion``).
+    """
+    macs_per_cycle = target.param("sdnn_flops_fp16") / 2 / float(target.clock_hz)
+    compute = spec.macs / (macs_per_cycle * target.param("sdnn_efficiency"))
+    traffic = spec.compulsory_bytes(target.in_bytes) / float(target.dram_bytes_per_cycle)
+    return math.ceil(max(compute, traffic))
+
+
+def im2col_chunk(spec: Im2colSpec, target: Target) -> tuple[int, int]:
+    """LM row buffer (fp16 elements) and output rows per LM2GM chunk of an im2col."""
+    ho, wo = spec.out_hw
+    e = target.in_bytes
+    row = round_up(spec.width, row_unit(target))
+    free = target.buffer("LM").bytes - e * row
+    chunk = min(ho, free // (e * wo)) if free > 0 else 0
+    if chunk < 1:
+        raise UnsupportedKernel(
+            f"{spec.name}: an input row of {spec.width} and an output row of {wo} fp16 "
+            f"values do not fit {target.buffer('LM').bytes} bytes of LM"
+        )
+    return row, chunk
+
+
+def _im2col_cost(spec: Im2colSpec, target: Target) -> KernelCost:
+    d = defines(target)
+    cores = d["cores"]
+    ho, wo = spec.out_hw
+    (kh, kw), sh, dh = spec.kernel, spec.strides[0], spec.dilations[0]
+    _, chunk = im2col_chunk(spec, target)
+    e = target.in_bytes
+    rows = spec.images * spec.groups * spec.k
+    rate = _rate(d, min(cores, rows))
+    oh = np.arange(ho)
+    full, rest = divmod(ho, chunk)
+    store = full * _dma(e * chunk * wo, d, rate) + (_dma(e * rest * wo, d, rate) if rest else 0)
+    # An output row reads an input row unless its tap falls in the top/bottom padding.
+    valid = np.array([int(np.count_nonzero((ih >= 0) & (ih < spec.height)))
+                      for ih in (oh * sh - spec.pads[0] + tap * dh for tap in range(kh))],
+                     dtype=np.int64)
+    t = np.arange(rows)
+    reads = valid[(t // kw) % kh]
+    moved = reads * _dma(e * spec.width, d, rate) + store
+    traffic = int((reads * e * spec.width + e * ho * wo).sum())
+    core = t % cores
+    per_core = np.bincount(core, weights=moved, minlength=cores)
+    slowest = int(np.argmax(per_core))
+    mine = core == slowest
+    return KernelCost(
+        cycles=int(per_core[slowest]),
+        pipes={"dma": int(moved[mine].sum()), "simd": 0},
+        stages=int(np.count_nonzero(mine)),
+        macs=0,
+        padded_macs=0,
+        dram_bytes=traffic,
+    )

@@ -1,0 +1,187 @@
+/* ${name}: C[b] = A[b] @ B[b]${plus_bias} for b < ${batch}, M x K x N = ${m} x ${k} x ${n}; Ascend C for the Da Vinci AI Core.
+   A, B fp16 in GM, C and bias fp32. baseM x baseN x baseK = ${tm} x ${tn} x ${tk} (${mt} x ${nt} tiles x ${kt} k-steps, on ${cores} cores round-robin).
+   Per k-step: DataCopy GM -> L1 (A1/B1, ND -> NZ), LoadData L1 -> L0A zZ / L0B zN (A2/B2),
+   Mmad into L0C (CO1); depth-2 queues double-buffer every level. A tile's epilogue (CO1 ->
+   CO2 in UB and the bias on the vector unit, then DataCopyPad to GM of fractal column fj in
+   k-step fj % KT) overlaps the core's next tile. */
+namespace ${name} {
+using namespace AscendC;
+
+constexpr int32_t M = ${m}, K = ${k}, N = ${n}, BATCH = ${batch};
+constexpr int32_t BASE_M = ${tm}, BASE_N = ${tn}, BASE_K = ${tk};
+constexpr int32_t MT = ${mt}, NT = ${nt}, KT = ${kt}, TILES = BATCH * MT * NT;
+constexpr int64_t PA = ${pa}, SA = ${sa}, PB = ${pb}, SB = ${sb};
+constexpr int64_t PC = ${pc}, SC = ${sc}, PBIAS = ${pbias}, SBIAS = ${sbias};
+constexpr uint32_t REUSE_A = ${reuse_a}, REUSE_B = ${reuse_b}, REUSE_BIAS = ${reuse_bias};  // tiles per L2 line
+
+__aicore__ inline int32_t Fractals(int32_t x) { return (x + ${edge_less}) / ${edge}; }
+
+class KernelMatmul {
+ public:
+  __aicore__ inline void Init(GM_ADDR a, GM_ADDR b, GM_ADDR bias, GM_ADDR c) {
+    aGM.SetGlobalBuffer((__gm__ half*)a, ${size_a});
+    aGM.SetL2Reuse(REUSE_A);
+    bGM.SetGlobalBuffer((__gm__ half*)b, ${size_b});
+    bGM.SetL2Reuse(REUSE_B);
+    cGM.SetGlobalBuffer((__gm__ float*)c, ${size_c});
+    pipe.InitBuffer(inQueueA1, 2, BASE_M * BASE_K * sizeof(half));
+    pipe.InitBuffer(inQueueB1, 2, BASE_K * BASE_N * sizeof(half));
+    pipe.InitBuffer(inQueueA2, 2, BASE_M * BASE_K * sizeof(half));
+    pipe.InitBuffer(inQueueB2, 2, BASE_K * BASE_N * sizeof(half));
+    pipe.InitBuffer(outQueueCO1, 2, BASE_M * BASE_N * sizeof(float));
+    pipe.InitBuffer(outQueueCO2, 1, BASE_M * BASE_N * sizeof(float));${bias_init}
+  }
+
+  __aicore__ inline void Process() {
+    int32_t pending = -1;  // the tile whose C waits in L0C
+    for (int32_t t = GetBlockIdx(); t < TILES; t += GetBlockNum()) {
+      const int32_t bb = t / (MT * NT), i = (t / NT) % MT, j = t % NT;
+      const int32_t rows = i == MT - 1 ? M - i * BASE_M : BASE_M;
+      const int32_t cols = j == NT - 1 ? N - j * BASE_N : BASE_N;
+      LocalTensor<float> c1Local = outQueueCO1.AllocTensor<float>();
+      for (int32_t s = 0; s < KT; ++s) {
+        const int32_t kk = s == KT - 1 ? K - s * BASE_K : BASE_K;
+        CopyIn(bb, i, j, s, rows, cols, kk);
+        SplitA(rows, kk);
+        SplitB(kk, cols);
+        Compute(c1Local, rows, cols, kk, s == 0);
+        if (pending >= 0) {  // the previous tile drains while this one computes
+          if (s == 0) Aggregate(pending);
+          CopyOut(pending, s, KT);
+          if (s == KT - 1) outQueueCO2.FreeTensor(c2Local);
+        }
+        QM_END_STAGE();
+      }
+      outQueueCO1.EnQue(c1Local);
+      pending = t;
+    }
+    if (pending >= 0) {
+      Aggregate(pending);
+      CopyOut(pending, 0, 1);
+      outQueueCO2.FreeTensor(c2Local);
+      QM_END_STAGE();
+    }
+  }
+
+ private:
+  __aicore__ inline void CopyIn(int32_t bb, int32_t i, int32_t j, int32_t s, int32_t rows,
+                                int32_t cols, int32_t kk) {
+    LocalTensor<half> a1Local = inQueueA1.AllocTensor<half>();
+    LocalTensor<half> b1Local = inQueueB1.AllocTensor<half>();
+    Nd2NzParams pa;
+    pa.nValue = rows;
+    pa.dValue = kk;
+    pa.srcDValue = K;
+    pa.dstNzC0Stride = Fractals(rows) * ${edge};
+    DataCopy(a1Local, aGM[(bb % PA) * SA + (int64_t)i * BASE_M * K + s * BASE_K], pa);
+    Nd2NzParams pb;
+    pb.nValue = kk;
+    pb.dValue = cols;
+    pb.srcDValue = N;
+    pb.dstNzC0Stride = Fractals(kk) * ${edge};
+    DataCopy(b1Local, bGM[(bb % PB) * SB + (int64_t)s * BASE_K * N + j * BASE_N], pb);
+    inQueueA1.EnQue(a1Local);
+    inQueueB1.EnQue(b1Local);
+  }
+
+  // A: L1 NZ -> L0A zZ, one LoadData per fractal row.
+  __aicore__ inline void SplitA(int32_t rows, int32_t kk) {
+    LocalTensor<half> a1Local = inQueueA1.DeQue<half>();
+    LocalTensor<half> a2Local = inQueueA2.AllocTensor<half>();
+    const int32_t mf = Fractals(rows), kf = Fractals(kk);
+    for (int32_t fi = 0; fi < mf; ++fi) {
+      LoadData2dParams p;
+      p.startIndex = fi;
+      p.repeatTimes = kf;
+      p.srcStride = mf;
+      p.ifTranspose = false;
+      LoadData(a2Local[fi * kf * ${fractal}], a1Local, p);
+    }
+    inQueueA2.EnQue(a2Local);
+    inQueueA1.FreeTensor(a1Local);
+  }
+
+  // B: L1 NZ -> L0B zN (each fractal transposed), one LoadData per fractal row.
+  __aicore__ inline void SplitB(int32_t kk, int32_t cols) {
+    LocalTensor<half> b1Local = inQueueB1.DeQue<half>();
+    LocalTensor<half> b2Local = inQueueB2.AllocTensor<half>();
+    const int32_t kf = Fractals(kk), nf = Fractals(cols);
+    for (int32_t fk = 0; fk < kf; ++fk) {
+      LoadData2dParams p;
+      p.startIndex = fk;
+      p.repeatTimes = nf;
+      p.srcStride = kf;
+      p.ifTranspose = true;
+      LoadData(b2Local[fk * nf * ${fractal}], b1Local, p);
+    }
+    inQueueB2.EnQue(b2Local);
+    inQueueB1.FreeTensor(b1Local);
+  }
+
+  __aicore__ inline void Compute(LocalTensor<float>& c1Local, int32_t rows, int32_t cols,
+                                 int32_t kk, bool first) {
+    LocalTensor<half> a2Local = inQueueA2.DeQue<half>();
+    LocalTensor<half> b2Local = inQueueB2.DeQue<half>();
+    MmadParams p;
+    p.m = rows;
+    p.n = cols;
+    p.k = kk;
+    p.cmatrixInitVal = first;
+    Mmad(c1Local, a2Local, b2Local, p);
+    inQueueA2.FreeTensor(a2Local);
+    inQueueB2.FreeTensor(b2Local);
+  }
+
+  // L0C -> UB (NZ kept: fractal column fj is rows x ${edge} floats), then the bias.
+  __aicore__ inline void Aggregate(int32_t t) {
+    const int32_t bb = t / (MT * NT), i = (t / NT) % MT, j = t % NT;
+    const int32_t rows = i == MT - 1 ? M - i * BASE_M : BASE_M;
+    const int32_t cols = j == NT - 1 ? N - j * BASE_N : BASE_N;
+    const int32_t mf = Fractals(rows), nf = Fractals(cols);
+    LocalTensor<float> c1Local = outQueueCO1.DeQue<float>();
+    c2Local = outQueueCO2.AllocTensor<float>();
+    DataCopyParams dp;
+    dp.blockLen = mf * nf;
+    DataCopyEnhancedParams ep;
+    ep.blockMode = BlockMode::BLOCK_MODE_MATRIX;
+    DataCopy(c2Local, c1Local, dp, ep);
+    outQueueCO1.FreeTensor(c1Local);${bias_add}
+  }
+
+  // UB -> GM row-major: fractal columns first, first + step, ... of tile t.
+  __aicore__ inline void CopyOut(int32_t t, int32_t first, int32_t step) {
+    const int32_t bb = t / (MT * NT), i = (t / NT) % MT, j = t % NT;
+    const int32_t rows = i == MT - 1 ? M - i * BASE_M : BASE_M;
+    const int32_t cols = j == NT - 1 ? N - j * BASE_N : BASE_N;
+    const int32_t mf = Fractals(rows), nf = Fractals(cols);
+    for (int32_t fj = first; fj < nf; fj += step) {
+      const int32_t width = fj == nf - 1 ? cols - fj * ${edge} : ${edge};
+      DataCopyExtParams op;
+      op.blockCount = rows;
+      op.blockLen = width * sizeof(float);
+      op.srcStride = ${row_blocks} - (width + ${block_floats_less}) / ${block_floats};  // ${block}-byte blocks left in the ${row_bytes}-byte UB row
+      op.dstStride = (N - width) * sizeof(float);
+      DataCopyPad(cGM[(bb % PC) * SC + (int64_t)i * BASE_M * N + j * BASE_N + fj * ${edge}],
+                  c2Local[fj * mf * ${fractal}], op);
+    }
+  }
+
+  TPipe pipe;
+  TQue<QuePosition::A1, 2> inQueueA1;
+  TQue<QuePosition::B1, 2> inQueueB1;
+  TQue<QuePosition::A2, 2> inQueueA2;
+  TQue<QuePosition::B2, 2> inQueueB2;
+  TQue<QuePosition::CO1, 2> outQueueCO1;
+  TQue<QuePosition::CO2, 1> outQueueCO2;${bias_decl}
+  GlobalTensor<half> aGM, bGM;
+  GlobalTensor<float> biasGM, cGM;
+  LocalTensor<float> c2Local;  // C of the tile being written back
+};
+
+extern "C" __global__ __aicore__ void ${name}_custom(GM_ADDR a, GM_ADDR b, GM_ADDR bias,
+                                                   GM_ADDR c) {
+  KernelMatmul op;
+  op.Init(a, b, bias, c);
+  op.Process();
+}
+}  // namespace ${name}

@@ -1,0 +1,7 @@
+qmsim::begin_kernel({${pipes}});
+for (int core = 0; core < ${cores}; ++core) {
+  AscendC::qm_begin_core(core, ${cores});
+  qmsim::core_begin(core);
+  ${name}::${name}_custom(${pointers});
+  qmsim::core_end();
+}

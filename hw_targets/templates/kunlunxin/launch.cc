@@ -1,0 +1,12 @@
+qmsim::begin_kernel({${pipes}});
+xpu::active_cores() = ${name}::ACTIVE;
+// ${name}::kernel<<<${clusters}, ${per_cluster}>>>(${args})
+for (int cluster = 0; cluster < ${clusters}; ++cluster) {
+  for (int core = 0; core < ${per_cluster}; ++core) {
+    xpu::lm().reset();
+    xpu::enter(cluster, core);
+    qmsim::core_begin(cluster * ${per_cluster} + core);
+    ${name}::kernel(${args});
+    qmsim::core_end();
+  }
+}
