@@ -79,7 +79,7 @@ def load_model(model: ModelLike) -> LoadedModel:
     external = frozenset(
         t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
     )
-    validate(proto, str(path))  # before the external data: small whatever the weights
+    validate(proto, str(path), path)  # before the external data is read, any size
     files = (path, *sorted({
         path.parent / entry.value
         for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
@@ -95,19 +95,20 @@ def load_model(model: ModelLike) -> LoadedModel:
     return LoadedModel(proto, external, files, str(path))
 
 
-def validate(model: onnx.ModelProto, source: str) -> None:
+def validate(model: onnx.ModelProto, source: str, path: Path | None = None) -> None:
     """Refuse a model that ``onnx.checker`` (with strict shape inference) rejects: a cycle,
     duplicate outputs or initializers, an undefined input, an unknown op, a bad IR
-    version, shapes that contradict their ops."""
+    version, shapes that contradict their ops. With the model's ``path`` the checker reads
+    the file (external data files are checked beside it, not read), so size is no limit."""
     if model.ir_version < 3:
         raise QmpassInputError(
             f"{source}: IR version {model.ir_version} is not a valid ONNX model version (3 or "
             "later; the file may not be an ONNX model)."
         )
-    if model.ByteSize() >= _PROTOBUF_LIMIT:  # in memory with its weights: the checker
-        return  # cannot take a message protobuf cannot serialise (a file path it could)
+    if path is None and model.ByteSize() >= _PROTOBUF_LIMIT:  # in memory with its weights:
+        return  # the checker cannot take a message protobuf cannot serialise
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(model if path is None else str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         # the checker's messages run over several lines (a node dump): one line, cut short
         text = " ".join(str(exc).split())
