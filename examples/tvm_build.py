@@ -25,7 +25,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
 from qmpass import CompressConfig
-from qmpass.tvm import QMPass, plan_onnx
+from qmpass.tvm import QMPass, RelaxResult, plan_onnx
 from qmpass.verify import run_model
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -55,14 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                      convs=args.convs)
     # 2. import into Relax and run the pass in a pipeline with TVM's own passes
     mod = from_onnx(plan.model)
-    qmpass = QMPass(plan)
+    results: list[RelaxResult] = []  # the pass reports what it did with each step here
     pipeline = tvm.transform.Sequential([
-        qmpass,
+        QMPass(plan, report=results.append),
         relax.transform.CombineParallelMatmul(),
         relax.transform.FoldConstant(),
         relax.transform.DeadCodeElimination(),
     ])
     compressed = pipeline(mod)
+    (qmpass,) = results
     for outcome in qmpass.outcomes:
         step = outcome.step
         size = f"rank={step.rank}" if step.kept is None else \

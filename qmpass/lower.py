@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 import hw_targets
+from qmpass.algebra import conv_kernel, row_linear_declines, subgraph_declines
 from qmpass.errors import QmpassInputError
 from qmpass.extract import Operator, extract_operators
 from qmpass.extract.shapes import infer_types
@@ -195,17 +196,16 @@ def _node_names(proto: onnx.ModelProto) -> list[str]:
 
 
 def _declines(op: Operator, input_type: int) -> str | None:
-    if op.graph != "main":
-        return "operator inside a subgraph is left to the host"
+    reason = subgraph_declines(op, "left to the host")
+    if reason is not None:
+        return reason
     if 0 in op.weight.shape:
         return f"its weight is empty ({op.shape[0]}x{op.shape[1]})"
     if input_type != onnx.TensorProto.FLOAT:
         name = onnx.TensorProto.DataType.Name(input_type)
         return (f"its input is {name}; kernels are checked against float32 references only")
     if op.op_type in ("MatMul", "Gemm"):
-        if op.weight_side != "right":
-            return "weight on the left is not lowered"
-        return "Gemm with transA=1 is not lowered" if op.transposed_input else None
+        return row_linear_declines(op, "lowered")
     if op.op_type != "Conv":
         return f"{op.op_type} is not lowered"
     geometry = op.geometry
@@ -258,11 +258,7 @@ def _lowering(
     assert geometry is not None
     groups = geometry.groups
     kh, kw = geometry.kernel_shape
-    # the matrix view is block-diagonal over groups: take each group's block
-    per_out, per_in = d_out // groups, d_in // groups
-    blocks = [op.weight[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in]
-              for g in range(groups)]
-    weight = np.concatenate(blocks).reshape(d_out, per_in // (kh * kw), kh, kw)
+    weight = conv_kernel(op.weight, (kh, kw), groups)
     pads = tuple(geometry.pads) if geometry.auto_pad == "NOTSET" else (0, 0, 0, 0)
     lowering = hw_targets.lower_conv(
         module, target, name, tuple(x.shape),  # type: ignore[arg-type]

@@ -39,7 +39,14 @@ from qmpass.plan.factors import compensation
 from qmpass.plan.plan import Cost, Plan, Step, StepKind
 from qmpass.plan.planner import Planned
 from qmpass.rewrite.base import name_nodes
-from qmpass.tvm import OnnxPlan, QMPass, extract_relax, match_operators, plan_onnx
+from qmpass.tvm import (
+    OnnxPlan,
+    QMPass,
+    RelaxResult,
+    extract_relax,
+    match_operators,
+    plan_onnx,
+)
 from qmpass.verify import run_model
 
 #: float32 agreement of two engines computing the same factors (measured: ~3e-7)
@@ -101,7 +108,8 @@ def test_lowrank_gemm_becomes_two_matmuls_and_the_bias_add() -> None:
     first, second = _svd_factors(w, 16)
     rewrite = QMPass(_planned(("lowrank", (site.operator.name,), 16,
                                {"first": first, "second": second, "bias": b.astype(float)})))
-    got = rewrite(mod)
+    result = rewrite.apply(mod)
+    got = result.module
 
     def expected(bb, x):  # type: ignore[no-untyped-def]
         h = bb.emit(relax.op.matmul(x, _const(first.T)))
@@ -109,7 +117,8 @@ def test_lowrank_gemm_becomes_two_matmuls_and_the_bias_add() -> None:
         return bb.emit_output(relax.op.add(p, _const(b)))
 
     tvm.ir.assert_structural_equal(got, _function((4, 64), expected))
-    assert rewrite.applied == (0,)
+    assert result.applied == (0,)
+    tvm.ir.assert_structural_equal(rewrite(mod), got)  # as a pass: the same module
     x = np.random.default_rng(0).standard_normal((4, 64)).astype("float32")
     w_q = second @ first  # the truncated SVD: the rewrite computes x W_q^T + b
     np.testing.assert_allclose(_run(got, x), x @ w_q.T + b, rtol=1e-4, atol=1e-4)
@@ -177,15 +186,15 @@ def test_a_module_without_matches_is_left_unchanged() -> None:
         return bb.emit_output(relax.op.matmul(y, relax.op.permute_dims(x)))  # no weight
 
     mod = _function((4, 32), body)
-    rewrite = QMPass(keep=0.5)
-    tvm.ir.assert_structural_equal(rewrite(mod), mod)
-    assert rewrite.outcomes == ()
+    result = QMPass(keep=0.5).apply(mod)
+    tvm.ir.assert_structural_equal(result.module, mod)
+    assert result.outcomes == ()
     # a plan for another model finds none of its operators here: every step is declined
     other = plan_onnx(fixture_path("mlp_digits"), CompressConfig(keep=0.5))
-    rewrite = QMPass(other)
-    tvm.ir.assert_structural_equal(rewrite(mod), mod)
-    assert rewrite.outcomes and all(o.status == "declined" and "no matching call" in str(o.reason)
-                                    for o in rewrite.outcomes)
+    result = QMPass(other).apply(mod)
+    tvm.ir.assert_structural_equal(result.module, mod)
+    assert result.outcomes and all(o.status == "declined" and "no matching call" in str(o.reason)
+                                   for o in result.outcomes)
 
 
 def _prune_pair(middle, c_mid: int = 16):  # type: ignore[no-untyped-def]
@@ -223,10 +232,10 @@ def _prune_pair(middle, c_mid: int = 16):  # type: ignore[no-untyped-def]
 def test_pruned_conv_pair_keeps_rows_and_compensates_the_consumer() -> None:
     mod, planned, group, (w1, b1, w2, b2, kept, mix, shift) = _prune_pair(
         lambda bb, a: bb.emit(relax.op.nn.relu(a)))
-    rewrite = QMPass(planned, groups=[group])
-    got = rewrite(mod)
-    assert rewrite.applied == (0,)
-    assert len(rewrite.outcomes[0].sites) == 2
+    result = QMPass(planned, groups=[group]).apply(mod)
+    got = result.module
+    assert result.applied == (0,)
+    assert len(result.outcomes[0].sites) == 2
     k = len(kept)
     # W2' = W2 M on the input axis; b2' = b2 + W2 s summed over the kernel taps
     w2m = np.einsum("ocij,ck->okij", w2.astype(np.float64), mix)
@@ -278,9 +287,9 @@ def test_batch_norm_and_depthwise_conv_are_pruned_as_onnx_prunes_them() -> None:
         Plan("test", "qmfrg", {"keep": 0.5}, Cost(0, 0), (step,)),
         ({"mix:c": mix, "shift:c": shift},), ()))
     mod = from_onnx(model)
-    rewrite = QMPass(plan)
-    got = rewrite(mod)
-    (outcome,) = rewrite.outcomes
+    result = QMPass(plan).apply(mod)
+    got = result.module
+    (outcome,) = result.outcomes
     assert outcome.status == "applied" and len(outcome.sites) == 3  # a, dw, c
     shapes = sorted(op.shape for op in extract_relax(got).operators)
     assert shapes == [(4, 6 * 9), (6, 27), (6, 6 * 9)]  # dw: block-diagonal, groups = 6
@@ -323,17 +332,17 @@ def test_unsupported_paths_decline_the_prune_step_with_the_reason(
     middle, c_mid: int, reason: str  # type: ignore[no-untyped-def]
 ) -> None:
     mod, planned, group, _ = _prune_pair(middle, c_mid)
-    rewrite = QMPass(planned, groups=[group])
-    tvm.ir.assert_structural_equal(rewrite(mod), mod)
-    (outcome,) = rewrite.outcomes
+    result = QMPass(planned, groups=[group]).apply(mod)
+    tvm.ir.assert_structural_equal(result.module, mod)
+    (outcome,) = result.outcomes
     assert outcome.status == "declined" and reason in str(outcome.reason)
 
 
 def test_prune_steps_without_channel_groups_are_declined() -> None:
     mod, planned, _, _ = _prune_pair(lambda bb, a: bb.emit(relax.op.nn.relu(a)))
-    rewrite = QMPass(planned)
-    tvm.ir.assert_structural_equal(rewrite(mod), mod)
-    (outcome,) = rewrite.outcomes
+    result = QMPass(planned).apply(mod)
+    tvm.ir.assert_structural_equal(result.module, mod)
+    (outcome,) = result.outcomes
     assert outcome.status == "declined" and "no channel group 'g'" in str(outcome.reason)
 
 
@@ -341,7 +350,7 @@ def test_prune_steps_without_channel_groups_are_declined() -> None:
 @dataclass(frozen=True)
 class _Case:
     plan: OnnxPlan
-    rewrite: QMPass
+    rewrite: RelaxResult
     relax_out: np.ndarray
     onnx_out: np.ndarray
     original_out: np.ndarray
@@ -363,8 +372,8 @@ def cases() -> dict[str, _Case]:
         calib = _calib(name)
         plan = plan_onnx(fixture_path(name), CompressConfig(keep=0.5, calib=calib),
                          convs=convs)  # type: ignore[arg-type]
-        rewrite = QMPass(plan)
-        mod = rewrite(from_onnx(plan.model))
+        rewrite = QMPass(plan).apply(from_onnx(plan.model))
+        mod = rewrite.module
         x = calib["input"][:48]
         compressed, declined = plan.compressed(rewrite.applied)
         out[f"{name}-{convs}"] = _Case(
@@ -419,16 +428,17 @@ def test_pass_in_a_pipeline_with_bound_params_and_tvm_passes() -> None:
     mod, params = detach_params(from_onnx(plan.model, keep_params_in_input=True))
     func = mod["main"]
     names = [p.name for p in func.params][int(func.attrs["num_input"]):]
-    rewrite = QMPass(plan)
+    results: list[RelaxResult] = []
     pipeline = tvm.transform.Sequential([
         relax.transform.BindParams("main", dict(zip(names, params["main"], strict=True))),
-        rewrite,
+        QMPass(plan, report=results.append),
         relax.transform.CombineParallelMatmul(),
         relax.transform.AdjustMatmulOrder(),
         relax.transform.FoldConstant(),
         relax.transform.DeadCodeElimination(),
     ])
     built = pipeline(mod)
+    (rewrite,) = results
     assert len(rewrite.applied) == len(plan.planned.plan.steps)
     x = calib["input"][:32]
     compressed, _ = plan.compressed(rewrite.applied)
@@ -441,8 +451,8 @@ def test_budget_on_the_relax_module_plans_what_the_onnx_path_plans() -> None:
     name = "transformer_digits"
     onnx_plan = plan_onnx(fixture_path(name), CompressConfig(keep=0.5))
     mod = from_onnx(onnx_plan.model)
-    rewrite = QMPass(keep=0.5)
-    got = rewrite(mod)
+    rewrite = QMPass(keep=0.5).apply(mod)
+    got = rewrite.module
     relax_steps = rewrite.planned.plan.steps
     onnx_steps = onnx_plan.planned.plan.steps
     matched = match_operators(onnx_plan.extraction.operators, extract_relax(mod).sites)

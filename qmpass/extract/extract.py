@@ -21,6 +21,7 @@ import onnx
 import scipy.linalg
 from onnx import helper
 
+from qmpass.algebra.fold import fold_batchnorm
 from qmpass.errors import QmpassInputError
 from qmpass.extract.constants import ConstantScope
 from qmpass.extract.operator import ConvGeometry, Operator, Skipped
@@ -375,9 +376,7 @@ class _Match:
                         f"{var[channel]:g} in channel {channel}, so var + epsilon is not "
                         "positive and the model computes NaN there."
                     )
-                scale = gamma / np.sqrt(var + eps)
-                w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-                bias = scale * ((bias if bias is not None else 0.0) - mean) + beta
+                w, bias = fold_batchnorm(w, bias, gamma, beta, mean, var, eps)
                 bias_source = (
                     "BatchNormalization" if bias_source is None else "Conv B + BatchNormalization"
                 )

@@ -30,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 
+from qmpass.algebra import lowrank_declines, shared_basis_declines
 from qmpass.extract import Extraction, Operator
 from qmpass.extract.channels import ChannelGroup
 from qmpass.plan.budget import allocate
@@ -44,7 +45,6 @@ from qmpass.plan.units import (
     cluster_candidate,
     input_key,
     lowrank_candidate,
-    lowrank_declines,
     pruned_resource,
 )
 
@@ -261,8 +261,7 @@ def _candidates(
     if method == "qmfrg":
         for members in extraction.fusion_groups:
             cluster = [ops[name] for name in members]
-            if taken.intersection(members) or any(lowrank_declines(op) for op in cluster) \
-                    or any(op.op_type not in ("MatMul", "Gemm") for op in cluster):
+            if taken.intersection(members) or shared_basis_declines(cluster):
                 continue
             fused = lowrank(cluster, fused=True)
             separate = [c for c in map(alone, cluster) if c is not None]

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from qmpass.algebra import FactoredConv, FactoredLinear, decline_factors, decline_rank
 from qmpass.extract import Operator
 from qmpass.plan.plan import Step, StepKind
 
@@ -91,15 +92,13 @@ class Rewrite(ABC):
 
 class OperatorFactorisation(Rewrite):
     """What the two one-operator low-rank rewrites share: the step names one operator,
-    it must still be in place, the rank must save, and the tensors are ``first``
-    (``q x d_in``), ``second`` (``d_out x q``) and ``bias`` (``d_out``, required when the
-    operator has a bias). Subclasses say which operators they take (:meth:`decline`)."""
+    which its ``record``'s rule accepts and the graph still holds, the rank must save,
+    and the tensors are ``first`` (``q x d_in``), ``second`` (``d_out x q``) and
+    ``bias`` (``d_out``, required when the operator has a bias)."""
 
     kind: ClassVar[StepKind] = "lowrank"
-
-    @abstractmethod
-    def decline(self, graph: gs.Graph, op: Operator) -> str | None:
-        """Why this rewrite does not take ``op`` (``None`` if it does)."""
+    #: the algebra record a step becomes (its ``declines`` is the rule)
+    record: ClassVar[type[FactoredLinear] | type[FactoredConv]]
 
     def check(self, graph: gs.Graph, step: Step, ops: Mapping[str, Operator]) -> str | None:
         if step.kind != self.kind:
@@ -107,10 +106,13 @@ class OperatorFactorisation(Rewrite):
         if len(step.operators) != 1:
             return f"a low-rank step names one operator, not {len(step.operators)}"
         name = step.operators[0]
-        reason = decline_node(graph, ops, name) or self.decline(graph, ops[name])
+        op = ops.get(name)
+        if op is None:
+            return f"operator '{name}' was not extracted from this model"
+        reason = self.record.declines(op) or decline_node(graph, ops, name)
         if reason is not None:
             return reason
-        d_out, d_in = ops[name].shape
+        d_out, d_in = op.shape
         return decline_rank(step.rank, d_in, (d_out,))
 
     def check_tensors(
@@ -222,15 +224,14 @@ def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-# -- rules shared by the low-rank and shared-basis rewrites -----------------------------------
+# -- graph state shared by the low-rank and shared-basis rewrites ----------------------------
 def decline_node(graph: gs.Graph, ops: Mapping[str, Operator], name: str) -> str | None:
     """Why operator ``name`` cannot be replaced in ``graph`` (``None`` if it can): it must
-    have been extracted, live in the main graph and still produce ``op.output``."""
+    have been extracted, be a node of the main graph and still produce ``op.output``.
+    (Whether its kind of rewrite takes it is the rule's: :mod:`qmpass.algebra.rules`.)"""
     op = ops.get(name)
     if op is None:
         return f"operator '{name}' was not extracted from this model"
-    if op.in_subgraph:
-        return f"operator inside a subgraph ({op.graph}) is left untouched"
     node = find_node(graph, name)
     if node is None or node.op != op.op_type:
         return f"operator '{name}' ({op.op_type}) is not a node of the main graph"
@@ -241,51 +242,6 @@ def decline_node(graph: gs.Graph, ops: Mapping[str, Operator], name: str) -> str
     # the node itself, or its bias Add / folded BatchNormalization reading its output
     if producer is not node and not any(t in node.outputs for t in producer.inputs):
         return f"output '{op.output}' is no longer produced by '{name}' (rewritten already?)"
-    return None
-
-
-def decline_rank(rank: int | None, d_in: int, d_outs: Sequence[int]) -> str | None:
-    """Why ``rank`` does not reduce both weights and FLOPs of ``d_in -> sum(d_outs)``.
-
-    Both are ``rank * (d_in + sum(d_outs))`` against ``d_in * sum(d_outs)`` per input
-    vector (biases are the same on both sides).
-    """
-    if rank is None or rank < 1:
-        return f"step has no usable rank ({rank})"
-    total = sum(d_outs)
-    if rank * (d_in + total) >= d_in * total:
-        if len(d_outs) == 1:
-            return (
-                f"rank {rank} of a {total}x{d_in} matrix saves nothing: "
-                f"{rank}*({d_in}+{total}) >= {total}*{d_in}"
-            )
-        return (
-            f"rank {rank} shared by {len(d_outs)} operators saves nothing: "
-            f"{rank}*({d_in}+{total}) >= {d_in}*{total}"
-        )
-    return None
-
-
-def decline_factors(
-    tensors: StepTensors, rank: int | None, d_in: int, d_out: int, *, needs_bias: bool
-) -> str | None:
-    """Why ``tensors`` are not factors ``first`` (q x d_in), ``second`` (d_out x q) and
-    ``bias`` (d_out) of a ``d_out x d_in`` matrix view at rank ``q = rank``."""
-    missing = [k for k in ("first", "second") if k not in tensors]
-    if needs_bias and "bias" not in tensors:
-        missing.append("bias")
-    if missing:
-        return f"the step's tensors lack {', '.join(repr(k) for k in missing)}"
-    q = rank if rank is not None else np.shape(tensors["first"])[0]
-    expected: dict[str, tuple[int, ...]] = {"first": (q, d_in), "second": (d_out, q)}
-    if "bias" in tensors:
-        expected["bias"] = (d_out,)
-    for key, shape in expected.items():
-        array = np.asarray(tensors[key])
-        if array.shape != shape:
-            return f"tensor '{key}' has shape {array.shape}, expected {shape}"
-        if array.dtype.kind != "f" or not np.isfinite(array).all():
-            return f"tensor '{key}' is not a finite floating-point array"
     return None
 
 

@@ -14,6 +14,9 @@ same pixels as the original, so the output shape is unchanged; 1-D, 2-D and 3-D
 kernels are the same code. A folded ``BatchNormalization`` disappears: the matrix view
 and bias include it and ``op.output`` is its output.
 
+The algebra (the reshape of the factors into kernels) is
+:class:`qmpass.algebra.FactoredConv`; this module prints it.
+
 Error: per output pixel ``||y - y'|| <= ||W - second first||_op ||p||`` (``sigma_{q+1}``
 for a truncated SVD). Cost per output pixel: ``q (Cin*prod(kernel) + Cout)`` weights and
 multiply-adds instead of ``Cout Cin prod(kernel)``; a rank that saves nothing is
@@ -24,11 +27,12 @@ not factorised.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from math import prod
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qmpass.algebra import FactoredConv
 from qmpass.extract import Operator
 from qmpass.plan.plan import Step
 from qmpass.rewrite.base import (
@@ -41,7 +45,7 @@ from qmpass.rewrite.base import (
     weight_dtype,
 )
 
-__all__ = ["LowRankConv"]
+__all__ = ["LowRankConv", "conv_pair"]
 
 
 class LowRankConv(OperatorFactorisation):
@@ -50,21 +54,11 @@ class LowRankConv(OperatorFactorisation):
     ``step.operators`` is one Conv, ``step.rank`` the number q of intermediate channels.
     Tensors (matrix views, float64): ``"first"`` (``q x Cin*prod(kernel)``), ``"second"``
     (``Cout x q``) and ``"bias"`` (``Cout``), the last required when the operator has a
-    bias (its own or a folded BatchNormalization's).
+    bias (its own or a folded BatchNormalization's); they become a
+    :class:`~qmpass.algebra.FactoredConv`, whose rule says which convolutions are taken.
     """
 
-    def decline(self, graph: gs.Graph, op: Operator) -> str | None:
-        if op.op_type == "ConvTranspose":
-            return "ConvTranspose is not factorised"
-        if op.op_type != "Conv" or op.geometry is None:
-            return f"'{op.name}' is a {op.op_type}; this rewrite handles Conv"
-        groups = op.geometry.groups
-        if groups != 1:
-            c_in = op.shape[1] // prod(op.geometry.kernel_shape)
-            if groups == c_in:
-                return f"depthwise conv (groups={groups}) is not factorised"
-            return f"grouped conv (groups={groups}) is not factorised"
-        return None
+    record: ClassVar[type[FactoredConv]] = FactoredConv
 
     def _rewrite(
         self,
@@ -74,39 +68,40 @@ class LowRankConv(OperatorFactorisation):
         tensors: StepTensors,
     ) -> None:
         op = ops[step.operators[0]]
-        geometry = op.geometry
-        if geometry is None or geometry.groups != 1:
-            raise ValueError(f"cannot rewrite '{op.name}': not an ungrouped Conv")
-        kernel = tuple(geometry.kernel_shape)
-        d_out, d_in = op.shape
-        c_in = d_in // prod(kernel)
-        first = np.asarray(tensors["first"])
-        q = first.shape[0]
-        second = np.asarray(tensors["second"])
-        bias = tensors.get("bias")
-        dtype = weight_dtype(graph, op)
-        base = f"{op.name}/lowrank"
-
+        record = FactoredConv.of(step, op, tensors)
         x = graph.tensors()[op.input]
         output = detach_output(graph, op.output)
-        first_w = new_constant(graph, f"{base}/first", first.reshape(q, c_in, *kernel), dtype)
-        ones = (1,) * len(kernel)
-        second_w = new_constant(graph, f"{base}/second", second.reshape(d_out, q, *ones), dtype)
-        hidden = gs.Variable(unique_name(graph, f"{base}/hidden"), dtype=dtype)
-        attrs: dict[str, object] = {
-            "kernel_shape": list(kernel),
-            "strides": list(geometry.strides),
-            "dilations": list(geometry.dilations),
-            "group": 1,
-        }
-        if geometry.auto_pad == "NOTSET":
-            attrs["pads"] = list(geometry.pads)
-        else:
-            attrs["auto_pad"] = geometry.auto_pad
-        add_node(graph, "Conv", f"{base}/Conv_first", [x, first_w], [hidden], attrs)
-        inputs: list[gs.Tensor] = [hidden, second_w]
-        if bias is not None:
-            inputs.append(new_constant(graph, f"{base}/bias", np.asarray(bias), dtype))
-        add_node(
-            graph, "Conv", f"{base}/Conv_second", inputs, [output], {"kernel_shape": list(ones)}
-        )
+        conv_pair(graph, f"{op.name}/lowrank", x, output, record, weight_dtype(graph, op))
+
+
+def conv_pair(
+    graph: gs.Graph,
+    base: str,
+    x: gs.Tensor,
+    output: gs.Variable,
+    record: FactoredConv,
+    dtype: np.dtype,
+) -> None:
+    """Print ``record`` as ``x -> Conv(first, geometry) -> Conv(second, 1x1, bias) ->
+    output``; names start with ``base``, weights are stored in ``dtype``."""
+    geometry = record.geometry
+    kernel = list(geometry.kernel_shape)
+    first_w = new_constant(graph, f"{base}/first", record.first, dtype)
+    second_w = new_constant(graph, f"{base}/second", record.second, dtype)
+    hidden = gs.Variable(unique_name(graph, f"{base}/hidden"), dtype=dtype)
+    attrs: dict[str, object] = {
+        "kernel_shape": kernel,
+        "strides": list(geometry.strides),
+        "dilations": list(geometry.dilations),
+        "group": 1,
+    }
+    if geometry.auto_pad == "NOTSET":
+        attrs["pads"] = list(geometry.pads)
+    else:
+        attrs["auto_pad"] = geometry.auto_pad
+    add_node(graph, "Conv", f"{base}/Conv_first", [x, first_w], [hidden], attrs)
+    inputs: list[gs.Tensor] = [hidden, second_w]
+    if record.bias is not None:
+        inputs.append(new_constant(graph, f"{base}/bias", record.bias, dtype))
+    add_node(graph, "Conv", f"{base}/Conv_second", inputs, [output],
+             {"kernel_shape": [1] * len(kernel)})

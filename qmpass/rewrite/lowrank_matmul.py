@@ -19,17 +19,19 @@ is ``sigma_{q+1}`` for the truncated SVD (DESIGN.md, "The math"). Cost per input
 ``q (d_in + d_out)`` weights and multiply-adds instead of ``d_in d_out``; a rank that
 does not make both smaller is declined.
 
-The MatMul rules and the chain builder defined here are shared with
-:mod:`qmpass.rewrite.shared_basis`.
+The algebra is :class:`qmpass.algebra.FactoredLinear` (and its rule); this module prints
+it. The printer :func:`matmul_pair` is shared with :mod:`qmpass.rewrite.shared_basis`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qmpass.algebra import FactoredLinear
 from qmpass.extract import Operator
 from qmpass.plan.plan import Step
 from qmpass.rewrite.base import (
@@ -37,13 +39,12 @@ from qmpass.rewrite.base import (
     StepTensors,
     add_node,
     detach_output,
-    find_node,
     new_constant,
     unique_name,
     weight_dtype,
 )
 
-__all__ = ["LowRankMatMul"]
+__all__ = ["LowRankMatMul", "matmul_pair"]
 
 
 class LowRankMatMul(OperatorFactorisation):
@@ -51,13 +52,14 @@ class LowRankMatMul(OperatorFactorisation):
 
     ``step.operators`` is one operator, ``step.rank`` the inner width q. Tensors (matrix
     views, float64): ``"first"`` (``q x d_in``), ``"second"`` (``d_out x q``) and
-    ``"bias"`` (``d_out``), the last required when the operator has a bias. Belongs
-    before any fusion of the model's MatMuls (e.g. Relax ``CombineParallelMatmul``),
-    after extraction named the nodes (:func:`qmpass.rewrite.base.name_nodes`).
+    ``"bias"`` (``d_out``), the last required when the operator has a bias; they become
+    a :class:`~qmpass.algebra.FactoredLinear`, whose rule says which operators are taken.
+    Belongs before any fusion of the model's MatMuls (e.g. Relax
+    ``CombineParallelMatmul``), after extraction named the nodes
+    (:func:`qmpass.rewrite.base.name_nodes`).
     """
 
-    def decline(self, graph: gs.Graph, op: Operator) -> str | None:
-        return decline_matmul(graph, op)
+    record: ClassVar[type[FactoredLinear]] = FactoredLinear
 
     def _rewrite(
         self,
@@ -69,65 +71,30 @@ class LowRankMatMul(OperatorFactorisation):
         op = ops[step.operators[0]]
         x = graph.tensors()[op.input]
         output = detach_output(graph, op.output)
-        matmul_chain(
-            graph,
-            f"{op.name}/lowrank",
-            x,
-            output,
-            tensors["first"],
-            tensors["second"],
-            tensors.get("bias"),
-            weight_dtype(graph, op),
-        )
+        matmul_pair(graph, f"{op.name}/lowrank", x, output, FactoredLinear.of(step, op, tensors),
+                    weight_dtype(graph, op))
 
 
-# -- shared with the shared-basis rewrite ------------------------------------------------------
-
-
-def decline_matmul(graph: gs.Graph, op: Operator) -> str | None:
-    """Why a MatMul/Gemm cannot become a chain of MatMuls reading ``op.input``."""
-    if op.op_type not in ("MatMul", "Gemm"):
-        return f"'{op.name}' is a {op.op_type}; this rewrite handles MatMul and Gemm"
-    if op.weight_side != "right":
-        return (
-            f"'{op.name}' has its weight on the left (W @ x); only x @ W operators are "
-            "factorised"
-        )
-    node = find_node(graph, op.name)
-    if node is None:
-        return f"operator '{op.name}' is not a node of the main graph"
-    if op.op_type == "Gemm":
-        if int(node.attrs.get("transA", 0)):
-            return "Gemm with transA=1 is not rewritten"
-        has_c = len(node.inputs) > 2 and node.inputs[2].name != ""
-        if has_c and op.bias is None:
-            return (
-                f"bias C of Gemm '{op.name}' is not a constant per-output vector; "
-                "the node is left untouched"
-            )
-    return None
-
-
-def matmul_chain(
+def matmul_pair(
     graph: gs.Graph,
     base: str,
     x: gs.Tensor,
     output: gs.Variable,
-    first: np.ndarray,
-    second: np.ndarray,
-    bias: np.ndarray | None,
+    record: FactoredLinear,
     dtype: np.dtype,
 ) -> None:
-    """Append ``x -> MatMul(first^T) -> MatMul(second^T) [-> Add(bias)] -> output``;
-    names start with ``base``, weights are stored in ``dtype``."""
-    first_t = new_constant(graph, f"{base}/first", np.asarray(first).T, dtype)
-    second_t = new_constant(graph, f"{base}/second", np.asarray(second).T, dtype)
+    """Print ``record`` as ``x -> MatMul(first^T) -> MatMul(second^T) [-> Add(bias)] ->
+    output`` (MatMul multiplies the activation from the left, hence the stored
+    transposes); names start with ``base``, weights are stored in ``dtype``. Shared with
+    :mod:`qmpass.rewrite.shared_basis`."""
+    first_t = new_constant(graph, f"{base}/first", record.first.T, dtype)
+    second_t = new_constant(graph, f"{base}/second", record.second.T, dtype)
     hidden = gs.Variable(unique_name(graph, f"{base}/hidden"), dtype=dtype)
     add_node(graph, "MatMul", f"{base}/MatMul_first", [x, first_t], [hidden])
-    if bias is None:
+    if record.bias is None:
         add_node(graph, "MatMul", f"{base}/MatMul_second", [hidden, second_t], [output])
         return
     product = gs.Variable(unique_name(graph, f"{base}/product"), dtype=dtype)
     add_node(graph, "MatMul", f"{base}/MatMul_second", [hidden, second_t], [product])
-    bias_c = new_constant(graph, f"{base}/bias", np.asarray(bias), dtype)
+    bias_c = new_constant(graph, f"{base}/bias", record.bias, dtype)
     add_node(graph, "Add", f"{base}/Add_bias", [product, bias_c], [output])

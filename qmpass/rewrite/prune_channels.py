@@ -16,11 +16,14 @@ A group is a set of channels ``0..C-1`` that several tensors share. Keeping the 
   borders drops taps). A consumer without a bias gets one (``Conv``: input ``B``;
   ``Gemm``: ``C``; ``MatMul``: an ``Add`` after it).
 
-Constants are replaced on the node that reads them, so a constant shared with nodes
-outside the group (the exporters' deduplicated ``Identity`` biases) keeps its value
-there; several steps compose because every slice reads the graph as it is now (a
-``Concat`` consumer's offset follows the groups already pruned before it). Activation
-tensors whose width changed lose their stale shapes; graph inputs and outputs do not
+The algebra (which indices stay, ``W M`` and ``W s``) is
+:class:`qmpass.algebra.PrunedGroup`'s, shared with the Relax pass; this module prints it
+into the graph's constants. Constants are replaced on the node that reads them, so a
+constant shared with nodes outside the group (the exporters' deduplicated ``Identity``
+biases) keeps its value there; several steps compose because every slice reads the
+graph as it is now (a ``Concat`` consumer's offset follows the groups already pruned
+before it). Activation tensors whose width changed lose their stale shapes; graph
+inputs and outputs do not
 change (a group that reaches a graph output is pinned by the analysis).
 """
 
@@ -34,12 +37,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from qmpass.algebra import PrunedGroup, decline_kept
 from qmpass.extract import Operator
 from qmpass.extract.channels import ChannelConsumer, ChannelGroup, SlicedConstant, channel_groups
 from qmpass.plan.plan import Step, StepKind
 from qmpass.rewrite.base import Rewrite, StepTensors, unique_name
 
-__all__ = ["PruneChannels", "decline_kept"]
+__all__ = ["PruneChannels", "decline_kept"]  # decline_kept: the algebra's, re-exported
 
 #: name of the bias ``Add`` inserted after a MatMul consumer that had none; a later step
 #: that prunes the MatMul's output channels finds it by this name and slices it too
@@ -82,12 +86,7 @@ class PruneChannels(Rewrite):
         group = self.groups.get(step.group)
         if group is None:
             return f"no channel group '{step.group}' in this model"
-        if group.reason is not None:
-            return f"channel group '{group.name}' is pinned: {group.reason}"
-        if step.channels is not None and step.channels != group.channels:
-            return (f"the step prunes {step.channels} channels, group '{group.name}' has "
-                    f"{group.channels}")
-        reason = decline_kept(step.kept, group.channels)
+        reason = PrunedGroup.declines(step, group)
         if reason is not None:
             return reason
         nodes = {n.name: n for n in graph.nodes}
@@ -109,19 +108,7 @@ class PruneChannels(Rewrite):
         group = self.groups.get(str(step.group))
         if group is None:
             return f"no channel group '{step.group}' in this model"
-        kept = len(step.kept or ())
-        for consumer in group.consumers:
-            mix = tensors.get(f"mix:{consumer.node}")
-            if mix is not None and (mix.shape != (group.channels, kept)
-                                    or not np.isfinite(mix).all()):
-                return (f"mix:{consumer.node} must be a finite {group.channels}x{kept} matrix, "
-                        f"not of shape {mix.shape}")
-            shift = tensors.get(f"shift:{consumer.node}")
-            if shift is not None and (shift.shape != (group.channels,)
-                                      or not np.isfinite(shift).all()):
-                return (f"shift:{consumer.node} must be a finite vector of {group.channels}, "
-                        f"not of shape {shift.shape}")
-        return None
+        return PrunedGroup.declines_tensors(step, group, tensors)
 
     def _decline_consumer(
         self, nodes: Mapping[str, gs.Node], group: ChannelGroup, consumer: ChannelConsumer
@@ -171,10 +158,10 @@ class PruneChannels(Rewrite):
         tensors: StepTensors,
     ) -> None:
         group = self.groups[str(step.group)]
-        kept = np.asarray(step.kept, dtype=np.int64)
+        record = PrunedGroup.of(step, group, tensors)
         nodes = {n.name: n for n in graph.nodes}
         layouts = {c: self._layout(nodes, group, c) for c in group.consumers}
-        slicer = _Slicer(graph, kept, group.channels)
+        slicer = _Slicer(graph, record)
         recorded = {(s.node, s.input_index) for s in (*group.producers, *group.sliced)}
         for sliced in group.producers:
             node = nodes[sliced.node]
@@ -184,18 +171,11 @@ class PruneChannels(Rewrite):
             node = nodes[sliced.node]
             slicer.slice(node, sliced.input_index, sliced.axis, sliced.offset)
             if node.op == "Conv" and sliced.input_index == 1:
-                node.attrs["group"] = len(kept)  # a depthwise Conv: one group per channel
+                # a depthwise Conv: one group per channel
+                node.attrs["group"] = len(record.kept)
         for consumer in group.consumers:
-            _rewrite_consumer(
-                graph,
-                nodes[consumer.node],
-                consumer,
-                layouts[consumer],
-                slicer,
-                tensors.get(f"mix:{consumer.node}"),
-                tensors.get(f"shift:{consumer.node}"),
-            )
-        _retarget_reshapes(graph, set(group.tensors), group.channels - len(kept))
+            _rewrite_consumer(graph, nodes[consumer.node], consumer, layouts[consumer], slicer)
+        _retarget_reshapes(graph, set(group.tensors), group.channels - len(record.kept))
         _clear_shapes(graph, {*group.tensors, *(c.activation for c in group.consumers)})
 
 
@@ -238,18 +218,12 @@ def _stored(tensor: gs.Tensor) -> gs.Constant | None:
 
 
 class _Slicer:
-    """Replaces constant inputs of nodes; one constant read by several nodes of the group
-    is sliced once and the new one shared."""
+    """Replaces constant inputs of nodes with the record's edit of them; one constant
+    read by several nodes of the group is sliced once and the new one shared."""
 
-    def __init__(self, graph: gs.Graph, kept: np.ndarray, channels: int) -> None:
-        self.graph, self.kept, self.channels = graph, kept, channels
+    def __init__(self, graph: gs.Graph, record: PrunedGroup) -> None:
+        self.graph, self.record, self.channels = graph, record, record.channels
         self._done: dict[tuple[int, int, int], gs.Constant] = {}
-
-    def indices(self, size: int, offset: int) -> np.ndarray:
-        """Indices along a sliced axis: everything outside the group's block stays."""
-        return np.concatenate([
-            np.arange(offset), offset + self.kept, np.arange(offset + self.channels, size)
-        ])
 
     def slice(self, node: gs.Node, index: int, axis: int, offset: int = 0) -> None:
         source = _stored(node.inputs[index])
@@ -259,8 +233,7 @@ class _Slicer:
         if key in self._done:
             node.inputs[index] = self._done[key]
             return
-        values = np.asarray(source.values)
-        sliced = np.take(values, self.indices(values.shape[axis], offset), axis=axis)
+        sliced = self.record.keep(np.asarray(source.values), axis, offset)
         self._done[key] = self.put(node, index, sliced)
 
     def put(self, node: gs.Node, index: int, values: np.ndarray) -> gs.Constant:
@@ -290,21 +263,6 @@ def _current_width(nodes: Mapping[str, gs.Node], group: ChannelGroup) -> int:
         if source is not None and producer.axis < len(source.shape):
             return int(source.shape[producer.axis]) - producer.offset
     return group.channels
-
-
-def decline_kept(kept: Sequence[int] | None, channels: int) -> str | None:
-    """Why ``kept`` is not a valid choice of channels of a group of ``channels`` (shared
-    with the Relax pass, :mod:`qmpass.tvm.prune`)."""
-    if not kept:
-        return "the step keeps no channel; a group cannot be removed entirely"
-    values = list(kept)
-    if any(not isinstance(k, (int, np.integer)) for k in values):
-        return "kept channels must be integers"
-    if values != sorted(set(values)):
-        return "kept channels must be sorted and distinct"
-    if values[0] < 0 or values[-1] >= channels:
-        return f"kept channels must lie in 0..{channels - 1}, not {values[0]}..{values[-1]}"
-    return None
 
 
 def _decline_sliced(
@@ -355,32 +313,18 @@ def _rewrite_consumer(
     consumer: ChannelConsumer,
     layout: tuple[int, int],
     slicer: _Slicer,
-    mix: np.ndarray | None,
-    shift: np.ndarray | None,
 ) -> None:
+    """Print the record's consumer edit: the new weight in place of the stored one, the
+    bias change added to the node's bias (Gemm stores ``C`` scaled by ``beta`` and
+    multiplies ``B`` by ``alpha``)."""
     offset, _ = layout
-    channels = slicer.channels
     source = _stored(node.inputs[1])
     assert source is not None  # check() made sure
     weight = np.asarray(source.values)
-    if mix is None:
-        new = np.take(weight, slicer.indices(weight.shape[consumer.axis], offset),
-                      axis=consumer.axis)
-    else:
-        # move the input-channel axis first: rows = input channels, the rest unchanged
-        rows = np.moveaxis(weight.astype(np.float64), consumer.axis, 0)
-        block = rows[offset:offset + channels]
-        mixed = np.tensordot(mix, block, axes=([0], [0]))  # M^T W_block: kept x rest
-        rows = np.concatenate([rows[:offset], mixed, rows[offset + channels:]], axis=0)
-        new = np.moveaxis(rows, 0, consumer.axis)
+    new, delta = slicer.record.consumer(node.name, weight, consumer.axis, offset)
     slicer.put(node, 1, new)
-    if shift is None:
+    if delta is None:
         return
-    block = np.moveaxis(weight.astype(np.float64), consumer.axis, 0)[offset:offset + channels]
-    delta = np.tensordot(shift, block, axes=([0], [0]))  # output axis first, then taps
-    # a Conv adds W s at every tap; where zero padding drops taps at the borders the
-    # true correction is smaller, so compensation there is approximate
-    delta = delta.reshape(delta.shape[0], -1).sum(axis=1)
     if node.op == "Gemm":
         delta = delta * float(node.attrs.get("alpha", 1.0))
     _add_bias(graph, node, slicer, delta, weight.dtype)

@@ -12,7 +12,8 @@ member's ``d_out_i x q`` coefficients in member order. The graph becomes
 Error: ``||y - y'|| <= ||W - second first||_op ||x||`` for the stacked output, hence for
 every member. Cost per input vector: ``q (d_in + sum d_out_i)`` weights and
 multiply-adds instead of ``d_in sum d_out_i``; a rank that saves nothing is declined.
-Split takes its sizes as an int64 input from opset 13 on, as an attribute before.
+Split takes its sizes as an int64 input from opset 13 on, as an attribute before. The
+algebra and the rule are :class:`qmpass.algebra.SharedBasisSplit`'s; this module prints it.
 """
 
 from __future__ import annotations
@@ -23,23 +24,22 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qmpass.algebra import SharedBasisSplit, decline_factors, decline_rank
 from qmpass.extract import Operator
 from qmpass.plan.plan import Step, StepKind
 from qmpass.rewrite.base import (
     Rewrite,
     StepTensors,
     add_node,
-    decline_factors,
     decline_node,
-    decline_rank,
     detach_output,
     new_constant,
     unique_name,
     weight_dtype,
 )
-from qmpass.rewrite.lowrank_matmul import decline_matmul, matmul_chain
+from qmpass.rewrite.lowrank_matmul import matmul_pair
 
-__all__ = ["SharedBasis"]
+__all__ = ["SharedBasis", "split_pair"]
 
 _SPLIT_SIZES_AS_INPUT = 13  # opset from which Split reads its sizes from an input
 
@@ -51,7 +51,8 @@ class SharedBasis(Rewrite):
     lists candidates), ``step.rank`` the width q of the shared basis. Tensors (matrix
     views, float64): ``"first"`` (``q x d_in``), ``"second"`` (``sum d_out_i x q``) and
     ``"bias"`` (``sum d_out_i``, zeros for members without one), the last required when
-    any member has a bias.
+    any member has a bias; they become a :class:`~qmpass.algebra.SharedBasisSplit`,
+    whose rule says which members are taken.
     """
 
     kind: ClassVar[StepKind] = "shared_basis"
@@ -59,28 +60,21 @@ class SharedBasis(Rewrite):
     def check(self, graph: gs.Graph, step: Step, ops: Mapping[str, Operator]) -> str | None:
         if step.kind != self.kind:
             return f"a '{step.kind}' step is not a shared-basis fusion"
-        names = step.operators
-        if len(names) < 2:
-            return f"a shared basis needs two or more operators, not {len(names)}"
-        if len(set(names)) != len(names):
-            return "the step names an operator more than once"
-        for name in names:
+        for name in step.operators:
+            if name not in ops:
+                return f"member '{name}' is declined: {decline_node(graph, ops, name)}"
+        members = [ops[name] for name in step.operators]
+        reason = SharedBasisSplit.declines(members)
+        if reason is not None:
+            return reason
+        for name in step.operators:
             reason = decline_node(graph, ops, name)
-            if reason is None:
-                reason = decline_matmul(graph, ops[name])
             if reason is not None:
                 return f"member '{name}' is declined: {reason}"
-        members = [ops[name] for name in names]
-        inputs = sorted({op.input for op in members})
-        if len(inputs) > 1:
-            return f"members read different tensors ({', '.join(repr(t) for t in inputs)})"
-        widths = sorted({op.shape[1] for op in members})
-        if len(widths) > 1:
-            return f"members differ in input width ({', '.join(map(str, widths))})"
         dtypes = {weight_dtype(graph, op) for op in members}
         if len(dtypes) > 1:
             return f"members store weights in different types ({', '.join(map(str, dtypes))})"
-        return decline_rank(step.rank, widths[0], [op.shape[0] for op in members])
+        return decline_rank(step.rank, members[0].shape[1], [op.shape[0] for op in members])
 
     def check_tensors(
         self, step: Step, ops: Mapping[str, Operator], tensors: StepTensors
@@ -103,18 +97,31 @@ class SharedBasis(Rewrite):
         tensors: StepTensors,
     ) -> None:
         members = [ops[name] for name in step.operators]
+        record = SharedBasisSplit.of(step, members, tensors)
         dtype = weight_dtype(graph, members[0])
         base = f"{members[0].name}/shared_basis"
         x = graph.tensors()[members[0].input]
         outputs = [detach_output(graph, op.output) for op in members]
-        fused = gs.Variable(unique_name(graph, f"{base}/fused"), dtype=dtype)
-        matmul_chain(
-            graph, base, x, fused, tensors["first"], tensors["second"], tensors.get("bias"), dtype
-        )
-        sizes = [op.shape[0] for op in members]
-        if graph.opset >= _SPLIT_SIZES_AS_INPUT:
-            split = new_constant(graph, f"{base}/split", np.array(sizes), np.dtype(np.int64))
-            add_node(graph, "Split", f"{base}/Split", [fused, split], outputs, {"axis": -1})
-        else:
-            attrs = {"axis": -1, "split": sizes}
-            add_node(graph, "Split", f"{base}/Split", [fused], outputs, attrs)
+        split_pair(graph, base, x, outputs, record, dtype)
+
+
+def split_pair(
+    graph: gs.Graph,
+    base: str,
+    x: gs.Tensor,
+    outputs: list[gs.Variable],
+    record: SharedBasisSplit,
+    dtype: np.dtype,
+) -> None:
+    """Print ``record`` as the fused MatMul pair (:func:`matmul_pair`) and a ``Split``
+    of the last axis into ``outputs`` (sizes as an int64 input from opset 13 on, as an
+    attribute before)."""
+    fused = gs.Variable(unique_name(graph, f"{base}/fused"), dtype=dtype)
+    matmul_pair(graph, base, x, fused, record.fused, dtype)
+    sizes = list(record.sizes)
+    if graph.opset >= _SPLIT_SIZES_AS_INPUT:
+        split = new_constant(graph, f"{base}/split", np.array(sizes), np.dtype(np.int64))
+        add_node(graph, "Split", f"{base}/Split", [fused, split], outputs, {"axis": -1})
+    else:
+        attrs = {"axis": -1, "split": sizes}
+        add_node(graph, "Split", f"{base}/Split", [fused], outputs, attrs)

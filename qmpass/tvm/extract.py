@@ -41,6 +41,7 @@ import scipy.linalg
 import tvm
 from tvm import relax
 
+from qmpass.algebra import fold_batchnorm
 from qmpass.extract import ConvGeometry, Extraction, Operator, Skipped
 from qmpass.extract.extract import fusion_groups
 
@@ -299,9 +300,8 @@ class _Walker:
         bn = self.sole_reader(output, "relax.nn.batch_norm")
         folded = self.batch_norm(bn, c_out) if bn is not None else None
         if folded is not None:
-            scale, shift, item, items = folded
-            w = w * scale.reshape(-1, 1, 1, 1)
-            bias = scale * ((bias if bias is not None else 0.0) - shift[0]) + shift[1]
+            stats, item, items = folded
+            w, bias = fold_batchnorm(w, bias, *stats)
             internal += [bn, *items]
             output = item
             params += 4 * c_out
@@ -348,9 +348,10 @@ class _Walker:
 
     def batch_norm(
         self, bn: Any, c_out: int
-    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], Any, list[Any]] | None:
-        """Inference batch norm over the channels: its scale, (mean, beta), the variable
-        of item 0 and the variables of all its items (items 1, 2 must be unused)."""
+    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float], Any, list[Any]] | None:
+        """Inference batch norm over the channels: its ``(gamma, beta, mean, var, eps)``
+        (for :func:`~qmpass.algebra.fold_batchnorm`), the variable of item 0 and the
+        variables of all its items (items 1, 2 must be unused)."""
         call = self.value[bn]
         attrs = call.attrs
         if int(attrs.axis) != 1 or bool(getattr(attrs, "training", False)):
@@ -376,8 +377,7 @@ class _Walker:
             items.append(reader)
         if item is None or self.uses[bn] != len(items):
             return None
-        scale = gamma / np.sqrt(var + float(attrs.epsilon))
-        return scale, (mean, beta), item, items
+        return (gamma, beta, mean, var, float(attrs.epsilon)), item, items
 
     def operator(
         self, var: Any, x: Any, output: Any, op_type: str, w: np.ndarray,

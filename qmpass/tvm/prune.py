@@ -1,4 +1,4 @@
-"""Structured channel pruning in Relax: the ONNX rewriter's algebra on Relax sites.
+"""Structured channel pruning in Relax: :class:`qmpass.algebra.PrunedGroup` on Relax sites.
 
 A ``prune_channels`` step keeps the channels ``kept`` (``k`` of ``C``) of one channel
 group (:mod:`qmpass.extract.channels`). :mod:`qmpass.rewrite.prune_channels` edits the
@@ -54,11 +54,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from qmpass.algebra import PrunedGroup, conv_kernel
 from qmpass.extract import Operator
 from qmpass.extract.channels import ChannelGroup
 from qmpass.extract.channels.rules import relax_rule
 from qmpass.plan.plan import Step
-from qmpass.rewrite.prune_channels import PruneChannels, decline_kept
 from qmpass.tvm.extract import Site
 
 __all__ = ["Dataflow", "PrunedStep", "SiteEdit", "prune_step"]
@@ -92,30 +92,24 @@ class SiteEdit:
             return cls(site, np.asarray(op.weight, dtype=np.float64), bias, 1)
         geometry = op.geometry
         assert geometry is not None  # every conv2d site has one
-        return cls(site, _conv_kernel(op), bias, geometry.groups)
+        kernel = conv_kernel(np.asarray(op.weight, dtype=np.float64), geometry.kernel_shape,
+                             geometry.groups)
+        return cls(site, kernel, bias, geometry.groups)
 
-    def keep_outputs(self, kept: np.ndarray, role: str, index: int) -> SiteEdit:
-        """``W' = W[kept]``, ``b' = b[kept]``; a depthwise conv keeps ``groups = k``."""
-        groups = len(kept) if role == "depthwise" else self.groups
-        bias = None if self.bias is None else self.bias[kept]
-        return replace(self, weight=self.weight[kept], bias=bias, groups=groups,
+    def keep_outputs(self, record: PrunedGroup, role: str, index: int) -> SiteEdit:
+        """The record's producer edit: ``W[kept]``, ``b[kept]``; a depthwise conv keeps
+        ``groups = k``."""
+        groups = len(record.kept) if role == "depthwise" else self.groups
+        bias = None if self.bias is None else record.keep(self.bias, 0)
+        return replace(self, weight=record.keep(self.weight, 0), bias=bias, groups=groups,
                        roles={**self.roles, role: index})
 
-    def compensate(self, offset: int, kept: np.ndarray, channels: int,
-                   mix: np.ndarray | None, shift: np.ndarray | None, index: int) -> SiteEdit:
-        """The input slice ``W_g = W[:, offset:offset+C]`` becomes ``W_g M`` (or its
-        ``kept`` columns without ``mix``); ``b' = b + sum over taps of W_g s``."""
-        w = self.weight
-        block = w[:, offset:offset + channels]
-        if mix is None:
-            mixed = block[:, kept]
-        else:  # W'[o, j, ...] = sum_c W[o, c, ...] M[c, j]
-            mixed = np.moveaxis(np.tensordot(block, mix, axes=([1], [0])), -1, 1)
-        weight = np.concatenate([w[:, :offset], mixed, w[:, offset + channels:]], axis=1)
+    def compensate(self, record: PrunedGroup, node: str, offset: int, index: int
+                   ) -> SiteEdit:
+        """The record's consumer edit of ``node`` (input channels on axis 1)."""
+        weight, delta = record.consumer(node, self.weight, 1, offset)
         bias = self.bias
-        if shift is not None:
-            delta = np.tensordot(block, shift, axes=([1], [0]))  # output axis, then taps
-            delta = delta.reshape(delta.shape[0], -1).sum(axis=1)
+        if delta is not None:
             bias = delta if bias is None else bias + delta
         return replace(self, weight=weight, bias=bias, roles={**self.roles, "input": index})
 
@@ -178,17 +172,12 @@ def prune_step(
     """Step ``index`` of the plan as site edits on top of ``edits``, or why it is
     declined. ``group`` names its producers, depthwise convs and consumers by the keys
     of ``ops`` and ``sites`` (the operators and their Relax sites)."""
-    if group.reason is not None:
-        return f"channel group '{group.name}' is pinned: {group.reason}"
-    channels = group.channels
-    if step.channels is not None and step.channels != channels:
-        return (f"the step prunes {step.channels} channels, group '{group.name}' has "
-                f"{channels}")
-    reason = decline_kept(step.kept, channels) or PruneChannels([group]).check_tensors(
-        step, ops, tensors)
+    reason = PrunedGroup.declines(step, group) or PrunedGroup.declines_tensors(
+        step, group, tensors)
     if reason is not None:
         return reason
-    kept = np.asarray(step.kept, dtype=np.int64)
+    record = PrunedGroup.of(step, group, tensors)
+    channels = group.channels
 
     def site_of(name: str) -> Site | str:
         if name not in ops:
@@ -226,7 +215,7 @@ def prune_step(
             return found
         consumers.append(found)
 
-    walked = _walk(flow, producers, depthwise, consumers, channels, len(kept))
+    walked = _walk(flow, producers, depthwise, consumers, channels, len(record.kept))
     if isinstance(walked, str):
         return walked
     new = dict(edits)
@@ -244,12 +233,12 @@ def prune_step(
         current = edit(site, "output")
         if isinstance(current, str):
             return current
-        new[site.call] = current.keep_outputs(kept, "output", index)
+        new[site.call] = current.keep_outputs(record, "output", index)
     for site in depthwise:
         current = edit(site, "depthwise")
         if isinstance(current, str):
             return current
-        new[site.call] = current.keep_outputs(kept, "depthwise", index)
+        new[site.call] = current.keep_outputs(record, "depthwise", index)
     for consumer, site in zip(group.consumers, consumers, strict=True):
         current = edit(site, "input")
         if isinstance(current, str):
@@ -260,9 +249,7 @@ def prune_step(
             return (f"consumer '{consumer.node}' reads {width} input channels in "
                     f"{current.groups} groups; the group needs channels "
                     f"{consumer.offset}..{consumer.offset + channels - 1} of {consumer.width}")
-        new[site.call] = current.compensate(
-            consumer.offset, kept, channels, _float(tensors.get(f"mix:{consumer.node}")),
-            _float(tensors.get(f"shift:{consumer.node}")), index)
+        new[site.call] = current.compensate(record, consumer.node, consumer.offset, index)
     touched = tuple(dict.fromkeys([*producers, *depthwise, *consumers]))
     return PrunedStep(new, walked, touched)
 
@@ -418,23 +405,6 @@ def _static_dims(expr: Any) -> tuple[int | None, ...] | None:
 
 def _op(call: Any) -> str:
     return str(call.op.name) if hasattr(call.op, "name") else ""
-
-
-def _conv_kernel(op: Operator) -> np.ndarray:
-    """The ``(Cout, Cin/groups, kh, kw)`` kernel of a conv2d site's matrix view (which is
-    block-diagonal over the groups)."""
-    geometry = op.geometry
-    assert geometry is not None
-    groups, (kh, kw) = geometry.groups, geometry.kernel_shape
-    d_out, d_in = op.shape
-    rows, cols = d_out // groups, d_in // groups
-    blocks = [op.weight[g * rows:(g + 1) * rows, g * cols:(g + 1) * cols]
-              for g in range(groups)]
-    return np.concatenate(blocks).astype(np.float64).reshape(d_out, cols // (kh * kw), kh, kw)
-
-
-def _float(array: np.ndarray | None) -> np.ndarray | None:
-    return None if array is None else np.asarray(array, dtype=np.float64)
 
 
 def _const(array: np.ndarray, dtype: str) -> Any:

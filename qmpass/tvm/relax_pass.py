@@ -1,19 +1,19 @@
 """``QMPass``: a Relax module pass that applies a qmpass Plan to a TVM build.
 
-The rewrites are the ONNX rewriters' algebra (:mod:`qmpass.rewrite`), written in Relax
-operators. An operator is the affine map ``y = W x + b`` of one site
-(:mod:`qmpass.tvm.extract`: the call, its bias add or batch norm); a step gives the
-factors ``first`` (``q x d_in``) and ``second`` (``d_out x q``) with ``W ~ second @ first``
-and the new bias ``b'``:
+The pass prints the records of :mod:`qmpass.algebra` (the same the ONNX rewriters
+print) in Relax operators, after the records' rules accepted the plan's operators. An
+operator is the affine map ``y = W x + b`` of one site (:mod:`qmpass.tvm.extract`: the
+call, its bias add or batch norm):
 
-* low-rank matmul: ``R.matmul(R.matmul(x, first^T), second^T) + b'`` (Relax multiplies
-  the activation from the left, hence the transposes; batch and token axes broadcast);
-* low-rank conv2d: ``R.nn.conv2d(x, first as (q, Cin, kh, kw))`` with the original
-  strides, padding and dilation, then a 1x1 ``R.nn.conv2d`` with ``second`` as
-  ``(Cout, q, 1, 1)``, then ``+ b'`` as ``(1, Cout, 1, 1)``; a folded batch norm is gone;
-* shared basis (members reading one tensor, e.g. Q/K/V): one matmul into the basis,
-  one fused matmul with the stacked ``second``, one add of the stacked biases, then
-  ``R.split`` on the last axis, item ``i`` replacing member ``i``'s output.
+* :class:`~qmpass.algebra.FactoredLinear`: ``R.matmul(R.matmul(x, first^T), second^T)
+  + bias`` (Relax multiplies the activation from the left, hence the transposes; batch
+  and token axes broadcast);
+* :class:`~qmpass.algebra.FactoredConv`: ``R.nn.conv2d(x, first)`` with the original
+  strides, padding and dilation, then the 1x1 ``R.nn.conv2d(second)``, then ``+ bias``
+  as ``(1, Cout, 1, 1)``; a folded batch norm is gone;
+* :class:`~qmpass.algebra.SharedBasisSplit` (members reading one tensor, e.g. Q/K/V):
+  the fused pair, then ``R.split`` on the last axis at the record's split points, item
+  ``i`` replacing member ``i``'s output.
 
 * channel pruning (:mod:`qmpass.tvm.prune`): the producers of a channel group keep the
   ``kept`` output rows of their folded ``(W, b)``, depthwise convs their ``kept`` filters,
@@ -25,10 +25,10 @@ and the new bias ``b'``:
   only channel-wise operations without constants lie between producers and consumers,
   and declines the step with the reason otherwise.
 
-Each step is applied or declined as a whole, and the reason is kept in
-``QMPass.outcomes``. A site is rewritten by one low-rank or shared-basis step, or by any
-number of prune steps (a consumer of one group is often the producer of the next: the
-edits compose), never by both kinds.
+Each step is applied or declined as a whole, with the reason in the
+:class:`RelaxResult` that :meth:`QMPass.apply` returns. A site is rewritten by one
+low-rank or shared-basis step, or by any number of prune steps (a consumer of one group
+is often the producer of the next: the edits compose), never by both kinds.
 
 Where it belongs in a pipeline: right after the import (``from_onnx``) and, for a module
 whose weights are parameters, after ``BindParams`` (or with the values in the
@@ -51,16 +51,31 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from qmpass.algebra import (
+    FactoredConv,
+    FactoredLinear,
+    SharedBasisSplit,
+    decline_factors,
+    decline_rank,
+    lowrank_record,
+)
 from qmpass.extract import Operator
 from qmpass.extract.channels import ChannelGroup
 from qmpass.plan.plan import Step
 from qmpass.plan.planner import Method, Planned
-from qmpass.rewrite.base import decline_factors, decline_rank
 from qmpass.tvm.extract import RelaxExtraction, Site, extract_relax
 from qmpass.tvm.plans import OnnxPlan, plan_relax
 from qmpass.tvm.prune import Dataflow, SiteEdit, prune_step
 
-__all__ = ["QMPass", "RelaxOutcome", "match_operators"]
+__all__ = [
+    "QMPass",
+    "RelaxOutcome",
+    "RelaxResult",
+    "emit_conv_pair",
+    "emit_matmul_pair",
+    "emit_split_pair",
+    "match_operators",
+]
 
 #: relative tolerance for recognising an ONNX operator's weights in a Relax function
 #: (both are the same float32 values read in float64; folding a batch norm may round)
@@ -77,6 +92,23 @@ class RelaxOutcome:
     status: Literal["applied", "declined"]
     reason: str | None = None
     sites: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class RelaxResult:
+    """What one run of the pass made: the rewritten ``module``, what happened to each
+    step (``outcomes``), the plan that was applied (``planned``) and the operators the
+    function was read as (``extraction``)."""
+
+    module: Any  # tvm.IRModule
+    outcomes: tuple[RelaxOutcome, ...]
+    planned: Planned
+    extraction: RelaxExtraction
+
+    @property
+    def applied(self) -> tuple[int, ...]:
+        """The indices of the applied steps (``OnnxPlan.compressed`` takes them)."""
+        return tuple(o.index for o in self.outcomes if o.status == "applied")
 
 
 def match_operators(
@@ -132,15 +164,17 @@ class QMPass:
     * ``QMPass(plan_onnx(model, config))``: the ONNX path's plan with its factor
       tensors; each step's operators are found in the Relax function by
       :func:`match_operators`, so the result computes what
-      ``plan.compressed(pass.applied)`` computes in onnxruntime.
+      ``plan.compressed(result.applied)`` computes in onnxruntime.
     * ``QMPass(planned)``: a :class:`~qmpass.plan.planner.Planned` whose steps name the
       operators of :func:`extract_relax` (as :func:`plan_relax` makes them); its prune
       steps need ``groups``, channel groups whose node names are those operators.
     * ``QMPass(keep=F)`` / ``QMPass(delta=D)`` with ``method``/``align``: a data-free
       plan made on the operators extracted from the module (:func:`plan_relax`).
 
-    After a run, ``outcomes`` says what happened to each step, ``applied`` lists the
-    applied step indices and ``planned`` is the plan that was applied.
+    :meth:`apply` returns a :class:`RelaxResult` (the module, each step's outcome, the
+    plan applied). Used as a pass (``QMPass(...)(mod)``, or in a ``Sequential``) it
+    returns the module only; ``report`` is then called with each run's result. The pass
+    keeps no state of its own between runs.
     """
 
     def __init__(
@@ -154,6 +188,7 @@ class QMPass:
         function: str = "main",
         params: Mapping[str, Any] | None = None,
         groups: Sequence[ChannelGroup] | None = None,
+        report: Callable[[RelaxResult], None] | None = None,
     ) -> None:
         if plan is not None and (keep is not None or delta is not None):
             raise ValueError("give a plan or a budget (keep/delta), not both")
@@ -165,17 +200,17 @@ class QMPass:
         self.budget = {"keep": keep, "delta": delta, "method": method, "align": align}
         self.function = function
         self.params = params
-        self.outcomes: tuple[RelaxOutcome, ...] = ()
-        self.planned: Planned | None = None
-        self.extraction: RelaxExtraction | None = None
-
-    @property
-    def applied(self) -> tuple[int, ...]:
-        return tuple(o.index for o in self.outcomes if o.status == "applied")
+        self.report = report
 
     def transform_module(self, mod: Any, _ctx: Any) -> Any:
+        result = self.apply(mod)
+        if self.report is not None:
+            self.report(result)
+        return result.module
+
+    def apply(self, mod: Any) -> RelaxResult:
+        """The plan applied to ``mod[function]`` (``mod`` is not modified)."""
         extraction = extract_relax(mod, self.function, self.params)
-        self.extraction = extraction
         if isinstance(self.plan, Planned):
             planned = self.plan
             sites = {site.operator.name: site for site in extraction.sites}
@@ -188,7 +223,6 @@ class QMPass:
             planned = plan_relax(extraction, **self.budget)  # type: ignore[arg-type]
             sites = {site.operator.name: site for site in extraction.sites}
             ops = {site.operator.name: site.operator for site in extraction.sites}
-        self.planned = planned
         replacements: list[_Replacement] = []
         outcomes: list[RelaxOutcome] = []
         used: set[Any] = set()  # sites of low-rank and shared-basis steps
@@ -225,14 +259,14 @@ class QMPass:
             replacements.append(found)
             outcomes.append(RelaxOutcome(index, step, "applied", None,
                                          tuple(s.operator.name for s in found.sites)))
-        self.outcomes = tuple(outcomes)
         replacements += [_Replacement((e.site,), _emitter(e)) for e in edits.values()]
-        if not replacements:
-            return mod
-        gvar = mod.get_global_var(self.function)
-        rewriter = _Rewriter(mod, replacements, reshapes)
-        rewriter.builder_.update_func(gvar, rewriter.visit_expr(mod[self.function]))
-        return rewriter.builder_.get()
+        module = mod
+        if replacements:
+            gvar = mod.get_global_var(self.function)
+            rewriter = _Rewriter(mod, replacements, reshapes)
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(mod[self.function]))
+            module = rewriter.builder_.get()
+        return RelaxResult(module, tuple(outcomes), planned, extraction)
 
 
 # -- replacements -------------------------------------------------------------------------------
@@ -268,7 +302,8 @@ def _replacement(
     step: Step, tensors: Mapping[str, np.ndarray], ops: Mapping[str, Operator],
     sites: Mapping[str, Site],
 ) -> _Replacement | str:
-    """The replacement for ``step``, or why the pass declines it."""
+    """The replacement for ``step``, or why the pass declines it (the record's rule on
+    the plan's operators, then the Relax sites)."""
     members: list[Site] = []
     for name in step.operators:
         if name not in ops:
@@ -284,69 +319,67 @@ def _replacement(
         tensors, step.rank, d_in, sum(d_outs), needs_bias=needs_bias)
     if reason is not None:
         return reason
-    first, second = np.asarray(tensors["first"]), np.asarray(tensors["second"])
-    bias = np.asarray(tensors["bias"]) if "bias" in tensors else None
     if step.kind == "lowrank":
         if len(members) != 1:
             return f"a low-rank step names one operator, not {len(members)}"
-        site = members[0]
-        if site.kind == "conv2d":
-            geometry = site.operator.geometry
-            if geometry is None or geometry.groups != 1:
-                return "grouped conv2d is not factorised"
-            return _Replacement((site,), lambda bb, x: [_conv_chain(bb, x, site, first, second,
-                                                                      bias)])
-        return _Replacement((site,), lambda bb, x: [_matmul_chain(bb, x, first, second, bias,
-                                                                    site.dtype)])
+        site, op = members[0], ops[step.operators[0]]
+        record_type = lowrank_record(op)
+        reason = record_type.declines(op)
+        if reason is not None:
+            return reason
+        if record_type is FactoredConv:
+            conv = FactoredConv.of(step, site.operator, tensors)
+            return _Replacement((site,), lambda bb, x: [emit_conv_pair(bb, x, conv, site.dtype)])
+        linear = FactoredLinear.of(step, site.operator, tensors)
+        return _Replacement((site,), lambda bb, x: [emit_matmul_pair(bb, x, linear, site.dtype)])
     if step.kind != "shared_basis":
         return f"unknown step kind '{step.kind}'"
-    if len(members) < 2:
-        return f"a shared basis needs two or more operators, not {len(members)}"
-    if any(site.kind != "matmul" for site in members):
-        return "a shared basis fuses matmuls only"
+    reason = SharedBasisSplit.declines([ops[name] for name in step.operators])
+    if reason is not None:
+        return reason
     if any(not site.input.same_as(members[0].input) for site in members):
         return "the members do not read the same Relax variable"
     if len({site.dtype for site in members}) > 1:
         return "the members store weights in different types"
-
-    def emit(bb: Any, x: Any) -> list[Any]:
-        fused = bb.emit(_matmul_chain(bb, x, first, second, bias, members[0].dtype))
-        cuts = [int(c) for c in np.cumsum(d_outs)[:-1]]
-        parts = bb.emit(relax.op.split(fused, indices_or_sections=cuts, axis=-1))
-        return [relax.TupleGetItem(parts, i) for i in range(len(members))]
-
-    return _Replacement(tuple(members), emit)
+    shared = SharedBasisSplit.of(step, [site.operator for site in members], tensors)
+    return _Replacement(tuple(members),
+                        lambda bb, x: emit_split_pair(bb, x, shared, members[0].dtype))
 
 
 def _const(array: np.ndarray, dtype: str) -> Any:
     return relax.const(np.ascontiguousarray(array).astype(dtype), dtype)
 
 
-def _matmul_chain(bb: Any, x: Any, first: np.ndarray, second: np.ndarray,
-                  bias: np.ndarray | None, dtype: str) -> Any:
-    """``(x @ first^T) @ second^T [+ bias]``; the last call is returned unbound."""
-    hidden = bb.emit(relax.op.matmul(x, _const(first.T, dtype)))
-    product = relax.op.matmul(hidden, _const(second.T, dtype))
-    if bias is None:
+def emit_matmul_pair(bb: Any, x: Any, record: FactoredLinear, dtype: str) -> Any:
+    """Print ``record`` as ``(x @ first^T) @ second^T [+ bias]`` (weights in ``dtype``);
+    the last call is returned unbound."""
+    hidden = bb.emit(relax.op.matmul(x, _const(record.first.T, dtype)))
+    product = relax.op.matmul(hidden, _const(record.second.T, dtype))
+    if record.bias is None:
         return product
-    return relax.op.add(bb.emit(product), _const(bias, dtype))
+    return relax.op.add(bb.emit(product), _const(record.bias, dtype))
 
 
-def _conv_chain(bb: Any, x: Any, site: Site, first: np.ndarray, second: np.ndarray,
-                bias: np.ndarray | None) -> Any:
-    geometry = site.operator.geometry
-    assert geometry is not None  # checked by _replacement
-    d_out, d_in = site.operator.shape
-    kh, kw = geometry.kernel_shape
-    q = first.shape[0]
+def emit_conv_pair(bb: Any, x: Any, record: FactoredConv, dtype: str) -> Any:
+    """Print ``record`` as ``conv2d(x, first)`` with its geometry, ``conv2d(., second)``
+    and ``+ bias`` as ``(1, Cout, 1, 1)``; the last call is returned unbound."""
+    geometry = record.geometry
     hidden = bb.emit(relax.op.nn.conv2d(
-        x, _const(first.reshape(q, d_in // (kh * kw), kh, kw), site.dtype),
-        strides=list(geometry.strides), padding=list(geometry.pads),
-        dilation=list(geometry.dilations), groups=1))
-    product = relax.op.nn.conv2d(hidden, _const(second.reshape(d_out, q, 1, 1), site.dtype))
-    if bias is None:
+        x, _const(record.first, dtype), strides=list(geometry.strides),
+        padding=list(geometry.pads), dilation=list(geometry.dilations), groups=1))
+    product = relax.op.nn.conv2d(hidden, _const(record.second, dtype))
+    if record.bias is None:
         return product
-    return relax.op.add(bb.emit(product), _const(bias.reshape(1, d_out, 1, 1), site.dtype))
+    return relax.op.add(bb.emit(product), _const(record.bias.reshape(1, -1, 1, 1), dtype))
+
+
+def emit_split_pair(bb: Any, x: Any, record: SharedBasisSplit, dtype: str) -> list[Any]:
+    """Print ``record`` as the fused pair and an ``R.split`` of the last axis; one
+    expression per member."""
+    fused = bb.emit(emit_matmul_pair(bb, x, record.fused, dtype))
+    parts = bb.emit(relax.op.split(fused, indices_or_sections=list(record.split_points),
+                                   axis=-1))
+    return [relax.TupleGetItem(parts, i) for i in range(len(record.sizes))]
 
 
 @mutator
