@@ -121,8 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         x = np.ascontiguousarray(np.concatenate([x_all] * reps)[: args.batch], np.float32)
         plan = plan_onnx(model, CompressConfig(keep=args.keep, calib=calib), convs=convs)
         mod = from_onnx(plan.model)
-        rewrite = QMPass(plan)
-        compressed_mod = rewrite(mod)
+        rewrite = QMPass(plan).apply(mod)
+        compressed_mod = rewrite.module
         compressed_onnx, _ = plan.compressed(rewrite.applied)
         steps = [plan.planned.plan.steps[i] for i in rewrite.applied]
         # counted on the rewritten model: the per-step costs of prune steps that share

@@ -1,4 +1,4 @@
-"""hw_targets: NPU-style targets simulated on the CPU (TARGETS.md).
+"""hw_targets: NPU-style targets simulated on the CPU (docs/TARGETS.md).
 
 One package per target (``cpu``, ``ascend``, ``mlu``, ``kunlunxin``), each split into its
 description as data (``target.py``), its cost model (``cost.py``) and its emitter

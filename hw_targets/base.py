@@ -1,6 +1,6 @@
 """What a target is, as data, and the contract every target module fulfils.
 
-A target is a *style* of NPU simulated on the CPU (TARGETS.md): a declared description
+A target is a *style* of NPU simulated on the CPU (docs/TARGETS.md): a declared description
 (memory levels and sizes, compute unit, alignment, bandwidths, clock, cores), a
 first-order cost model, an emitter that writes kernels in the backend's dialect, and a
 C++ header that gives each intrinsic those kernels use its meaning on the CPU.

@@ -1,7 +1,7 @@
 """Shared machinery for the fixture builders: data, training, ONNX export, checks.
 
 The fixtures exist to give qmpass weights with real structure: random matrices have
-no low-rank structure, so results on them say nothing (see DESIGN.md). Every builder
+no low-rank structure, so results on them say nothing (see docs/DESIGN.md). Every builder
 therefore trains on a real dataset (scikit-learn's bundled digits, so no download is
 needed), exports with a real exporter, and checks the exported graph against torch
 before anything is written to disk.

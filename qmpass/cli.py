@@ -1,4 +1,4 @@
-"""The ``qmpass`` command line (DESIGN.md, "Interfaces").
+"""The ``qmpass`` command line (docs/DESIGN.md, "Interfaces").
 
 Exit codes: 0 done; 2 bad usage or bad input (one line on stderr, nothing written);
 1 internal error. Every output file is written atomically after all work succeeded.
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     compress_cmd = sub.add_parser(
-        "compress", help="plan, rewrite and verify a smaller model (DESIGN.md, Interfaces)"
+        "compress", help="plan, rewrite and verify a smaller model (docs/DESIGN.md, Interfaces)"
     )
     compress_cmd.add_argument("model", type=Path)
     compress_cmd.add_argument("-o", "--output", type=Path, required=True,

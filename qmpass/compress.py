@@ -195,7 +195,7 @@ def _size(step: Step) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Report:
-    """The ``compress`` report (DESIGN.md, "Interfaces"); :meth:`to_dict` is its JSON."""
+    """The ``compress`` report (docs/DESIGN.md, "Interfaces"); :meth:`to_dict` is its JSON."""
 
     model: str
     plan: Plan

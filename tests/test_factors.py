@@ -1,5 +1,5 @@
 """The decompositions behind low-rank, shared-basis and pruning steps, against the
-closed forms of DESIGN.md computed here with plain numpy."""
+closed forms of docs/DESIGN.md computed here with plain numpy."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_whitened_projection_reaches_the_design_optimum(shape: tuple[int, int]) 
     proj = projection([w], cov)
     rank = 10
     first, second = proj.factors(rank)
-    # DESIGN.md: W' = [W C^(1/2)]_q C^(-1/2)
+    # docs/DESIGN.md: W' = [W C^(1/2)]_q C^(-1/2)
     u, s, vt = np.linalg.svd(w @ root)
     optimum = (u[:, :rank] * s[:rank]) @ vt[:rank] @ np.linalg.inv(root)
     np.testing.assert_allclose(second @ first, optimum, atol=1e-8)
@@ -87,7 +87,7 @@ def test_greedy_keeps_independent_channels_first() -> None:
 
 
 def test_shared_basis_is_the_top_eigenspace_of_the_cluster_state() -> None:
-    """DESIGN.md: rho_C = mean of the members' input-side states; member i keeps
+    """docs/DESIGN.md: rho_C = mean of the members' input-side states; member i keeps
     tr(P_q rho_i) of its energy."""
     base = trained_matrix(96, 64).astype(np.float64)
     members = [base[:32], base[32:64], base[64:]]

@@ -21,9 +21,9 @@ HEADER = "ascend_sim.h"
 PIPES = ("MTE2", "MTE1", "M", "V", "MTE3", "HBM")
 
 _CCECONF = "mindspore-ai/akg src/contrib/cce_parm/cceconf.cc (cloud = Ascend 910)"
-_FIXTURE = "CANN op-tiling test fixtures (hardware_info of an Ascend stub), via TARGETS.md"
+_FIXTURE = "CANN op-tiling test fixtures (hardware_info of an Ascend stub), via docs/TARGETS.md"
 _L0_ALIGN = Param(512, "bytes", "V", "Ascend C Mmad doc: A/B start 512-byte aligned")
-_BLOCK = "Ascend C's 32-byte DataCopy unit (not in TARGETS.md)"
+_BLOCK = "Ascend C's 32-byte DataCopy unit (an assumption; no vendor source read)"
 
 TARGET = Target(
     name="ascend",
@@ -41,7 +41,7 @@ TARGET = Target(
                Param(32, "bytes", "U", _BLOCK)),
     ),
     dram_bytes_per_cycle=Param(1200, "B/cycle", "U",
-                               "1.2 TB/s HBM [S, TARGETS.md] at the 1 GHz clock [U]"),
+                               "1.2 TB/s HBM [S, docs/TARGETS.md] at the 1 GHz clock [U]"),
     macs_per_cycle=Param(4096, "MAC/cycle", "S", "cube 16x16x16 fp16, Hot Chips 2019"),
     in_dtype="half",
     params={
@@ -52,11 +52,11 @@ TARGET = Target(
         "l2_rate": Param(128, "B/cycle", "S", _FIXTURE + ": l2_rate 128 (field name V)"),
         "ddr_rate": Param(64, "B/cycle", "S",
                           _FIXTURE + ": ddr_write_rate 64 / ddr_read_rate 67 (field name V)"),
-        "l1_to_l0_a_rate": Param(512, "B/cycle", "S", "TARGETS.md 512 (field name V)"),
-        "l1_to_l0_b_rate": Param(256, "B/cycle", "S", "TARGETS.md 256 (field name V)"),
-        "l0_c_to_ub_rate": Param(256, "B/cycle", "S", "TARGETS.md 256 (field name V)"),
-        "ub_to_ddr_rate": Param(64, "B/cycle", "S", "TARGETS.md 64 (field name V)"),
-        "vector_bytes_per_repeat": Param(256, "bytes", "S", "TARGETS.md: 128 fp16 / 64 fp32"),
+        "l1_to_l0_a_rate": Param(512, "B/cycle", "S", "docs/TARGETS.md 512 (field name V)"),
+        "l1_to_l0_b_rate": Param(256, "B/cycle", "S", "docs/TARGETS.md 256 (field name V)"),
+        "l0_c_to_ub_rate": Param(256, "B/cycle", "S", "docs/TARGETS.md 256 (field name V)"),
+        "ub_to_ddr_rate": Param(64, "B/cycle", "S", "docs/TARGETS.md 64 (field name V)"),
+        "vector_bytes_per_repeat": Param(256, "bytes", "S", "docs/TARGETS.md: 128 fp16 / 64 fp32"),
         "vector_cycles_per_repeat": Param(1, "cycles", "U", "one repeat issued per cycle"),
         # Not read by the cost model: the paper's claim, printed beside the c_conv the
         # model implies (bench/targets.py, part D).

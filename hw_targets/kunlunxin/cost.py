@@ -1,7 +1,7 @@
 """The kunlunxin target's cost model and tiling search (numbers from :mod:`.target`).
 
 The matrix engine (SDNN) is reachable only through the vendor's fc/xblas libraries
-(TARGETS.md), so the kernels emitted here run on the cluster cores: ``__global__``
+(docs/TARGETS.md), so the kernels emitted here run on the cluster cores: ``__global__``
 kernels launched ``<<<cluster_num, core_num>>>``, output tiles dealt round-robin over all
 512 cores (tile ``t`` to core ``cluster_id * core_num + core_id == t % 512``, as
 :func:`hw_targets.base.grid_cost`).

@@ -3,7 +3,7 @@
 8 clusters x 64 cores, each core a scalar unit with a 512-bit SIMD unit and a few KB of
 local memory (LM: 32 KB per group of 4 cores, split evenly); a cluster's shared memory
 (SM, declared, not modelled) and the chip's GDDR6. The matrix engine (SDNN) is reachable
-only through the vendor's fc/xblas libraries (TARGETS.md), so it appears only in
+only through the vendor's fc/xblas libraries (docs/TARGETS.md), so it appears only in
 :func:`hw_targets.kunlunxin.cost.library_cost`. Not declared because nothing reads them:
 the 64 MB L3 (all traffic is charged at GDDR6 rates) and the Kunlun 1 figures of the
 guide. The cost model, the emitter and the header (through :func:`defines`) read every

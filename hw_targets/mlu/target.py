@@ -1,4 +1,4 @@
-"""The mlu target's description: a Cambricon MLU370-X8 style chip, as data (TARGETS.md).
+"""The mlu target's description: a Cambricon MLU370-X8 style chip, as data (docs/TARGETS.md).
 
 Per core: NRAM (640 KB usable of 768 KB) and WRAM (1024 KB); a cluster's SRAM (declared,
 not modelled: each core reads its operands from GDRAM); 8 clusters x 4 compute cores;
@@ -30,7 +30,7 @@ TARGET = Target(
     name="mlu",
     dialect="BANG C",
     summary="Cambricon MLU370-X8 style: NRAM/WRAM per core, TFU matmul, 5 pipes per core",
-    clock_hz=Param(_CLOCK, "Hz", "V", "MLU370-X8 clock (TARGETS.md: Cambricon)"),
+    clock_hz=Param(_CLOCK, "Hz", "V", "MLU370-X8 clock (docs/TARGETS.md: Cambricon)"),
     cores=Param(
         _CLUSTERS * _CORES_PER_CLUSTER, "cores", "U",
         "8 clusters (U: MLU370-X8 is 2 chips x 2 dies [S], 2 clusters per die assumed) x 4 "
@@ -39,7 +39,7 @@ TARGET = Target(
     buffers=(
         Buffer("NRAM", Param(640 * _KB, "bytes", "V",
                              "768 KB NRAM per core, 640 KB usable (mlu-ops kernel.h)"), _ALIGN),
-        Buffer("WRAM", Param(1024 * _KB, "bytes", "S", "1024 KB WRAM per core (TARGETS.md)"),
+        Buffer("WRAM", Param(1024 * _KB, "bytes", "S", "1024 KB WRAM per core (docs/TARGETS.md)"),
                _ALIGN),
         # Declared, not modelled (the kernels read their operands from GDRAM).
         Buffer("SRAM", Param(4096 * _KB, "bytes", "V", "4 MB SRAM per cluster (mlu-ops docs)"),

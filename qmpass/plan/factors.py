@@ -10,12 +10,12 @@ input covariance (the identity when the pass is data-free). Then
 
 With ``S = I`` and ``n = 1`` this is the truncated SVD (``first = S_q V_q^T``,
 ``second = U_q``). With data it is the whitened truncation ``[W C^(1/2)]_q C^(-1/2)``
-of DESIGN.md, written as an output-side projection so no inverse of ``C`` is needed
+of docs/DESIGN.md, written as an output-side projection so no inverse of ``C`` is needed
 (when ``C`` is singular it reaches the same minimum of ``E||(W - W')(x - mu)||^2``). The
 bias absorbs the mean of what was cut: ``b' = b + (W - W') mu``. The relative error
 after keeping ``q`` directions is the tail energy of the singular values.
 
-For a cluster this is DESIGN.md's shared basis: the right singular vectors of ``D W S``
+For a cluster this is docs/DESIGN.md's shared basis: the right singular vectors of ``D W S``
 are the eigenvectors of the cluster's mixed state ``rho_C = (1/n) sum_i rho_i`` with
 ``rho_i = S W_i^T W_i S / ||W_i S||_F^2``, so the rows of ``first`` span its top-``q``
 eigenspace ``P_q``, and member ``i`` loses ``1 - tr(P_q rho_i)`` of its energy

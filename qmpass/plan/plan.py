@@ -1,4 +1,4 @@
-"""The Plan: the one interface between analysis and every backend (DESIGN.md).
+"""The Plan: the one interface between analysis and every backend (docs/DESIGN.md).
 
 A plan is a list of :class:`Step` records, each a decision: which rewrite, on which
 operators, at which rank or with which kept channels, what error it is predicted to

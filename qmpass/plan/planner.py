@@ -11,7 +11,7 @@ Units of compression by method (:mod:`qmpass.plan.units` builds their variants):
   factorised alone. With calibration statistics every decomposition is whitened.
 * ``svd``: every operator alone, plain truncated SVD (data-free even with calibration).
 * ``whitened``: every operator alone, whitened truncation from the calibration data: the
-  per-layer data-aware optimum of DESIGN.md (the same as ``svd`` without data).
+  per-layer data-aware optimum of docs/DESIGN.md (the same as ``svd`` without data).
 * ``magnitude`` / ``random``: the baselines prune every prunable channel group, keeping
   the channels of largest L1 norm (or random ones), the same fraction in every group,
   without compensation.

@@ -15,7 +15,7 @@ more. A Gemm (2-D input, ``transA=0``) becomes the same chain: its ``alpha``, ``
 and ``transB`` are folded into the matrix view by extraction already.
 
 Error: ``||y - y'|| = ||(W - second first) x|| <= ||W - second first||_op ||x||``, which
-is ``sigma_{q+1}`` for the truncated SVD (DESIGN.md, "The math"). Cost per input vector:
+is ``sigma_{q+1}`` for the truncated SVD (docs/DESIGN.md, "The math"). Cost per input vector:
 ``q (d_in + d_out)`` weights and multiply-adds instead of ``d_in d_out``; a rank that
 does not make both smaller is declined.
 

@@ -1,4 +1,4 @@
-"""Distances between operators, and the bounds qmpass relies on (DESIGN.md, "The math").
+"""Distances between operators, and the bounds qmpass relies on (docs/DESIGN.md, "The math").
 
 What holds, and is used:
 

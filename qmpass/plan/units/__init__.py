@@ -31,7 +31,7 @@ from qmpass.plan.units.common import (
     Variant,
     input_key,
 )
-from qmpass.plan.units.lowrank import cluster_candidate, lowrank_candidate, lowrank_declines
+from qmpass.plan.units.lowrank import cluster_candidate, lowrank_candidate
 from qmpass.plan.units.pruning import (
     channel_candidate,
     pruned_costs,
@@ -49,7 +49,6 @@ __all__ = [
     "cluster_candidate",
     "input_key",
     "lowrank_candidate",
-    "lowrank_declines",
     "pruned_costs",
     "pruned_resource",
     "pruned_scales",

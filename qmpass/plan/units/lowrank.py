@@ -24,23 +24,7 @@ from qmpass.plan.resource import PARAMS, Resource, lowrank_cost
 from qmpass.plan.units.common import Built, Candidate, StatsLike, Variant, unchanged
 from qmpass.spectral import operator_norm
 
-__all__ = ["cluster_candidate", "lowrank_candidate", "lowrank_declines"]
-
-
-def lowrank_declines(op: Operator) -> str | None:
-    """Why the planner does not factorise ``op`` (the rewrites check again)."""
-    if op.graph != "main":
-        return "operator inside a subgraph is left untouched"
-    if op.op_type in ("MatMul", "Gemm"):
-        if op.weight_side != "right":
-            return "weight on the left side is not factorised"
-        return "Gemm with transA=1 is not rewritten" if op.transposed_input else None
-    if op.op_type != "Conv":
-        return f"{op.op_type} is not factorised"
-    if op.geometry is None or op.geometry.groups != 1:
-        groups = None if op.geometry is None else op.geometry.groups
-        return f"grouped conv (groups={groups}) is not factorised"
-    return None
+__all__ = ["cluster_candidate", "lowrank_candidate"]
 
 
 def _certificate(delta_w: np.ndarray, delta_b: np.ndarray, radius: float | None
