@@ -79,7 +79,6 @@ def load_model(model: ModelLike) -> LoadedModel:
     external = frozenset(
         t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
     )
-    validate(proto, str(path), path)  # before the external data is read, any size
     files = (path, *sorted({
         path.parent / entry.value
         for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
@@ -92,6 +91,7 @@ def load_model(model: ModelLike) -> LoadedModel:
             f"{path}: external data could not be read ({_first_line(exc)}); keep the data "
             "files beside the model."
         ) from exc
+    validate(proto, str(path), path)  # the checker reads the file itself: any size
     return LoadedModel(proto, external, files, str(path))
 
 
