@@ -31,7 +31,7 @@ from qmpass.extract.channels.rules import CHANNEL_WISE, RULES, onnx_rule, relax_
 from qmpass.plan.plan import Cost, Plan, Step
 from qmpass.plan.planner import Planned
 from qmpass.rewrite.base import name_nodes
-from qmpass.tvm import OnnxPlan, QMPass
+from qmpass.tvm import OnnxPlan, QMPass, RelaxResult
 from qmpass.verify import run_model
 
 #: float32 rounding of the same sums in another order (the step's certificate is zero)
@@ -107,18 +107,19 @@ def _group(model: onnx.ModelProto) -> ChannelGroup:
     return next(g for g in channel_groups(model) if g.name == "a")
 
 
-def _prune(model: onnx.ModelProto, group: ChannelGroup) -> tuple[OnnxPlan, QMPass, tvm.IRModule]:
+def _prune(model: onnx.ModelProto, group: ChannelGroup
+           ) -> tuple[OnnxPlan, RelaxResult | None, tvm.IRModule]:
     """The step keeping ``KEPT`` of group ``a`` (no compensation: the removed channels are
-    not read), as an ONNX plan, and the Relax pass applied to the imported module (an
-    empty module where the importer does not convert the model)."""
+    not read), as an ONNX plan, and the Relax pass's result on the imported module (None,
+    with an empty module, where the importer does not convert the model)."""
     step = Step("prune_channels", group.operators, Cost(0, 0), Cost(0, 0), 0.0,
                 group=group.name, channels=8, kept=KEPT)
     plan = OnnxPlan(model, extract_operators(model), (group,), Planned(
         Plan("test", "magnitude", {"keep": 0.5}, Cost(0, 0), (step,)), ({},), ()))
-    rewrite = QMPass(plan)
     if any(node.op_type in NOT_IMPORTED for node in model.graph.node):
-        return plan, rewrite, tvm.IRModule()
-    return plan, rewrite, rewrite(from_onnx(model))
+        return plan, None, tvm.IRModule()
+    result = QMPass(plan).apply(from_onnx(model))
+    return plan, result, result.module
 
 
 def _run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
@@ -168,6 +169,7 @@ def test_unary_ops_pass_on_both_sides(op_type: str) -> None:
     assert _rel(run_model(compressed, {"x": X})[0], reference) <= ATOL_REL
     if op_type in NOT_IMPORTED:
         return
+    assert rewrite is not None
     (outcome,) = rewrite.outcomes
     if op_type in IMPORTED_OTHERWISE:
         assert outcome.status == "declined"
@@ -189,6 +191,7 @@ def test_binary_ops_pass_on_both_sides(op_type: str, form: str) -> None:
     reference = run_model(model, {"x": X})[0]
     onnx_pruned = run_model(compressed, {"x": X})[0]
     assert _rel(onnx_pruned, reference) <= ATOL_REL
+    assert rewrite is not None
     (outcome,) = rewrite.outcomes
     if op_type in IMPORTED_OTHERWISE:
         assert outcome.status == "declined"
@@ -202,7 +205,7 @@ def test_binary_ops_pass_on_both_sides(op_type: str, form: str) -> None:
 def test_sqrt_compiles_to_the_same_function() -> None:
     model = _unary("Sqrt")
     plan, rewrite, got = _prune(model, _group(model))
-    assert rewrite.applied == (0,)
+    assert rewrite is not None and rewrite.applied == (0,)
     compressed, _ = plan.compressed()
     reference = run_model(model, {"x": X})[0]
     assert _rel(_run(got, X), reference) <= ATOL_REL
@@ -220,6 +223,7 @@ def test_a_per_channel_constant_is_sliced_in_onnx_and_declined_in_relax() -> Non
     compressed, declined = plan.compressed()
     assert declined == {}
     assert _rel(run_model(compressed, {"x": X})[0], run_model(model, {"x": X})[0]) <= ATOL_REL
+    assert rewrite is not None
     (outcome,) = rewrite.outcomes
     assert outcome.status == "declined"
     assert "relax.divide with a constant operand of shape [1, 8, 1, 1], one value per " \
@@ -246,6 +250,7 @@ def test_ops_that_mix_or_cut_channels_are_declined_on_both_sides(
     (consumer,) = next(g for g in channel_groups(model) if "c" in g.operators).consumers
     unpinned = replace(group, reason=None, consumers=(replace(consumer, activation="s"),))
     _, rewrite, got = _prune(model, unpinned)
+    assert rewrite is not None
     (outcome,) = rewrite.outcomes
     assert outcome.status == "declined" and relax_reason in str(outcome.reason)
     tvm.ir.assert_structural_equal(got, from_onnx(model))
