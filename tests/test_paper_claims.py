@@ -1,7 +1,7 @@
 """Claims of the source paper that are false, kept as counterexamples.
 
 qmpass never relies on them: spectra are used only as a filter that rules pairs out, and
-every guarantee it prints comes from the certificates of plan steps (qmpass/plan/units.py,
+every guarantee it prints comes from the certificates of plan steps (qmpass/plan/units/,
 checked by tests/test_certificates.py). The paper's formulas used here live in
 qmpass/spectral/paper.py, which nothing else imports.
 """
