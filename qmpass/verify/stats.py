@@ -4,8 +4,9 @@ An operator ``y = W x + b`` is compressed with the least output error on the dat
 ``W`` is truncated in the metric of the second moment ``C = E[x x^T]`` of its input
 vectors: ``W' = [W C^(1/2)]_q C^(+1/2)`` (docs/DESIGN.md, "Whitened truncation: the
 data-aware limit"; ``C^(+1/2)`` is the pseudo-inverse square root, which gives the
-same optimum when ``C`` is singular, as it is for dead ReLU channels). If the bias is re-fitted as well (``b' = b + (W - W') mu``), the
-error is ``E||(W - W')(x - mu)||^2`` and the centred covariance is the metric instead.
+same optimum when ``C`` is singular, as it is for dead ReLU channels). If the bias is
+re-fitted as well (``b' = b + (W - W') mu``), the error is ``E||(W - W')(x - mu)||^2``
+and the centred covariance is the metric instead.
 :meth:`TensorStats.whitener` returns both square roots.
 
 What "the vectors" are depends on the operator (:class:`StatsRequest`):
