@@ -205,6 +205,8 @@ def _declines(op: Operator, input_type: int) -> str | None:
         name = onnx.TensorProto.DataType.Name(input_type)
         return (f"its input is {name}; kernels are checked against float32 references only")
     if op.op_type in ("MatMul", "Gemm"):
+        if op.unfolded_bias:
+            return "its Gemm C is not a per-output vector (the kernels add one bias row)"
         return row_linear_declines(op, "lowered")
     if op.op_type != "Conv":
         return f"{op.op_type} is not lowered"

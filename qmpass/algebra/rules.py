@@ -75,8 +75,7 @@ def factored_linear_declines(op: Operator) -> str | None:
     if reason is not None:
         return reason
     # extraction notes a C it analysed without (not constant, or not per output)
-    if op.op_type == "Gemm" and op.bias is None and any(n.startswith("bias C")
-                                                        for n in op.notes):
+    if op.unfolded_bias:
         return (
             f"bias C of Gemm '{op.name}' is not a constant per-output vector; "
             "the node is left untouched"

@@ -310,6 +310,7 @@ class _Match:
             weight_side=side,
             notes=tuple(notes),
             transposed_input=trans_a if side == "right" else trans_b,
+            unfolded_bias=bool(bias_input) and bias is None,
         )
 
     def _vectors(self, x: str, side: str) -> int:

@@ -66,6 +66,9 @@ class Operator:
     #: the activation is read transposed (a Gemm with ``transA=1`` and its weight on the
     #: right, or ``transB=1`` with it on the left): its vectors are columns, not rows
     transposed_input: bool = False
+    #: a Gemm's C that is not a constant per-output vector: it is not part of ``b``, so
+    #: ``W x + b`` is not the node's whole output (rewrites and lowering leave it alone)
+    unfolded_bias: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -6,6 +6,7 @@ Only here are the rewrites put together; each of them lives in its own file.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -39,6 +40,18 @@ class Applier:
         self.prune = PruneChannels(groups)
         self.matmul, self.conv, self.shared = LowRankMatMul(), LowRankConv(), SharedBasis()
 
+    @cached_property
+    def surgery_refused(self) -> str | None:
+        """Why onnx-graphsurgeon cannot round-trip the model untouched (None if it can).
+        Its exporter fails on some value types (optional tensors in subgraphs): a
+        limitation of the library, told apart here from a failure of a rewrite."""
+        try:
+            export_like(gs.import_onnx(self.model), self.model)
+        except Exception as exc:
+            return (f"onnx-graphsurgeon cannot import and export this graph "
+                    f"({type(exc).__name__}: {exc}); the model is left as it is")
+        return None
+
     def rewrite_for(self, step: Step) -> Rewrite:
         if step.kind == "prune_channels":
             return self.prune
@@ -51,7 +64,14 @@ class Applier:
         self, steps: Sequence[tuple[Step, Mapping[str, np.ndarray]]]
     ) -> tuple[onnx.ModelProto, dict[int, str]]:
         """The model with ``steps`` applied and, by position, the steps that declined
-        (with why). The result passes ``onnx.checker`` and keeps the model's interface."""
+        (with why). The result passes ``onnx.checker`` and keeps the model's interface.
+
+        No steps is the model itself; a model onnx-graphsurgeon cannot carry through an
+        import and export unchanged declines every step (:attr:`surgery_refused`)."""
+        if not steps:
+            return self.model, {}
+        if self.surgery_refused is not None:
+            return self.model, dict.fromkeys(range(len(steps)), self.surgery_refused)
         graph = gs.import_onnx(self.model)
         declined: dict[int, str] = {}
         for index, (step, arrays) in enumerate(steps):
