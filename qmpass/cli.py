@@ -76,12 +76,24 @@ def _parser() -> argparse.ArgumentParser:
                         help="fraction (0, 1] of the compressible weight parameters to keep")
     budget.add_argument("--delta", type=float,
                         help="relative-entropy bound per operator or cluster (default 0.05)")
-    compress_cmd.add_argument("--tolerance", type=float, default=CompressConfig.tolerance,
-                              help="largest relative output error on the verification inputs")
+    compress_cmd.add_argument(
+        "--tolerance", type=float,
+        help="largest relative output error on the held-out calibration inputs. Alone: "
+        "the smallest model within it (a search over the budget); with --keep: rollbacks "
+        "keep it and the report says how far from the budget it stopped; with --delta or "
+        "no budget: default 0.05. --keep alone keeps every planned step")
+    compress_cmd.add_argument(
+        "--holdout", type=float, default=CompressConfig.holdout,
+        help="fraction of the calibration samples that verify instead of fit (default 0.25)")
+    compress_cmd.add_argument(
+        "--strict-budget", action="store_true",
+        help="with --keep and --tolerance: exit 2 (nothing written) when the tolerance "
+        "stops the model short of --keep by more than 0.03")
     compress_cmd.add_argument(
         "--align", type=int, default=CompressConfig.align,
         help="ranks and kept channel counts are multiples of this (default 8: onnxruntime's "
-        "CPU kernels are much slower on odd channel counts)",
+        "CPU kernels are much slower on odd channel counts; relaxed to 1 where 8 cannot "
+        "meet --keep)",
     )
     compress_cmd.add_argument(
         "--convs", choices=("auto", "prune", "factorise"), default="auto",
@@ -166,6 +178,8 @@ def _compress(args: argparse.Namespace) -> int:
         calib=None if args.calib is None else load_calib(args.calib, loaded.proto),
         target=args.target,
         batch=args.batch,
+        holdout=args.holdout,
+        strict_budget=args.strict_budget,
     )
     model, report = compress(loaded, config)
     document = report.to_dict()
@@ -293,11 +307,14 @@ def _print_compress_summary(report: Report) -> None:
         f"weight-operator FLOPs {doc['flops_before']:,} -> {doc['flops_after']:,}; "
         f"kept {doc['keep_achieved']:.3f} of the compressible weights"
     )
+    fit = report.fit_verification
     print(
-        f"verified on {v.inputs} inputs: relative output error {v.relative_error:.4g}, "
-        f"max abs error {v.max_abs_error:.4g}"
+        f"verified on {v.inputs} held-out inputs: relative output error "
+        f"{v.relative_error:.4g}, max abs error {v.max_abs_error:.4g}"
+        + ("" if fit is None else
+           f" (on the {fit.inputs} inputs that fitted the plan: {fit.relative_error:.4g})")
     )
-    for note in report.plan.notes:
+    for note in doc["notes"]:
         print(f"qmpass: warning: {note}", file=sys.stderr)
     if "target" in doc:
         t = doc["target"]

@@ -95,6 +95,9 @@ class Plan:
     operators the method could compress; ``resource`` what ``keep`` is a fraction of
     (``params``, or ``cycles:<target>``: see :mod:`qmpass.plan.resource`). ``notes``:
     sentences about what the planner could not promise (a ``keep`` budget it may miss).
+    ``kept``: with a ``keep`` budget, the fraction of the baseline's resource the chosen
+    variants keep, as the planner counts it (what the rewritten model measures, to the
+    rounding of shared channel groups).
     """
 
     model: str
@@ -105,6 +108,7 @@ class Plan:
     declined: tuple[tuple[str, str], ...] = ()
     resource: str = "params"
     notes: tuple[str, ...] = ()
+    kept: float | None = None
 
     @property
     def params_saved(self) -> int:
@@ -120,6 +124,7 @@ class Plan:
             "declined": [{"operator": o, "reason": r} for o, r in self.declined],
             "resource": self.resource,
             "notes": list(self.notes),
+            "kept": self.kept,
         }
 
     def to_json(self) -> str:
@@ -136,6 +141,7 @@ class Plan:
             declined=tuple((d["operator"], d["reason"]) for d in data.get("declined", ())),
             resource=data.get("resource", "params"),
             notes=tuple(data.get("notes", ())),
+            kept=data.get("kept"),
         )
 
     @classmethod

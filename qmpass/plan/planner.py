@@ -168,6 +168,11 @@ def make_plan(
                        if n in ops)
     notes: list[str] = []
     choice = _choose(candidates, ops, config, baseline, notes)
+    kept = None
+    if config.keep is not None:
+        full = config.resource.operators(
+            [ops[n] for n in sorted({n for c in candidates for n in c.operators}) if n in ops])
+        kept = _exact_cost(candidates, ops, choice, config.resource) / full if full else 1.0
 
     steps: list[Step] = []
     tensors: list[dict[str, np.ndarray]] = []
@@ -192,6 +197,7 @@ def make_plan(
         declined=tuple(sorted(declined.items())),
         resource=config.resource.name,
         notes=tuple(notes),
+        kept=kept,
     )
     return Planned(plan, tuple(tensors), tuple(units))
 

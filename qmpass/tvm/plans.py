@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from qmpass.compress import CompressConfig, calibration_stats
+from qmpass.compress.calibration import split_feeds
 from qmpass.extract import Extraction, extract_operators
 from qmpass.extract.channels import ChannelGroup, channel_groups
 from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
@@ -76,8 +77,9 @@ def plan_onnx(
     groups = channel_groups(named)
     stats = None
     if config.calib is not None:
-        feeds = check_feeds(config.calib, named)
-        stats = calibration_stats(named, extraction, groups, config.method, feeds)
+        split = split_feeds(named, check_feeds(config.calib, named), config.holdout,
+                            config.seed)  # fitted on the part compress fits on
+        stats = calibration_stats(named, extraction, groups, config.method, split.fit)
     planned = make_plan(extraction, groups, stored_values(named), stats,
                         config.plan_config(convs), named.graph.name or "model")
     return OnnxPlan(named, extraction, tuple(groups), planned)

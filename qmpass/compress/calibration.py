@@ -1,0 +1,104 @@
+"""Calibration inputs: the seeded split into the part that fits and the part that verifies,
+and the statistics a data-aware plan reads (measured on the part that fits)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from qmpass.extract import Extraction
+from qmpass.extract.channels import ChannelGroup
+from qmpass.extract.shapes import dim_size
+from qmpass.plan.planner import Method, stats_requests
+from qmpass.verify import StatsRequest, TensorStats, collect_stats
+
+__all__ = ["CALIBRATION_VECTORS", "FEW_HELD_OUT", "Split", "calibration_stats", "split_feeds"]
+
+#: vectors per calibration statistic, at most (about): the fixtures stay below it
+CALIBRATION_VECTORS = 50_000
+
+
+def calibration_stats(
+    model: onnx.ModelProto,
+    extraction: Extraction,
+    groups: Sequence[ChannelGroup],
+    method: Method,
+    feeds: Mapping[str, np.ndarray],
+) -> dict[str, TensorStats]:
+    """The calibration statistics a data-aware plan of ``method`` reads
+    (:func:`qmpass.plan.planner.stats_requests`), measured on ``feeds``. Each request
+    takes at most about ``CALIBRATION_VECTORS`` vectors (a seeded random subsample): a
+    3x3 convolution over 56x56 images gives 200,000 receptive fields per 64 samples,
+    far more than its covariance needs."""
+    ops = {op.name: op for op in extraction.operators}
+    requests = {
+        key: StatsRequest(want.tensor, want.kind, want.axis,
+                          ops[want.operator].geometry if want.operator else None)
+        for key, want in stats_requests(extraction, groups, method).items()
+    }
+    if not requests:
+        return {}
+    return collect_stats(model, feeds, requests, max_vectors=CALIBRATION_VECTORS)
+
+
+#: fewer held-out samples than this, and the report warns that the error means little
+FEW_HELD_OUT = 16
+
+
+@dataclass(frozen=True)
+class Split:
+    """The calibration inputs as fitted and verified: ``fit`` plans (the statistics),
+    ``held_out`` verifies (the tolerance applies to it). ``note`` says when the two are
+    the same inputs or the held-out part is small."""
+
+    fit: dict[str, np.ndarray]
+    held_out: dict[str, np.ndarray]
+    samples: tuple[int, int]  # fit, held out
+    note: str | None = None
+
+    @property
+    def separate(self) -> bool:
+        return self.fit is not self.held_out
+
+
+def split_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], holdout: float,
+                seed: int) -> Split:
+    """A seeded split of ``feeds`` along their batch axis: ``holdout`` of the samples (at
+    least one) verify, the rest fit. Feeds split only where every graph input has a
+    dynamic first dimension and they agree on its length; otherwise (one sample, or a
+    static batch) the same inputs fit and verify, and the note says so."""
+    feeds = dict(feeds)
+    count = _batch(model, feeds)
+    if count is None or count < 2:
+        why = "one sample" if count == 1 else "a static batch dimension"
+        return Split(feeds, feeds, (count or 1, count or 1),
+                     f"the calibration inputs ({why}) cannot be split, so the verified "
+                     "error is measured on the data the plan was fitted to")
+    held = max(1, round(count * holdout))
+    order = np.random.default_rng(seed).permutation(count)
+    fit_rows, held_rows = np.sort(order[held:]), np.sort(order[:held])
+    note = None
+    if held < FEW_HELD_OUT:
+        note = (f"only {held} held-out calibration sample(s) verify the rewrites; the "
+                "measured error means little (give more calibration samples)")
+    return Split({k: v[fit_rows] for k, v in feeds.items()},
+                 {k: v[held_rows] for k, v in feeds.items()}, (count - held, held), note)
+
+
+def _batch(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int | None:
+    """The common axis-0 length of the feeds if every graph input's first dimension is
+    dynamic (a batch that may be split), else None."""
+    stored = {t.name for t in model.graph.initializer}
+    lengths = set()
+    for info in model.graph.input:
+        if info.name in stored:
+            continue
+        dims = info.type.tensor_type.shape.dim
+        array = feeds.get(info.name)
+        if array is None or np.ndim(array) == 0 or not dims or dim_size(dims[0]) is not None:
+            return None
+        lengths.add(int(np.shape(array)[0]))
+    return lengths.pop() if len(lengths) == 1 else None

@@ -1,0 +1,133 @@
+"""What :func:`~qmpass.compress.compress` is asked to do: :class:`CompressConfig`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from hw_targets import TARGET_NAMES
+from qmpass.errors import QmpassInputError
+from qmpass.plan.planner import METHODS, Method, PlanConfig
+from qmpass.plan.resource import PARAMS, Resource
+
+__all__ = ["DEFAULT_ALIGN", "DEFAULT_DELTA", "DEFAULT_TOLERANCE", "CompressConfig"]
+
+DEFAULT_DELTA = 0.05  # the budget when neither keep nor delta nor tolerance is given
+DEFAULT_TOLERANCE = 0.05  # the tolerance with --delta, or with no budget at all
+DEFAULT_ALIGN = 8  # ranks and channel counts, unless a keep budget needs finer steps
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Knobs of :func:`~qmpass.compress.compress` (the CLI flags of ``qmpass compress``).
+
+    The budget, as :meth:`mode` resolves it:
+
+    * ``keep`` alone: the plan meets ``keep`` and every step is kept; the report gives
+      the error it cost (``budget`` mode).
+    * ``tolerance`` alone: the smallest model whose held-out error is within it, by a
+      search over ``keep`` and then rollbacks (``search`` mode).
+    * ``keep`` and ``tolerance``: rollbacks keep the tolerance; how far the result stopped
+      from ``keep`` is a note in the report (an error with ``strict_budget``).
+    * ``delta`` (with ``tolerance``, default ``DEFAULT_TOLERANCE``), or nothing at all
+      (``delta = DEFAULT_DELTA``, ``tolerance = DEFAULT_TOLERANCE``): each operator keeps
+      what ``delta`` allows, rollbacks keep the tolerance.
+
+    ``align``: ranks and kept channel counts are multiples of it; None (the default) is
+    ``DEFAULT_ALIGN`` (onnxruntime's CPU kernels are much faster on multiples of 8),
+    relaxed to 1 where that is what lets a ``keep`` budget be met (on small layers a
+    step of 8 channels is a large part of the budget).
+
+    ``calib`` feeds (keyed by graph input name) make the plan data-aware. They are split,
+    seeded by ``seed``: ``holdout`` of the samples verify (the tolerance applies to
+    them), the rest fit. Without them ``samples`` inputs are synthesised, which verifies
+    only that the rewritten model runs and keeps its shapes. ``convs``: with calibration
+    data, ``qmfrg`` can prune the channel groups of convolutions or factorise the
+    convolutions; ``auto`` plans both and keeps the better (see :mod:`qmpass.compress`).
+    """
+
+    method: Method = "qmfrg"
+    keep: float | None = None
+    delta: float | None = None
+    tolerance: float | None = None
+    calib: Mapping[str, np.ndarray] | None = None
+    samples: int = 64
+    seed: int = 0
+    align: int | None = None
+    convs: Literal["auto", "prune", "factorise"] = "auto"
+    target: str | None = None
+    batch: int = 1
+    holdout: float = 0.25
+    strict_budget: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise QmpassInputError(f"--batch must be at least 1, got {self.batch}.")
+        if self.target is not None and self.target not in TARGET_NAMES:
+            raise QmpassInputError(
+                f"unknown target '{self.target}'; choose one of {', '.join(TARGET_NAMES)}."
+            )
+        if self.method not in METHODS:
+            raise QmpassInputError(
+                f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}."
+            )
+        if self.keep is not None and self.delta is not None:
+            raise QmpassInputError("give --keep or --delta, not both.")
+        if self.keep is not None and not 0.0 < self.keep <= 1.0:
+            raise QmpassInputError(f"--keep must be in (0, 1], got {self.keep}.")
+        if self.delta is not None and not self.delta >= 0.0:
+            raise QmpassInputError(f"--delta must be non-negative, got {self.delta}.")
+        if self.convs not in ("auto", "prune", "factorise"):
+            raise QmpassInputError(
+                f"unknown conv treatment '{self.convs}'; choose auto, prune or factorise."
+            )
+        if self.align is not None and self.align < 1:
+            raise QmpassInputError(f"--align must be a positive integer, got {self.align}.")
+        if self.tolerance is not None and not self.tolerance >= 0.0:
+            raise QmpassInputError(f"--tolerance must be non-negative, got {self.tolerance}.")
+        if not 0.0 < self.holdout < 1.0:
+            raise QmpassInputError(f"--holdout must be in (0, 1), got {self.holdout}.")
+        if self.strict_budget and (self.keep is None or self.tolerance is None):
+            raise QmpassInputError("--strict-budget needs both --keep and --tolerance.")
+
+    @property
+    def mode(self) -> Literal["budget", "search", "rollback"]:
+        """How the budget is met (see the class docstring)."""
+        if self.keep is not None and self.tolerance is None:
+            return "budget"
+        if self.keep is None and self.delta is None and self.tolerance is not None:
+            return "search"
+        return "rollback"
+
+    @property
+    def effective_tolerance(self) -> float:
+        """The held-out error rollbacks keep (infinite in ``budget`` mode)."""
+        if self.mode == "budget":
+            return math.inf
+        return DEFAULT_TOLERANCE if self.tolerance is None else self.tolerance
+
+    def conv_choices(self) -> tuple[Literal["prune", "factorise"], ...]:
+        """The treatments of convolutions to plan (both only where they can differ)."""
+        if self.convs != "auto":
+            return (self.convs,)
+        if self.method == "qmfrg" and self.calib is not None:
+            return ("prune", "factorise")
+        return ("prune",)
+
+    def plan_config(
+        self, convs: Literal["prune", "factorise"] = "prune", resource: Resource = PARAMS,
+        keep: float | None = None, align: int | None = None,
+    ) -> PlanConfig:
+        """The planner's configuration; ``keep`` overrides the budget (the search),
+        ``align`` the alignment (its relaxation)."""
+        keep = self.keep if keep is None else keep
+        delta = DEFAULT_DELTA if keep is None and self.delta is None else self.delta
+        align = align or self.align or DEFAULT_ALIGN
+        return PlanConfig(
+            self.method, keep=keep, delta=None if keep is not None else delta,
+            seed=self.seed, align=align, convs=convs, resource=resource,
+        )

@@ -1,0 +1,196 @@
+"""``compress``: load -> split the calibration inputs -> plan -> rewrite -> verify on the
+held-out part, as :class:`~qmpass.compress.config.CompressConfig` asks for the budget."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Literal
+
+import onnx
+
+from qmpass.compress.calibration import Split, calibration_stats, split_feeds
+from qmpass.compress.config import CompressConfig
+from qmpass.compress.report import (
+    Report,
+    model_params,
+    operator_flops,
+    operator_params,
+)
+from qmpass.compress.rollback import Tried, apply_all, apply_verified
+from qmpass.errors import QmpassInputError
+from qmpass.extract import extract_operators
+from qmpass.extract.channels import channel_groups
+from qmpass.extract.shapes import infer_shapes
+from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
+from qmpass.plan.planner import Planned, make_plan
+from qmpass.plan.resource import PARAMS, Cycles
+from qmpass.plan.units import Candidate
+from qmpass.rewrite import Applier
+from qmpass.rewrite.base import name_nodes
+from qmpass.verify import Verifier, check_feeds, synthesize_inputs
+from qmpass.verify.compare import sample_count
+
+__all__ = ["BUDGET_SLACK", "SEARCH_STEPS", "compress"]
+
+_PROTOBUF_LIMIT = 2**31 - 1  # bytes of one protobuf message
+#: how far below --keep the kept fraction may end before the report says so
+BUDGET_SLACK = 0.03
+#: bisection steps of the search over --keep when only --tolerance is given
+SEARCH_STEPS = 7
+_SYNTHESISED = ("no --calib: the rewrites were verified on synthesised inputs, which "
+                "shows only that the model runs and keeps its shapes, not that it keeps "
+                "its accuracy; give calibration inputs to measure that")
+
+
+def compress(
+    model: ModelLike, config: CompressConfig | None = None
+) -> tuple[onnx.ModelProto, Report]:
+    """Compress ``model`` (a path or ModelProto, not modified) as ``config`` says (the
+    defaults of :class:`CompressConfig` when None)."""
+    config = CompressConfig() if config is None else config
+    seconds: dict[str, float] = {}
+    timer = time.perf_counter()
+    loaded = load_model(model)
+    if loaded.proto.ByteSize() >= _PROTOBUF_LIMIT:
+        raise QmpassInputError(
+            "the model is 2 GB or larger; protobuf cannot hold it in one message, and "
+            "compress does not support such models yet."
+        )
+    original = name_nodes(caller_form(loaded.proto))
+    extraction = extract_operators(original, loaded.external)
+    groups = channel_groups(original)
+    seconds["analyse"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    if config.calib is not None:
+        split = split_feeds(original, check_feeds(config.calib, original), config.holdout,
+                            config.seed)
+    else:
+        feeds = synthesize_inputs(original, count=config.samples, seed=config.seed)
+        split = Split(feeds, feeds, (0, sample_count(original, feeds)), _SYNTHESISED)
+    verifier = Verifier(original, split.held_out)  # first: refuses what onnxruntime can't run
+    stats = (calibration_stats(original, extraction, groups, config.method, split.fit)
+             if config.calib is not None else None)
+    seconds["calibrate"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    values = stored_values(original)
+    choices = config.conv_choices()
+    resource = PARAMS if config.target is None else Cycles(
+        config.target, infer_shapes(original), config.batch)
+
+    memos: dict[int, dict[tuple[str, ...], Candidate | None]] = {}  # per alignment
+
+    def plans(keep: float | None, align: int | None = None) -> list[Planned]:
+        """The plan of each treatment of the convolutions (one where they agree)."""
+        memo = memos.setdefault(align or 0, {})  # low-rank units, shared by all plans
+        planned = [make_plan(extraction, groups, values, stats,
+                             config.plan_config(convs, resource, keep, align), loaded.name,
+                             memo)
+                   for convs in choices]
+        if len(planned) > 1 and planned[0].plan == planned[1].plan:
+            planned = planned[:1]  # both treatments planned the same: verify it once
+        if keep is not None and config.align is None and align is None and any(
+                abs((p.plan.kept or 0.0) - keep) > BUDGET_SLACK for p in planned):
+            finer = plans(keep, 1)  # steps of 8 too coarse for this budget: steps of 1
+            return finer if _miss(finer, keep) < _miss(planned, keep) else planned
+        return planned
+
+    applier = Applier(original, extraction, groups)
+    notes: list[str] = [] if split.note is None else [split.note]
+    keep = config.keep
+    if config.mode == "search":
+        assert config.tolerance is not None
+        keep = _search(lambda k: [apply_all(applier, verifier, p) for p in plans(k)],
+                       config.tolerance)
+        notes.append(f"--tolerance {config.tolerance:g} alone: the search over the budget "
+                     f"kept {keep:.3f} of the compressible weights")
+    candidates = plans(keep)
+    seconds["plan"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    tolerance = config.effective_tolerance
+    tried = [apply_all(applier, verifier, planned) for planned in candidates]
+    alternatives: dict[str, float] = {}
+    if len(tried) > 1:  # what each treatment of the convolutions verified at
+        alternatives = {c: t[2].relative_error for c, t in zip(choices, tried, strict=True)}
+    within = [i for i, t in enumerate(tried) if t[2].relative_error <= tolerance]
+    if within:  # all steps pass: the same budget, so the smaller error wins
+        best = min(within, key=lambda i: tried[i][2].relative_error)
+        results = {best: apply_verified(applier, verifier, candidates[best], tolerance,
+                                        tried[best])}
+    else:  # the tolerance forces rollbacks: the treatment that ends smaller wins
+        results = {i: apply_verified(applier, verifier, candidates[i], tolerance, tried[i])
+                   for i in range(len(candidates))}
+        best = min(results, key=lambda i: (model_params(results[i][0]),
+                                           results[i][2].relative_error))
+    plan = candidates[best].plan
+    result, outcomes, verification = results[best]
+    fit_verification = Verifier(original, split.fit).check(result) if split.separate else None
+    seconds["rewrite_and_verify"] = time.perf_counter() - timer
+
+    after = extract_operators(result)
+    report = Report(
+        model=plan.model,
+        plan=plan,
+        outcomes=tuple(outcomes),
+        verification=verification,
+        params=(model_params(original), model_params(result)),
+        flops=(operator_flops(extraction), operator_flops(after)),
+        operator_params=(operator_params(extraction), operator_params(after)),
+        seconds=seconds,
+        alternatives=alternatives,
+        ir_version=(loaded.proto.ir_version, result.ir_version),
+        cycles=None if not isinstance(resource, Cycles) else (
+            round(resource.operators(extraction.operators)),
+            round(Cycles(resource.target.name, infer_shapes(result), resource.batch)
+                  .operators(after.operators)),
+            resource.batch,
+        ),
+        fit_verification=fit_verification,
+        samples=split.samples,
+        notes=tuple(notes),
+        mode=config.mode,
+    )
+    return result, _budget_checked(report, config)
+
+
+def _miss(planned: list[Planned], keep: float) -> float:
+    """How far the closest of the plans keeps from ``keep``, as planned."""
+    return min(abs((p.plan.kept or 0.0) - keep) for p in planned)
+
+
+def _search(evaluate: Callable[[float], list[Tried]], tolerance: float) -> float:
+    """The smallest ``keep`` (to ``2**-SEARCH_STEPS``) whose plan, applied whole, verifies
+    within ``tolerance`` for some treatment of the convolutions; 1.0 if none does. The
+    error is not exactly monotone in ``keep``; rollbacks after the search are the guard."""
+    low, high = 0.0, 1.0  # high: the least keep known to pass (1.0: nothing to lose)
+    for _ in range(SEARCH_STEPS):
+        middle = (low + high) / 2
+        if min(t[2].relative_error for t in evaluate(middle)) <= tolerance:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _budget_checked(report: Report, config: CompressConfig) -> Report:
+    """The report with a note when ``--keep`` was missed by more than ``BUDGET_SLACK``;
+    with ``strict_budget`` that is an error instead (nothing is written)."""
+    if config.keep is None:
+        return report
+    achieved = float(report.to_dict()["keep_achieved"])
+    if achieved <= config.keep + BUDGET_SLACK or math.isclose(achieved, config.keep):
+        return report
+    why: Literal["the tolerance", "the plan"] = (
+        "the tolerance" if config.mode == "rollback" else "the plan")
+    text = (f"--keep {config.keep:g} was not met: {achieved:.3f} of the compressible weights "
+            f"kept ({why} stopped it; held-out error "
+            f"{report.verification.relative_error:.4g})")
+    if config.strict_budget:
+        raise QmpassInputError(text + "; --strict-budget makes that an error.")
+    return replace(report, notes=(*report.notes, text))
+

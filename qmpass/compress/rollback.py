@@ -1,0 +1,90 @@
+"""Keeping only what verification accepts (see :mod:`qmpass.compress`).
+
+Every planned step is applied to a fresh import of the model, so rolling a step back is
+just building the model without it. All steps are tried together first. When the result
+breaks the tolerance, the plan's units (an operator, a cluster, a channel group) are
+added one at a time, least predicted error first; a unit that breaks the tolerance
+falls back to milder variants of itself (a higher rank, more channels) and is rolled
+back if none passes, with the measured error as the reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import onnx
+
+from qmpass.compress.report import Attempt, Outcome
+from qmpass.plan import Step
+from qmpass.plan.planner import Planned
+from qmpass.plan.units import Built
+from qmpass.rewrite import Applier
+from qmpass.verify import Verification, Verifier
+
+__all__ = ["Tried", "apply_all", "apply_verified"]
+
+#: a plan applied whole: the model, the steps that declined (by position), its error
+Tried = tuple[onnx.ModelProto, dict[int, str], Verification]
+
+
+def apply_all(applier: Applier, verifier: Verifier, planned: Planned) -> Tried:
+    """The model with every step of the plan, the steps that declined, and its error."""
+    model, declined = applier.build(list(zip(planned.plan.steps, planned.tensors, strict=True)))
+    return model, declined, verifier.check(model)
+
+
+def apply_verified(
+    applier: Applier, verifier: Verifier, planned: Planned, tolerance: float, first: Tried
+) -> tuple[onnx.ModelProto, list[Outcome], Verification]:
+    """Apply the plan, keeping only what verification accepts (see module docstring);
+    ``first`` is :func:`apply_all` of the plan."""
+    everything = list(zip(planned.plan.steps, planned.tensors, strict=True))
+    model, declined, verification = first
+    if verification.relative_error <= tolerance:
+        together = (Attempt(planned.plan.steps, verification.relative_error),)
+        return model, [_outcome(step, declined.get(i), together) for i, (step, _) in
+                       enumerate(everything)], verification
+
+    # Too much error together: take the units one at a time, least predicted error first.
+    # A unit whose variant breaks the tolerance falls back to milder variants of itself;
+    # its outcomes (one per planned step) list every variant tried.
+    accepted: Built = []
+    outcomes: list[Outcome] = []
+    model, _ = applier.build([])
+    verification = verifier.check(model)
+    units = sorted(planned.units, key=lambda u: sum(
+        planned.plan.steps[i].predicted_error for i in u.steps))
+    for unit in units:
+        plan_steps = [everything[i] for i in unit.steps]
+        tried: list[Attempt] = []
+        for built in itertools.chain([plan_steps], unit.fallbacks()):
+            candidate, declined = applier.build([*accepted, *built])
+            refused = {i - len(accepted): why for i, why in declined.items()
+                       if i >= len(accepted)}
+            measured = verifier.check(candidate)
+            tried.append(Attempt(tuple(step for step, _ in built), measured.relative_error))
+            if measured.relative_error <= tolerance:
+                note = None if len(tried) == 1 else "a milder variant than planned (see attempts)"
+                outcomes += [_outcome(step, refused.get(i), tuple(tried), note)
+                             for i, (step, _) in enumerate(built)]
+                accepted += [pair for i, pair in enumerate(built) if i not in refused]
+                model, verification = candidate, measured
+                break
+        else:
+            least = min(a.relative_error for a in tried)
+            which = "with this step" if len(tried) == 1 else \
+                f"(the least of {len(tried)} variants tried, see attempts)"
+            outcomes += [
+                Outcome(step, "rolled_back",
+                        f"relative output error {least:.4g} {which} exceeds the tolerance "
+                        f"{tolerance:g}", tuple(tried))
+                for step, _ in plan_steps
+            ]
+    return model, outcomes, verification
+
+
+def _outcome(step: Step, declined: str | None, attempts: tuple[Attempt, ...],
+             note: str | None = None) -> Outcome:
+    if declined is not None:
+        return Outcome(step, "declined", declined, attempts)
+    return Outcome(step, "kept", note, attempts)
