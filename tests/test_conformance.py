@@ -33,14 +33,16 @@ FILE_CASES = {
     "test_sequence_model6": False,
     "test_gradient_of_add": False,
 }
-NODE_CASES = (
-    "test_gemm_all_attributes_const",
-    "test_gemm_transposeA_const",
-    "test_matmul_4d_const",
-    "test_conv_with_strides_and_asymmetric_padding_const",
-    "test_convtranspose_group_2_const",
-    "test_resize_downsample_scales_cubic_align_corners",
-)
+NODE_CASES = {
+    "test_gemm_all_attributes_const": False,
+    "test_gemm_transposeA_const": False,
+    "test_gemm_default_matrix_bias_const": True,  # a C that is not per-output: not lowered
+    "test_matmul_4d_const": False,
+    "test_conv_with_strides_and_asymmetric_padding_const": False,
+    "test_convtranspose_group_2_const": False,
+    "test_resize_downsample_scales_cubic_align_corners": False,
+    "test_if_opt": False,  # optional types onnx-graphsurgeon cannot export: left as it is
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def cases() -> dict[str, object]:
 
 @pytest.mark.parametrize("name", [*FILE_CASES, *NODE_CASES])
 def test_conformance_case(name: str, cases: dict, tmp_path: Path) -> None:
-    outcomes = run_case(cases[name], tmp_path, lower=FILE_CASES.get(name, False))
+    outcomes = run_case(cases[name], tmp_path, lower={**FILE_CASES, **NODE_CASES}[name])
     assert failures(outcomes) == []
     assert {o.command for o in outcomes} >= {"analyze", "compress-near", "compress-keep"}
 
