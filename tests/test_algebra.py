@@ -257,7 +257,7 @@ def test_the_rules_decline_what_no_printer_takes() -> None:
         "'l' has its weight on the left (W @ x); only x @ W operators are factorised")
     assert lowrank_declines(_operator(w, graph="main/loop.body")) == (
         "operator inside a subgraph (main/loop.body) is left untouched")
-    unfolded_c = _operator(w, op_type="Gemm", name="fc",
+    unfolded_c = _operator(w, op_type="Gemm", name="fc", unfolded_bias=True,
                            notes=("bias C is not constant; analysed without it",))
     assert lowrank_declines(unfolded_c) == (
         "bias C of Gemm 'fc' is not a constant per-output vector; the node is left untouched")

@@ -135,7 +135,9 @@ def test_compress_writes_a_model_and_the_report_of_the_contract(tmp_path, capsys
                 "verification"):
         assert key in data
     assert {"max_abs_error", "relative_error", "inputs"} <= set(data["verification"])
-    assert data["verification"]["inputs"] == 64
+    # 64 calibration samples: a quarter verifies (held out), the rest fit the plan
+    assert data["verification"]["inputs"] == 16
+    assert data["calibration_samples"] == {"fit": 48, "held_out": 16}
     for rewrite in data["rewrites"]:
         assert {"kind", "operators", "rank", "certificate"} <= set(rewrite)
     model = onnx.load(str(out))
