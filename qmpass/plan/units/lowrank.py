@@ -24,10 +24,10 @@ from qmpass.plan.resource import PARAMS, Resource, lowrank_cost
 from qmpass.plan.units.common import Built, Candidate, StatsLike, Variant, unchanged
 from qmpass.spectral import operator_norm
 
-__all__ = ["cluster_candidate", "lowrank_candidate"]
+__all__ = ["certificate", "cluster_candidate", "lowrank_candidate"]
 
 
-def _certificate(delta_w: np.ndarray, delta_b: np.ndarray, radius: float | None
+def certificate(delta_w: np.ndarray, delta_b: np.ndarray, radius: float | None
                  ) -> dict[str, float]:
     """Terms of the sound bound ``R ||W - W'||_op + ||b - b'||`` on one output vector
     (``R``: the largest input norm seen in calibration, when there was calibration)."""
@@ -75,7 +75,7 @@ def lowrank_candidate(
             after=lowrank_cost(members, rank),
             predicted_error=proj.tail(rank),
             rank=rank,
-            certificate=_certificate(
+            certificate=certificate(
                 proj.weight - approx, bias - original, None if stats is None else stats.max_norm
             ),
             data_aware=stats is not None,
