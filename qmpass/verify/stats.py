@@ -45,7 +45,7 @@ from qmpass.extract.constants import ConstantScope
 from qmpass.extract.operator import ConvGeometry
 from qmpass.verify.runner import DEFAULT_BATCH, batch_size, feed_batches, session_with_tensors
 
-__all__ = ["StatsRequest", "TensorStats", "collect_stats"]
+__all__ = ["StatsRequest", "TensorStats", "collect_stats", "request_rows"]
 
 #: vectors are materialised (float64) in chunks of about this many values
 _CHUNK_VALUES = 1 << 22
@@ -227,6 +227,14 @@ def _axis(array: np.ndarray, request: StatsRequest) -> int:
         raise ValueError(f"axis {request.axis} is out of range for {request.tensor!r} of "
                          f"shape {array.shape}")
     return request.axis % max(array.ndim, 1)
+
+
+def request_rows(array: np.ndarray, request: StatsRequest) -> Iterator[np.ndarray]:
+    """The vectors ``request`` reads of ``array`` (a value of ``request.tensor``), as
+    ``(m, d)`` chunks of about ``_CHUNK_VALUES`` values, in the C order of the leading
+    axes: for ``patches`` that is ``(N, O1..Or)``, the order of a Conv output's pixels
+    with its channel axis moved last. Chunks may be views of ``array``."""
+    return _vectors(array, request)
 
 
 def _vectors(array: np.ndarray, request: StatsRequest) -> Iterator[np.ndarray]:
