@@ -86,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
         "--holdout", type=float, default=CompressConfig.holdout,
         help="fraction of the calibration samples that verify instead of fit (default 0.25)")
     compress_cmd.add_argument(
+        "--refit", choices=("auto", "on", "off"), default=CompressConfig.refit,
+        help="with --calib: refit the low-rank factors on the inputs the compressed model "
+        "feeds them; auto (default) keeps whichever verifies better on held-out inputs")
+    compress_cmd.add_argument(
         "--strict-budget", action="store_true",
         help="with --keep and --tolerance: exit 2 (nothing written) when the tolerance "
         "stops the model short of --keep by more than 0.03")
@@ -180,6 +184,7 @@ def _compress(args: argparse.Namespace) -> int:
         batch=args.batch,
         holdout=args.holdout,
         strict_budget=args.strict_budget,
+        refit=args.refit,
     )
     model, report = compress(loaded, config)
     document = report.to_dict()

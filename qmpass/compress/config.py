@@ -48,6 +48,10 @@ class CompressConfig:
     only that the rewritten model runs and keeps its shapes. ``convs``: with calibration
     data, ``qmfrg`` can prune the channel groups of convolutions or factorise the
     convolutions; ``auto`` plans both and keeps the better (see :mod:`qmpass.compress`).
+    ``refit``: with calibration data, the low-rank steps' second factors and biases can be
+    refitted in topological order on the inputs the compressed model really feeds them
+    (:mod:`qmpass.plan.sequential`); ``auto`` verifies both and keeps the better on the
+    held-out inputs, ``on`` always refits, ``off`` never does.
     """
 
     method: Method = "qmfrg"
@@ -63,6 +67,7 @@ class CompressConfig:
     batch: int = 1
     holdout: float = 0.25
     strict_budget: bool = False
+    refit: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if self.batch < 1:
@@ -89,6 +94,8 @@ class CompressConfig:
             raise QmpassInputError(f"--align must be a positive integer, got {self.align}.")
         if self.tolerance is not None and not self.tolerance >= 0.0:
             raise QmpassInputError(f"--tolerance must be non-negative, got {self.tolerance}.")
+        if self.refit not in ("auto", "on", "off"):
+            raise QmpassInputError(f"--refit must be auto, on or off, got {self.refit!r}.")
         if not 0.0 < self.holdout < 1.0:
             raise QmpassInputError(f"--holdout must be in (0, 1), got {self.holdout}.")
         if self.strict_budget and (self.keep is None or self.tolerance is None):

@@ -27,6 +27,7 @@ from qmpass.extract.shapes import infer_shapes
 from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
 from qmpass.plan.planner import Planned, make_plan
 from qmpass.plan.resource import PARAMS, Cycles
+from qmpass.plan.sequential import refit
 from qmpass.plan.units import Candidate
 from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
@@ -109,14 +110,23 @@ def compress(
         notes.append(f"--tolerance {config.tolerance:g} alone: the search over the budget "
                      f"kept {keep:.3f} of the compressible weights")
     candidates = plans(keep)
+    labels: list[str] = list(choices[:len(candidates)])
+    if config.calib is not None and config.refit != "off" and any(
+            s.kind != "prune_channels" for p in candidates for s in p.plan.steps):
+        refitted = [refit(original, extraction, groups, p, split.fit) for p in candidates]
+        if config.refit == "on":
+            candidates = refitted
+        else:
+            candidates, labels = [*candidates, *refitted], [*labels,
+                                                           *(f"{c}+refit" for c in labels)]
     seconds["plan"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
     tolerance = config.effective_tolerance
     tried = [apply_all(applier, verifier, planned) for planned in candidates]
     alternatives: dict[str, float] = {}
-    if len(tried) > 1:  # what each treatment of the convolutions verified at
-        alternatives = {c: t[2].relative_error for c, t in zip(choices, tried, strict=True)}
+    if len(tried) > 1:  # what each alternative (convolutions, refit) verified at
+        alternatives = {c: t[2].relative_error for c, t in zip(labels, tried, strict=True)}
     within = [i for i, t in enumerate(tried) if t[2].relative_error <= tolerance]
     if within:  # all steps pass: the same budget, so the smaller error wins
         best = min(within, key=lambda i: tried[i][2].relative_error)

@@ -134,7 +134,9 @@ class Report:
             self.fit_verification.to_dict(),
             "calibration_samples": {"fit": self.samples[0], "held_out": self.samples[1]},
             "notes": [*self.plan.notes, *self.notes],
-            "conv_alternatives": self.alternatives,
+            "alternatives": self.alternatives,
+            "conv_alternatives": {k: v for k, v in self.alternatives.items()
+                                  if not k.endswith("+refit")},
             "seconds": self.seconds,
             "ir_version": {"input": self.ir_version[0], "output": self.ir_version[1]},
             **({} if self.cycles is None else {"target": {
