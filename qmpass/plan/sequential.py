@@ -297,10 +297,11 @@ class _Normal:
         errors = self.column_errors(second, bias)
         var = self.variance()
         bounds = np.cumsum((0, *sizes))
-        return np.array([
-            errors[lo:hi].sum() / max(float(var[lo:hi].sum()), np.finfo(float).tiny)
-            for lo, hi in itertools.pairwise(bounds)
-        ])
+        with np.errstate(over="ignore"):  # outputs near float64's range: an infinite error
+            return np.array([
+                errors[lo:hi].sum() / max(float(var[lo:hi].sum()), np.finfo(float).tiny)
+                for lo, hi in itertools.pairwise(bounds)
+            ])
 
 
 def _request(op: Operator) -> StatsRequest:
