@@ -7,9 +7,8 @@ the weight fraction kept (measured on the written model), the relative output er
 the top-1 accuracy (the original's in the header).
 
 Methods: ``svd`` (plain truncated SVD), ``whitened`` (uniform-budget per-layer whitened
-truncation, the SVD-LLM anchor), ``qmfrg`` with ``--refit off`` and qmfrg's default
-(``--refit auto``: the refitted factors where they verify better on held-out calibration
-inputs).
+truncation, the SVD-LLM anchor), ``qmfrg`` (the default) and ``qmfrg --refit auto`` (the
+refitted factors where they verify better on held-out calibration inputs).
 
 ``python bench/budgets.py``
 """
@@ -33,8 +32,8 @@ KEEPS = (0.75, 0.5, 0.25)
 METHODS = {
     "svd": {"method": "svd"},
     "whitened": {"method": "whitened"},
-    "qmfrg, no refit": {"refit": "off"},
     "qmfrg (default)": {},
+    "qmfrg --refit auto": {"refit": "auto"},
 }
 
 

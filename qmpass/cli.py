@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     compress_cmd.add_argument(
         "--refit", choices=("auto", "on", "off"), default=CompressConfig.refit,
         help="with --calib: refit the low-rank factors on the inputs the compressed model "
-        "feeds them; auto (default) keeps whichever verifies better on held-out inputs")
+        "feeds them; auto keeps whichever verifies better on held-out inputs; off "
+        "(default): a refit runs the model once per level of the plan")
     compress_cmd.add_argument(
         "--strict-budget", action="store_true",
         help="with --keep and --tolerance: exit 2 (nothing written) when the tolerance "

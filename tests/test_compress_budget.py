@@ -109,15 +109,15 @@ def test_inputs_that_cannot_be_split_or_are_synthesised_say_so() -> None:
 
 def test_refit_is_an_alternative_kept_only_where_it_verifies_better() -> None:
     """``--refit auto``: the plain and the refitted plan are both verified on the held-out
-    inputs; the report keeps the better and lists both."""
+    inputs; the report keeps the better and lists both (``off``, the default: neither)."""
     original = onnx.load(str(fixture_path("resnet_digits")))
     calib = _calib("resnet_digits", original)
     _, report = qmpass.compress(original, CompressConfig(keep=0.5, calib=calib,
-                                                         convs="factorise"))
+                                                         convs="factorise", refit="auto"))
     alternatives = report.to_dict()["alternatives"]
     assert set(alternatives) == {"factorise", "factorise+refit"}
     assert report.verification.relative_error == pytest.approx(min(alternatives.values()))
     _, off = qmpass.compress(original, CompressConfig(keep=0.5, calib=calib,
-                                                      convs="factorise", refit="off"))
+                                                      convs="factorise"))
     assert off.to_dict()["alternatives"] == {}
     assert report.verification.relative_error <= off.verification.relative_error + 1e-12

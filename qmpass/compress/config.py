@@ -51,7 +51,9 @@ class CompressConfig:
     ``refit``: with calibration data, the low-rank steps' second factors and biases can be
     refitted in topological order on the inputs the compressed model really feeds them
     (:mod:`qmpass.plan.sequential`); ``auto`` verifies both and keeps the better on the
-    held-out inputs, ``on`` always refits, ``off`` never does.
+    held-out inputs, ``on`` always refits, ``off`` (the default) never does: a refit runs
+    the model once per topological level of the plan, which is not yet linear in the
+    model's size (AlexNet: minutes).
     """
 
     method: Method = "qmfrg"
@@ -67,7 +69,7 @@ class CompressConfig:
     batch: int = 1
     holdout: float = 0.25
     strict_budget: bool = False
-    refit: Literal["auto", "on", "off"] = "auto"
+    refit: Literal["auto", "on", "off"] = "off"
 
     def __post_init__(self) -> None:
         if self.batch < 1:
