@@ -11,6 +11,7 @@ import numpy as np
 
 from hw_targets import TARGET_NAMES
 from qmpass.errors import QmpassInputError
+from qmpass.parallel import check_parallel
 from qmpass.plan.planner import METHODS, Method, PlanConfig
 from qmpass.plan.resource import PARAMS, Resource
 
@@ -52,6 +53,11 @@ class CompressConfig:
     refitted in topological order on the inputs the compressed model really feeds them
     (:mod:`qmpass.plan.sequential`); ``auto`` verifies both and keeps the better on the
     held-out inputs, ``on`` always refits, ``off`` never does.
+
+    ``jobs``: threads computing the low-rank candidates (eigendecompositions) side by
+    side; ``scheduler``: a Dask scheduler's address (``tcp://host:port``) to compute them
+    on instead, its workers reading the weights from the model file
+    (:mod:`qmpass.parallel`). The plan and the model are the same either way.
     """
 
     method: Method = "qmfrg"
@@ -68,8 +74,11 @@ class CompressConfig:
     holdout: float = 0.25
     strict_budget: bool = False
     refit: Literal["auto", "on", "off"] = "auto"
+    jobs: int = 1
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
+        check_parallel(self.jobs, self.scheduler)
         if self.batch < 1:
             raise QmpassInputError(f"--batch must be at least 1, got {self.batch}.")
         if self.target is not None and self.target not in TARGET_NAMES:
