@@ -14,6 +14,7 @@ from qmpass.errors import QmpassInputError
 from qmpass.extract import Extraction, Operator, extract_operators
 from qmpass.frg import FRGConfig, build_qmfrg, clusters, graph_to_json
 from qmpass.modelio import ModelLike, load_model
+from qmpass.parallel import Executor, check_parallel, model_file
 from qmpass.spectral import SV_METHODS, SpectralState, SVMethod, spectral_state
 
 __all__ = ["Analysis", "AnalysisConfig", "analyze"]
@@ -28,12 +29,19 @@ class AnalysisConfig:
     ``qmpass.spectral.state``) or LAPACK singular values; ``cluster_method`` splits the
     graph by connected components or by spectral clustering; ``progress`` shows a bar on
     stderr when it is a terminal (None), always (True) or never (False). Invalid values
-    raise :class:`~qmpass.errors.QmpassInputError` (``frg`` checks its own)."""
+    raise :class:`~qmpass.errors.QmpassInputError` (``frg`` checks its own).
+
+    ``jobs``: threads computing the operators' spectra; ``scheduler``: the address of a
+    Dask scheduler (``tcp://host:port``) to compute them on instead, its workers reading
+    the weights from the model file (:mod:`qmpass.parallel`). The states are the same
+    either way."""
 
     frg: FRGConfig = field(default_factory=FRGConfig)
     sv_method: SVMethod = "gram"
     cluster_method: Literal["components", "spectral"] = "components"
     progress: bool | None = None
+    jobs: int = 1
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.frg, FRGConfig):
@@ -54,6 +62,7 @@ class AnalysisConfig:
             raise QmpassInputError(
                 f"progress must be None, True or False, got {self.progress!r}."
             )
+        check_parallel(self.jobs, self.scheduler)
 
 
 @dataclass(frozen=True)
@@ -114,10 +123,11 @@ def analyze(model: ModelLike, config: AnalysisConfig = AnalysisConfig()) -> Anal
     seconds["extract"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    states = tuple(
-        spectral_state(op.name, op.weight, op.bias, config.sv_method)
-        for op in tqdm(extraction.operators, desc="spectra", unit="op", disable=_quiet(config))
-    )
+    ops = extraction.operators
+    with Executor(config.jobs, config.scheduler) as executor, tqdm(
+            total=len(ops), desc="spectra", unit="op", disable=_quiet(config)) as bar:
+        states = tuple(executor.map(_state, [(op, config.sv_method) for op in ops],
+                                    source=model_file(loaded), on_done=bar.update))
     seconds["spectra"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
@@ -134,6 +144,8 @@ def _quiet(config: AnalysisConfig) -> bool | None:
     return None if config.progress is None else not config.progress
 
 
+def _state(op: Operator, method: SVMethod) -> SpectralState:
+    return spectral_state(op.name, op.weight, op.bias, method)
 
 
 def _operator_dict(op: Operator, state: SpectralState) -> dict[str, Any]:

@@ -36,6 +36,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"qmpass: {message}\n")
 
 
+def _add_parallel(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--jobs", type=int, default=1,
+        help="threads for the per-operator eigendecompositions (default 1: on small "
+        "models the work is too short to gain; see README)")
+    cmd.add_argument(
+        "--scheduler", metavar="ADDRESS",
+        help="run them on the Dask cluster of this scheduler (e.g. tcp://127.0.0.1:8786); "
+        "its workers read the weights from the model file, at the same path")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qmpass", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -57,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         default=FRGConfig.threshold,
         help="largest FS distance (radians) of a QM-FRG edge",
     )
+    _add_parallel(analyze_cmd)
 
     compress_cmd = sub.add_parser(
         "compress", help="plan, rewrite and verify a smaller model (docs/DESIGN.md, Interfaces)"
@@ -118,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         "predicted at (default 1)",
     )
     compress_cmd.add_argument("--report", type=Path, help="write the JSON report here")
+    _add_parallel(compress_cmd)
 
     lower_cmd = sub.add_parser(
         "lower", help="emit, simulate and check a model's kernels for an NPU-style target"
@@ -158,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     config = AnalysisConfig(
-        frg=FRGConfig(threshold=args.threshold), cluster_method=args.clusters
+        frg=FRGConfig(threshold=args.threshold), cluster_method=args.clusters,
+        jobs=args.jobs, scheduler=args.scheduler,
     )
     loaded = load_model(args.model)
     check_outputs({"--report": args.report, "--html": args.html, "--graphml": args.graphml},
@@ -186,6 +200,8 @@ def _compress(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         strict_budget=args.strict_budget,
         refit=args.refit,
+        jobs=args.jobs,
+        scheduler=args.scheduler,
     )
     model, report = compress(loaded, config)
     document = report.to_dict()

@@ -11,6 +11,7 @@ import numpy as np
 
 from hw_targets import TARGET_NAMES
 from qmpass.errors import QmpassInputError
+from qmpass.parallel import check_parallel
 from qmpass.plan.planner import METHODS, Method, PlanConfig
 from qmpass.plan.resource import PARAMS, Resource
 
@@ -54,6 +55,11 @@ class CompressConfig:
     held-out inputs, ``on`` always refits, ``off`` (the default) never does: a refit runs
     the model once per topological level of the plan, which is not yet linear in the
     model's size (AlexNet: minutes).
+
+    ``jobs``: threads computing the low-rank candidates (eigendecompositions) side by
+    side; ``scheduler``: a Dask scheduler's address (``tcp://host:port``) to compute them
+    on instead, its workers reading the weights from the model file
+    (:mod:`qmpass.parallel`). The plan and the model are the same either way.
     """
 
     method: Method = "qmfrg"
@@ -70,8 +76,11 @@ class CompressConfig:
     holdout: float = 0.25
     strict_budget: bool = False
     refit: Literal["auto", "on", "off"] = "off"
+    jobs: int = 1
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
+        check_parallel(self.jobs, self.scheduler)
         if self.batch < 1:
             raise QmpassInputError(f"--batch must be at least 1, got {self.batch}.")
         if self.target is not None and self.target not in TARGET_NAMES:

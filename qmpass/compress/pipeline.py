@@ -25,6 +25,7 @@ from qmpass.extract import extract_operators
 from qmpass.extract.channels import channel_groups
 from qmpass.extract.shapes import infer_shapes
 from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
+from qmpass.parallel import Executor, model_file
 from qmpass.plan.planner import Planned, make_plan
 from qmpass.plan.resource import PARAMS, Cycles
 from qmpass.plan.sequential import refit
@@ -52,6 +53,13 @@ def compress(
     """Compress ``model`` (a path or ModelProto, not modified) as ``config`` says (the
     defaults of :class:`CompressConfig` when None)."""
     config = CompressConfig() if config is None else config
+    with Executor(config.jobs, config.scheduler) as executor:
+        return _compress(model, config, executor)
+
+
+def _compress(
+    model: ModelLike, config: CompressConfig, executor: Executor
+) -> tuple[onnx.ModelProto, Report]:
     seconds: dict[str, float] = {}
     timer = time.perf_counter()
     loaded = load_model(model)
@@ -90,7 +98,7 @@ def compress(
         memo = memos.setdefault(align or 0, {})  # low-rank units, shared by all plans
         planned = [make_plan(extraction, groups, values, stats,
                              config.plan_config(convs, resource, keep, align), loaded.name,
-                             memo)
+                             memo, executor, model_file(loaded))
                    for convs in choices]
         if len(planned) > 1 and planned[0].plan == planned[1].plan:
             planned = planned[:1]  # both treatments planned the same: verify it once

@@ -24,6 +24,7 @@ worst member keeps at least ``exp(-delta)`` of its energy (``S(rho_q || rho) <= 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -33,6 +34,7 @@ import numpy as np
 from qmpass.algebra import lowrank_declines, shared_basis_declines
 from qmpass.extract import Extraction, Operator
 from qmpass.extract.channels import ChannelGroup
+from qmpass.parallel import Executor
 from qmpass.plan.budget import allocate
 from qmpass.plan.plan import Cost, Plan, Step
 from qmpass.plan.resource import PARAMS, Resource
@@ -147,15 +149,20 @@ def make_plan(
     config: PlanConfig,
     model_name: str = "model",
     memo: dict[tuple[str, ...], Candidate | None] | None = None,
+    executor: Executor | None = None,
+    source: str | os.PathLike[str] | None = None,
 ) -> Planned:
     """Plan ``config`` for a model. ``values`` holds the stored tensors channel groups
     name; ``stats`` the calibration statistics of :func:`stats_requests` (or None).
     Plans of one model that differ only in ``config.convs`` may share a ``memo``: their
-    low-rank candidates are the same, and computed once."""
+    low-rank candidates are the same, and computed once. A parallel ``executor``
+    (:mod:`qmpass.parallel`) computes the low-rank candidates the plan needs side by side
+    first (a Dask cluster reads the weights from the model file ``source``); the plan is
+    the same."""
     ops = {op.name: op for op in extraction.operators}
     declined: dict[str, str] = {}
     candidates = _candidates(extraction, groups, values, stats, config, declined,
-                             {} if memo is None else memo)
+                             {} if memo is None else memo, executor, source)
     if config.resource is not PARAMS:  # on a target, fewer parameters can cost more cycles
         saving = [c for c in candidates
                   if min(v.cost for v in c.variants[1:]) < c.variants[0].cost]
@@ -210,6 +217,8 @@ def _candidates(
     config: PlanConfig,
     declined: dict[str, str],
     memo: dict[tuple[str, ...], Candidate | None],
+    executor: Executor | None = None,
+    source: str | os.PathLike[str] | None = None,
 ) -> list[Candidate]:
     method = config.method
     ops = {op.name: op for op in extraction.operators}
@@ -250,8 +259,20 @@ def _candidates(
     def op_stats(op: Operator) -> StatsLike | None:
         return stats.get(input_key(op).key) if whitened and stats is not None else None
 
+    if executor is not None and executor.parallel:
+        # the same units as the loops below ask for, computed side by side into the memo
+        needed = {key: task for key, task in _lowrank_units(extraction, ops, taken, method)
+                  if key not in memo}
+        results = executor.map(
+            _lowrank_task,
+            [(members, op_stats(members[0]), config.align, fused, config.resource)
+             for members, fused in needed.values()],
+            source=source,
+        )
+        memo.update(zip(needed, results, strict=True))
+
     def lowrank(members: list[Operator], fused: bool) -> Candidate | None:
-        key = (("fused",) if fused else ()) + tuple(op.name for op in members)
+        key = _unit_key(members, fused)
         if key not in memo:
             memo[key] = lowrank_candidate(members, op_stats(members[0]), config.align,
                                           fused=fused, resource=config.resource)
@@ -286,6 +307,35 @@ def _candidates(
         if candidate is not None:
             candidates.append(candidate)
     return candidates
+
+
+def _unit_key(members: Sequence[Operator], fused: bool) -> tuple[str, ...]:
+    return (("fused",) if fused else ()) + tuple(op.name for op in members)
+
+
+def _lowrank_units(
+    extraction: Extraction, ops: Mapping[str, Operator], taken: set[str], method: Method,
+) -> Iterator[tuple[tuple[str, ...], tuple[list[Operator], bool]]]:
+    """The low-rank units (memo key, members, fused) :func:`_candidates` computes after
+    the channel candidates took ``taken``, in the order it computes them."""
+    grouped = set(taken)
+    if method == "qmfrg":
+        for members in extraction.fusion_groups:
+            cluster = [ops[name] for name in members]
+            if grouped.intersection(members) or shared_basis_declines(cluster):
+                continue
+            yield _unit_key(cluster, True), (cluster, True)
+            for op in cluster:
+                yield _unit_key([op], False), ([op], False)
+            grouped.update(members)
+    for op in extraction.operators:
+        if op.name not in grouped and lowrank_declines(op) is None:
+            yield _unit_key([op], False), ([op], False)
+
+
+def _lowrank_task(members: list[Operator], stats: StatsLike | None, align: int, fused: bool,
+                  resource: Resource) -> Candidate | None:
+    return lowrank_candidate(members, stats, align, fused=fused, resource=resource)
 
 
 # -- choosing variants ------------------------------------------------------------------------
