@@ -135,7 +135,7 @@ def _param_values(func: Any, given: Mapping[str, Any] | None) -> dict[Any, np.nd
     return values
 
 
-def _dims(expr: Any) -> tuple[int | None, ...] | None:
+def static_dims(expr: Any) -> tuple[int | None, ...] | None:
     """Static shape of a tensor expression (None for symbolic dims), if its rank is known."""
     ty = expr.ty
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
@@ -261,7 +261,7 @@ class _Walker:
                 bias = np.asarray(value, dtype=np.float64).reshape(d_out)
                 output = add
                 internal.append(add)
-        x_dims = _dims(x)
+        x_dims = static_dims(x)
         vectors = prod(d or 1 for d in x_dims[:-1]) if x_dims and len(x_dims) > 1 else 1
         kind, param = self.source(weight_expr)
         op = self.operator(
@@ -308,7 +308,7 @@ class _Walker:
             bias_source = "batch_norm" if bias_source is None else "add + batch_norm"
         blocks = w.reshape(groups, c_out // groups, -1)
         matrix = blocks[0] if groups == 1 else scipy.linalg.block_diag(*blocks)
-        out_dims = _dims(var)
+        out_dims = static_dims(var)
         pixels = prod(d or 1 for d in out_dims[2:]) if out_dims and len(out_dims) > 2 else 1
         geometry = ConvGeometry(
             kernel_shape=tuple(int(k) for k in w.shape[2:]),
@@ -337,7 +337,7 @@ class _Walker:
                 _op_name(self.value.get(other)) == "relax.reshape":
             value = self.const(self.value[other].args[0])
             extra = [other]
-            target = _dims(other)
+            target = static_dims(other)
             if value is None or target is None or len(target) != 4:
                 return None
             value = value.reshape(tuple(d or 1 for d in target))

@@ -59,7 +59,7 @@ from qmpass.extract import Operator
 from qmpass.extract.channels import ChannelGroup
 from qmpass.extract.channels.rules import relax_rule
 from qmpass.plan.plan import Step
-from qmpass.tvm.extract import Site
+from qmpass.tvm.extract import Site, static_dims
 
 __all__ = ["Dataflow", "PrunedStep", "SiteEdit", "prune_step"]
 
@@ -378,7 +378,7 @@ def _channel_wise(
 def _constant_operand(arg: Any, var: Any, where: Layout) -> str | None:
     """Why a binary op's non-tensor-of-the-group operand would need an edit, or None when
     it broadcasts over the channels (size 1 on their axis) without widening ``var``."""
-    shape, target = _static_dims(arg), _static_dims(var)
+    shape, target = static_dims(arg), static_dims(var)
     if shape is None or None in shape or target is None:
         return "of unknown shape"
     if len(shape) > len(target):
@@ -390,17 +390,6 @@ def _constant_operand(arg: Any, var: Any, where: Layout) -> str | None:
     if axis >= 0 and shape[axis] != 1:
         return f"of shape {list(shape)}, one value per channel"
     return None
-
-
-def _static_dims(expr: Any) -> tuple[int | None, ...] | None:
-    """Static shape of a tensor expression (None for symbolic dims), if its rank is known."""
-    ty = getattr(expr, "ty", None)
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    values = getattr(ty.shape, "values", None)
-    if values is None:
-        return None
-    return tuple(int(v) if isinstance(v, tvm.tirx.IntImm) else None for v in values)
 
 
 def _op(call: Any) -> str:
