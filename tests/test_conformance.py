@@ -25,6 +25,7 @@ FILE_CASES = {
     "test_BatchNorm2d_eval": False,
     "test_ConvTranspose2d": False,
     "test_Linear": True,  # float64 Gemm: onnxruntime has no kernel, refused
+    "test_Linear_no_bias": False,  # its rewrite (a float64 Add at opset 6) cannot run: rolled back
     "test_Embedding": False,
     "test_operator_addmm": False,
     "test_operator_conv": False,

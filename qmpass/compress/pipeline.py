@@ -102,10 +102,13 @@ def _compress(
                    for convs in choices]
         if len(planned) > 1 and planned[0].plan == planned[1].plan:
             planned = planned[:1]  # both treatments planned the same: verify it once
-        if keep is not None and config.align is None and align is None and any(
+        if keep is not None and config.mode == "budget" and config.align is None \
+                and align is None and any(
                 abs((p.plan.kept or 0.0) - keep) > BUDGET_SLACK for p in planned):
             finer = plans(keep, 1)  # steps of 8 too coarse for this budget: steps of 1
-            return finer if _miss(finer, keep) < _miss(planned, keep) else planned
+            better = _miss(finer, keep) < _miss(planned, keep)
+            memos.pop(0 if better else 1)  # the memo not used holds every factorisation
+            return finer if better else planned
         return planned
 
     applier = Applier(original, extraction, groups)
@@ -203,8 +206,9 @@ def _budget_checked(report: Report, config: CompressConfig) -> Report:
     achieved = float(report.to_dict()["keep_achieved"])
     if achieved <= config.keep + BUDGET_SLACK or math.isclose(achieved, config.keep):
         return report
-    why: Literal["the tolerance", "the plan"] = (
-        "the tolerance" if config.mode == "rollback" else "the plan")
+    why: Literal["the tolerance", "steps declined or failing verification"] = (
+        "the tolerance" if config.mode == "rollback" else
+        "steps declined or failing verification")
     text = (f"--keep {config.keep:g} was not met: {achieved:.3f} of the compressible weights "
             f"kept ({why} stopped it; held-out error "
             f"{report.verification.relative_error:.4g})")

@@ -11,6 +11,7 @@ back if none passes, with the measured error as the reason.
 from __future__ import annotations
 
 import itertools
+import math
 
 import onnx
 
@@ -57,12 +58,14 @@ def apply_verified(
     for unit in units:
         plan_steps = [everything[i] for i in unit.steps]
         tried: list[Attempt] = []
+        failure: str | None = None  # the last variant onnxruntime could not run
         for built in itertools.chain([plan_steps], unit.fallbacks()):
             candidate, declined = applier.build([*accepted, *built])
             refused = {i - len(accepted): why for i, why in declined.items()
                        if i >= len(accepted)}
             measured = verifier.check(candidate)
             tried.append(Attempt(tuple(step for step, _ in built), measured.relative_error))
+            failure = measured.failure or failure
             if measured.relative_error <= tolerance:
                 note = None if len(tried) == 1 else "a milder variant than planned (see attempts)"
                 outcomes += [_outcome(step, refused.get(i), tuple(tried), note)
@@ -71,15 +74,14 @@ def apply_verified(
                 model, verification = candidate, measured
                 break
         else:
-            least = min(a.relative_error for a in tried)
+            errors = [a.relative_error for a in tried if not math.isnan(a.relative_error)]
             which = "with this step" if len(tried) == 1 else \
                 f"(the least of {len(tried)} variants tried, see attempts)"
-            outcomes += [
-                Outcome(step, "rolled_back",
-                        f"relative output error {least:.4g} {which} exceeds the tolerance "
-                        f"{tolerance:g}", tuple(tried))
-                for step, _ in plan_steps
-            ]
+            reason = (f"relative output error {min(errors):.4g} {which} exceeds the tolerance "
+                      f"{tolerance:g}" if errors else
+                      f"the model with this step fails verification: {failure}")
+            outcomes += [Outcome(step, "rolled_back", reason, tuple(tried))
+                         for step, _ in plan_steps]
     return model, outcomes, verification
 
 

@@ -110,7 +110,8 @@ def projection(weights: Sequence[np.ndarray], cov: np.ndarray | None) -> Project
     columns, its Gram matrix ``D W C W^T D`` gives it without a square root of ``C`` (an
     eigendecomposition of ``d_in x d_in`` saved: 9216 x 9216 on AlexNet's first FC layer).
     """
-    stacked = np.vstack(weights)
+    # one member: its (read-only) weight itself, not a copy (822 MB for VGG's first FC)
+    stacked = np.asarray(weights[0]) if len(weights) == 1 else np.vstack(weights)
     rows, cols = stacked.shape
     bounds = np.cumsum((0, *(w.shape[0] for w in weights)))
     if cov is not None and rows <= cols:
