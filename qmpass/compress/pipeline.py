@@ -114,19 +114,26 @@ def _compress(
     applier = Applier(original, extraction, groups)
     notes: list[str] = [] if split.note is None else [split.note]
     keep = config.keep
+    searched: dict[float, tuple[list[Planned], list[Tried]]] = {}  # keep -> plans, verified
+
+    def evaluate(k: float) -> list[Tried]:
+        planned = plans(k)
+        searched[k] = (planned, [apply_all(applier, verifier, p) for p in planned])
+        return searched[k][1]
+
     if config.mode == "search":
         assert config.tolerance is not None
-        keep = _search(lambda k: [apply_all(applier, verifier, p) for p in plans(k)],
-                       config.tolerance)
+        keep = _search(evaluate, config.tolerance)
         notes.append(f"--tolerance {config.tolerance:g} alone: the search over the budget "
-                     f"kept {keep:.3f} of the compressible weights")
-    candidates = plans(keep)
+                     f"settled on --keep {keep:.3f}")
+    # the search verified the plans it settled on already
+    candidates, tried = searched[keep] if keep in searched else (plans(keep), [])
     labels: list[str] = list(choices[:len(candidates)])
     if config.calib is not None and config.refit != "off" and any(
             s.kind != "prune_channels" for p in candidates for s in p.plan.steps):
         refitted = [refit(original, extraction, groups, p, split.fit) for p in candidates]
         if config.refit == "on":
-            candidates = refitted
+            candidates, tried = refitted, []
         else:
             candidates, labels = [*candidates, *refitted], [*labels,
                                                            *(f"{c}+refit" for c in labels)]
@@ -134,7 +141,8 @@ def _compress(
 
     timer = time.perf_counter()
     tolerance = config.effective_tolerance
-    tried = [apply_all(applier, verifier, planned) for planned in candidates]
+    tried = [*tried, *(apply_all(applier, verifier, planned)
+                       for planned in candidates[len(tried):])]
     alternatives: dict[str, float] = {}
     if len(tried) > 1:  # what each alternative (convolutions, refit) verified at
         alternatives = {c: t[2].relative_error for c, t in zip(labels, tried, strict=True)}

@@ -177,8 +177,7 @@ def make_plan(
     choice = _choose(candidates, ops, config, baseline, notes)
     kept = None
     if config.keep is not None:
-        full = config.resource.operators(
-            [ops[n] for n in sorted({n for c in candidates for n in c.operators}) if n in ops])
+        full = _full_cost(candidates, ops, config.resource)
         kept = _exact_cost(candidates, ops, choice, config.resource) / full if full else 1.0
 
     steps: list[Step] = []
@@ -274,8 +273,8 @@ def _candidates(
     def lowrank(members: list[Operator], fused: bool) -> Candidate | None:
         key = _unit_key(members, fused)
         if key not in memo:
-            memo[key] = lowrank_candidate(members, op_stats(members[0]), config.align,
-                                          fused=fused, resource=config.resource)
+            memo[key] = _lowrank_task(members, op_stats(members[0]), config.align, fused,
+                                      config.resource)
         return memo[key]
 
     def alone(op: Operator) -> Candidate | None:
@@ -335,6 +334,7 @@ def _lowrank_units(
 
 def _lowrank_task(members: list[Operator], stats: StatsLike | None, align: int, fused: bool,
                   resource: Resource) -> Candidate | None:
+    """One low-rank unit, with positional arguments (the executor's task form)."""
     return lowrank_candidate(members, stats, align, fused=fused, resource=resource)
 
 
@@ -360,8 +360,7 @@ def _choose(
         }
     assert config.keep is not None
     resource = config.resource
-    full = resource.operators([ops[n] for n in sorted({n for c in candidates
-                                                       for n in c.operators}) if n in ops])
+    full = _full_cost(candidates, ops, resource)
     target = config.keep * full
     if config.method in _PRUNING:
         return _uniform(candidates, ops, target, resource)
@@ -413,6 +412,14 @@ def _uniform(candidates: Sequence[Candidate], ops: Mapping[str, Operator], targe
 def _kept(candidate: Candidate, index: int) -> int:
     assert candidate.group is not None
     return candidate.group.channels if index == 0 else candidate.variants[index].label
+
+
+def _full_cost(candidates: Sequence[Candidate], ops: Mapping[str, Operator],
+               resource: Resource) -> float:
+    """``resource`` spent by all the candidates' operators as they are (what ``keep`` is
+    a fraction of)."""
+    return resource.operators([ops[n] for n in sorted({n for c in candidates
+                                                       for n in c.operators}) if n in ops])
 
 
 def _exact_cost(

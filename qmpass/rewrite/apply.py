@@ -67,11 +67,20 @@ class Applier:
         (with why). The result passes ``onnx.checker`` and keeps the model's interface.
 
         No steps is the model itself; a model onnx-graphsurgeon cannot carry through an
-        import and export unchanged declines every step (:attr:`surgery_refused`)."""
+        import and export unchanged declines every step (:attr:`surgery_refused`, asked
+        only when a build fails: otherwise the failure is a rewrite's, and raised)."""
         if not steps:
             return self.model, {}
-        if self.surgery_refused is not None:
+        try:
+            return self._build(steps)
+        except Exception:
+            if self.surgery_refused is None:
+                raise
             return self.model, dict.fromkeys(range(len(steps)), self.surgery_refused)
+
+    def _build(
+        self, steps: Sequence[tuple[Step, Mapping[str, np.ndarray]]]
+    ) -> tuple[onnx.ModelProto, dict[int, str]]:
         graph = gs.import_onnx(self.model)
         declined: dict[int, str] = {}
         for index, (step, arrays) in enumerate(steps):
