@@ -6,9 +6,13 @@ calibration split and measured on its test split, which no plan or verification 
 the weight fraction kept (measured on the written model), the relative output error and
 the top-1 accuracy (the original's in the header).
 
-Methods: ``svd`` (plain truncated SVD), ``whitened`` (uniform-budget per-layer whitened
-truncation, the SVD-LLM anchor), ``qmfrg`` (the default) and ``qmfrg --refit auto`` (the
-refitted factors where they verify better on held-out calibration inputs).
+Methods: ``svd`` (plain truncated SVD) and ``whitened`` (per-layer whitened truncation, the
+SVD-LLM anchor), each keeping the same fraction of every operator as their papers do;
+``whitened --allocation lagrangian`` (the same truncations, the budget shared by the
+Lagrangian on each layer's own error); ``qmfrg --pricing layer`` (qmpass's plan priced by
+each unit's own error: the allocation before issue 12 item 4); ``qmfrg`` (the default:
+priced by what the model's output feels of each unit, measured on the fitting inputs) and
+``qmfrg --refit auto``.
 
 ``python bench/budgets.py``
 """
@@ -31,7 +35,9 @@ from qmpass.verify import accuracy, compare, load_calib, run_model  # noqa: E402
 KEEPS = (0.75, 0.5, 0.25)
 METHODS = {
     "svd": {"method": "svd"},
-    "whitened": {"method": "whitened"},
+    "whitened (uniform)": {"method": "whitened"},
+    "whitened --allocation lagrangian": {"method": "whitened", "allocation": "lagrangian"},
+    "qmfrg --pricing layer": {"pricing": "layer"},
     "qmfrg (default)": {},
     "qmfrg --refit auto": {"refit": "auto"},
 }

@@ -22,7 +22,7 @@ from qmpass.errors import QmpassInputError
 from qmpass.frg import FRGConfig, graph_to_graphml
 from qmpass.lower import LowerConfig, lower
 from qmpass.modelio import check_outputs, load_model, write_all_atomic, write_atomic
-from qmpass.plan.planner import METHODS
+from qmpass.plan.planner import ALLOCATIONS, METHODS
 from qmpass.verify import accuracy, load_calib
 
 __all__ = ["main"]
@@ -102,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
         help="with --calib: refit the low-rank factors on the inputs the compressed model "
         "feeds them; auto keeps whichever verifies better on held-out inputs; off "
         "(default): a refit runs the model once per level of the plan")
+    compress_cmd.add_argument(
+        "--pricing", choices=("output", "layer"), default=CompressConfig.pricing,
+        help="with --calib and --keep: price each unit by what the model's output feels "
+        "of its error, measured by one run of the model per unit (output, the default), or "
+        "by the unit's own error (layer)")
+    compress_cmd.add_argument(
+        "--allocation", choices=ALLOCATIONS, default=None,
+        help="share a --keep budget by the Lagrangian (qmfrg's default) or keep the same "
+        "fraction of every operator (uniform: the default of svd and whitened)")
     compress_cmd.add_argument(
         "--strict-budget", action="store_true",
         help="with --keep and --tolerance: exit 2 (nothing written) when the tolerance "
@@ -200,6 +209,8 @@ def _compress(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         strict_budget=args.strict_budget,
         refit=args.refit,
+        pricing=args.pricing,
+        allocation=args.allocation,
         jobs=args.jobs,
         scheduler=args.scheduler,
     )

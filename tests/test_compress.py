@@ -244,7 +244,8 @@ def test_identical_conv_plans_are_verified_once(monkeypatch) -> None:
 
     monkeypatch.setattr(Verifier, "check", counted)
     _, report = qmpass.compress(original, CompressConfig(keep=0.5, calib=calib, refit="off",
-                                                         tolerance=float("inf")))
+                                                         tolerance=float("inf"),
+                                                         pricing="layer"))  # no probes
     assert CompressConfig(calib=calib).conv_choices() == ("prune", "factorise")
     assert report.to_dict()["conv_alternatives"] == {}
     assert len(runs) == 2  # the plan on the held-out inputs; the result on the fitting ones

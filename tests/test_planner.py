@@ -14,7 +14,7 @@ from qmpass.compress import calibration_stats
 from qmpass.extract import extract_operators
 from qmpass.extract.channels import channel_groups
 from qmpass.modelio import stored_values
-from qmpass.plan import Plan, planner
+from qmpass.plan import Plan, allocation
 from qmpass.plan.factors import projection
 from qmpass.plan.planner import PlanConfig, Planned, make_plan
 from qmpass.rewrite.base import name_nodes
@@ -51,7 +51,8 @@ def test_keep_budget_is_met(keep: float) -> None:
 
 
 def test_lagrangian_beats_every_uniform_rank_at_the_same_cost() -> None:
-    planned, ops = _plan("transformer_digits", PlanConfig("svd", keep=0.5))
+    planned, ops = _plan("transformer_digits", PlanConfig("svd", keep=0.5,
+                                                          allocation="lagrangian"))
     spent = _params_after(planned, ops)
     error = sum(s.predicted_error for s in planned.plan.steps)
     square = [op for op in ops.values() if op.shape[0] >= 16 and op.shape[1] >= 16]
@@ -134,12 +135,13 @@ def test_data_aware_plan_predicts_less_error_than_data_free() -> None:
 def test_a_budget_tightening_cannot_meet_is_noted_in_the_plan(monkeypatch) -> None:
     """When measuring and tightening stops at its round limit above the budget, the plan
     says the budget may be missed instead of staying silent."""
-    planned, _ = _plan("transformer_digits", PlanConfig("svd", keep=0.5))
+    config = PlanConfig("svd", keep=0.5, allocation="lagrangian")
+    planned, _ = _plan("transformer_digits", config)
     assert planned.plan.notes == ()  # met: nothing to say
-    exact = planner._exact_cost
-    monkeypatch.setattr(planner, "_exact_cost", lambda *args: exact(*args) + 1e9)
-    missed, _ = _plan("transformer_digits", PlanConfig("svd", keep=0.5))
+    exact = allocation.exact_cost
+    monkeypatch.setattr(allocation, "exact_cost", lambda *args: exact(*args) + 1e9)
+    missed, _ = _plan("transformer_digits", config)
     (note,) = missed.plan.notes
-    assert "may be missed" in note and f"{planner.TIGHTENING_ROUNDS} rounds" in note
+    assert "may be missed" in note and f"{allocation.TIGHTENING_ROUNDS} rounds" in note
     assert Plan.from_json(missed.plan.to_json()) == missed.plan
     assert missed.plan.to_dict()["notes"] == [note]

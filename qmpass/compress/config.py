@@ -12,7 +12,7 @@ import numpy as np
 from hw_targets import TARGET_NAMES
 from qmpass.errors import QmpassInputError
 from qmpass.parallel import check_parallel
-from qmpass.plan.planner import METHODS, Method, PlanConfig
+from qmpass.plan.planner import ALLOCATIONS, METHODS, Allocation, Method, PlanConfig
 from qmpass.plan.resource import PARAMS, Resource
 
 __all__ = ["DEFAULT_ALIGN", "DEFAULT_DELTA", "DEFAULT_TOLERANCE", "CompressConfig"]
@@ -56,6 +56,15 @@ class CompressConfig:
     the model once per topological level of the plan, which is not yet linear in the
     model's size (AlexNet: minutes).
 
+    ``allocation``: how a ``keep`` budget is shared among the units
+    (:class:`~qmpass.plan.planner.PlanConfig`): ``lagrangian`` (``qmfrg``'s default) or
+    ``uniform`` (the same fraction of every operator: the default of ``svd`` and
+    ``whitened``, as in their papers). ``pricing``: with calibration data, ``qmfrg``'s
+    Lagrangian prices each unit's predicted error by what the model's output feels of it,
+    measured by one run of the model per unit (``output``, the default;
+    :mod:`qmpass.compress.sensitivity`), or takes the units' own errors as they are
+    (``layer``).
+
     ``jobs``: threads computing the low-rank candidates (eigendecompositions) side by
     side; ``scheduler``: a Dask scheduler's address (``tcp://host:port``) to compute them
     on instead, its workers reading the weights from the model file
@@ -78,6 +87,8 @@ class CompressConfig:
     refit: Literal["auto", "on", "off"] = "off"
     jobs: int = 1
     scheduler: str | None = None
+    pricing: Literal["output", "layer"] = "output"
+    allocation: Allocation | None = None
 
     def __post_init__(self) -> None:
         check_parallel(self.jobs, self.scheduler)
@@ -109,6 +120,11 @@ class CompressConfig:
             raise QmpassInputError(f"--refit must be auto, on or off, got {self.refit!r}.")
         if not 0.0 < self.holdout < 1.0:
             raise QmpassInputError(f"--holdout must be in (0, 1), got {self.holdout}.")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise QmpassInputError(f"--allocation must be {' or '.join(ALLOCATIONS)}, got "
+                                   f"{self.allocation!r}.")
+        if self.pricing not in ("output", "layer"):
+            raise QmpassInputError(f"--pricing must be output or layer, got {self.pricing!r}.")
         if self.strict_budget and (self.keep is None or self.tolerance is None):
             raise QmpassInputError("--strict-budget needs both --keep and --tolerance.")
 
@@ -127,6 +143,12 @@ class CompressConfig:
         if self.mode == "budget":
             return math.inf
         return DEFAULT_TOLERANCE if self.tolerance is None else self.tolerance
+
+    @property
+    def priced_by_output(self) -> bool:
+        """Whether a ``keep`` budget is allocated on measured output gains
+        (:mod:`qmpass.compress.sensitivity`): ``qmfrg`` with calibration data."""
+        return self.pricing == "output" and self.method == "qmfrg" and self.calib is not None
 
     def conv_choices(self) -> tuple[Literal["prune", "factorise"], ...]:
         """The treatments of convolutions to plan (both only where they can differ)."""
@@ -148,4 +170,5 @@ class CompressConfig:
         return PlanConfig(
             self.method, keep=keep, delta=None if keep is not None else delta,
             seed=self.seed, align=align, convs=convs, resource=resource,
+            allocation=self.allocation,
         )

@@ -20,6 +20,7 @@ from qmpass.compress.report import (
     operator_params,
 )
 from qmpass.compress.rollback import Tried, apply_all, apply_verified
+from qmpass.compress.sensitivity import Gain, measure_gains
 from qmpass.errors import QmpassInputError
 from qmpass.extract import extract_operators
 from qmpass.extract.channels import channel_groups
@@ -37,6 +38,8 @@ from qmpass.verify.compare import sample_count
 
 __all__ = ["BUDGET_SLACK", "SEARCH_STEPS", "compress"]
 
+#: a plan and what tells it from the other plans of one budget (``alternatives``)
+Alternative = tuple[str, Planned]
 _PROTOBUF_LIMIT = 2**31 - 1  # bytes of one protobuf message
 #: how far below --keep the kept fraction may end before the report says so
 BUDGET_SLACK = 0.03
@@ -92,33 +95,54 @@ def _compress(
         config.target, infer_shapes(original), config.batch)
 
     memos: dict[int, dict[tuple[str, ...], Candidate | None]] = {}  # per alignment
+    applier = Applier(original, extraction, groups)
+    gains: dict[str, Gain] = {}
+    priced = config.priced_by_output
 
-    def plans(keep: float | None, align: int | None = None) -> list[Planned]:
-        """The plan of each treatment of the convolutions (one where they agree)."""
+    def plans(keep: float | None, align: int | None = None) -> list[Alternative]:
+        """The plan of each treatment of the convolutions (distinct plans only, labelled
+        by their treatment); with output pricing, the units' gains are measured the first
+        time a unit is planned for a ``keep``."""
         memo = memos.setdefault(align or 0, {})  # low-rank units, shared by all plans
-        planned = [make_plan(extraction, groups, values, stats,
-                             config.plan_config(convs, resource, keep, align), loaded.name,
-                             memo, executor, model_file(loaded))
-                   for convs in choices]
-        if len(planned) > 1 and planned[0].plan == planned[1].plan:
-            planned = planned[:1]  # both treatments planned the same: verify it once
+
+        def plan_all(prices: dict[str, float] | None) -> list[Planned]:
+            return [make_plan(extraction, groups, values, stats,
+                              config.plan_config(convs, resource, keep, align), loaded.name,
+                              memo, executor, model_file(loaded), prices)
+                    for convs in choices]
+
+        planned = plan_all(None)
+        if priced and keep is not None:
+            unpriced = [c for p in planned for c in p.candidates if c.key not in gains]
+            if unpriced:  # probed at the variants the plan priced by layer chose
+                started = time.perf_counter()
+                chosen = {u.candidate.key: u.chosen for p in planned for u in p.units}
+                gains.update(measure_gains(original, applier, unpriced, split.fit,
+                                           split.samples[0] if split.separate else 0,
+                                           config.seed, chosen))
+                seconds["sensitivity"] = (seconds.get("sensitivity", 0.0)
+                                          + time.perf_counter() - started)
+            planned = plan_all({key: gain.value for key, gain in gains.items()})
+        distinct: list[Alternative] = []
+        for label, p in zip(choices, planned, strict=True):  # the same plan is verified once
+            if all(p.plan != q.plan for _, q in distinct):
+                distinct.append((label, p))
         if keep is not None and config.mode == "budget" and config.align is None \
                 and align is None and any(
-                abs((p.plan.kept or 0.0) - keep) > BUDGET_SLACK for p in planned):
+                abs((p.plan.kept or 0.0) - keep) > BUDGET_SLACK for _, p in distinct):
             finer = plans(keep, 1)  # steps of 8 too coarse for this budget: steps of 1
-            better = _miss(finer, keep) < _miss(planned, keep)
+            better = _miss(finer, keep) < _miss(distinct, keep)
             memos.pop(0 if better else 1)  # the memo not used holds every factorisation
-            return finer if better else planned
-        return planned
+            return finer if better else distinct
+        return distinct
 
-    applier = Applier(original, extraction, groups)
     notes: list[str] = [] if split.note is None else [split.note]
     keep = config.keep
-    searched: dict[float, tuple[list[Planned], list[Tried]]] = {}  # keep -> plans, verified
+    searched: dict[float, tuple[list[Alternative], list[Tried]]] = {}  # keep -> verified
 
     def evaluate(k: float) -> list[Tried]:
         planned = plans(k)
-        searched[k] = (planned, [apply_all(applier, verifier, p) for p in planned])
+        searched[k] = (planned, [apply_all(applier, verifier, p) for _, p in planned])
         return searched[k][1]
 
     if config.mode == "search":
@@ -127,8 +151,9 @@ def _compress(
         notes.append(f"--tolerance {config.tolerance:g} alone: the search over the budget "
                      f"settled on --keep {keep:.3f}")
     # the search verified the plans it settled on already
-    candidates, tried = searched[keep] if keep in searched else (plans(keep), [])
-    labels: list[str] = list(choices[:len(candidates)])
+    alternatives_, tried = searched[keep] if keep in searched else (plans(keep), [])
+    labels = [label for label, _ in alternatives_]
+    candidates = [p for _, p in alternatives_]
     if config.calib is not None and config.refit != "off" and any(
             s.kind != "prune_channels" for p in candidates for s in p.plan.steps):
         refitted = [refit(original, extraction, groups, p, split.fit) for p in candidates]
@@ -183,13 +208,14 @@ def _compress(
         samples=split.samples,
         notes=tuple(notes),
         mode=config.mode,
+        gains=tuple(gains.values()),
     )
     return result, _budget_checked(report, config)
 
 
-def _miss(planned: list[Planned], keep: float) -> float:
+def _miss(planned: list[Alternative], keep: float) -> float:
     """How far the closest of the plans keeps from ``keep``, as planned."""
-    return min(abs((p.plan.kept or 0.0) - keep) for p in planned)
+    return min(abs((p.plan.kept or 0.0) - keep) for _, p in planned)
 
 
 def _search(evaluate: Callable[[float], list[Tried]], tolerance: float) -> float:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from qmpass.compress.sensitivity import Gain
 from qmpass.extract import Extraction
 from qmpass.plan import Plan, Step
 from qmpass.verify import Verification
@@ -102,6 +103,7 @@ class Report:
     samples: tuple[int, int] = (0, 0)  # calibration samples that fitted, that verified
     notes: tuple[str, ...] = ()  # what the user should know (also printed on stderr)
     mode: str = "rollback"  # how the budget was met (CompressConfig.mode)
+    gains: tuple[Gain, ...] = ()  # what the output felt of each unit (output pricing)
 
     @property
     def kept(self) -> tuple[Outcome, ...]:
@@ -137,6 +139,8 @@ class Report:
             "alternatives": self.alternatives,
             "conv_alternatives": {k: v for k, v in self.alternatives.items()
                                   if not k.endswith("+refit")},
+            "pricing": "output" if self.gains else "layer",
+            "gains": [gain.to_dict() for gain in self.gains],
             "seconds": self.seconds,
             "ir_version": {"input": self.ir_version[0], "output": self.ir_version[1]},
             **({} if self.cycles is None else {"target": {

@@ -11,19 +11,23 @@ Units of compression by method (:mod:`qmpass.plan.units` builds their variants):
   factorised alone. With calibration statistics every decomposition is whitened.
 * ``svd``: every operator alone, plain truncated SVD (data-free even with calibration).
 * ``whitened``: every operator alone, whitened truncation from the calibration data: the
-  per-layer data-aware optimum of docs/DESIGN.md (the same as ``svd`` without data).
+  per-layer data-aware optimum of docs/DESIGN.md (the same as ``svd`` without data), the
+  anchor of SVD-LLM. Both baselines keep the same fraction of every operator (as their
+  papers do), not the Lagrangian's allocation.
 * ``magnitude`` / ``random``: the baselines prune every prunable channel group, keeping
   the channels of largest L1 norm (or random ones), the same fraction in every group,
   without compensation.
 
 ``keep`` budgets are allocated by the Lagrangian of :mod:`qmpass.plan.budget` over all
-units (uniformly for the baselines); ``delta`` gives each unit its cheapest variant whose
+units, each unit's predicted errors priced by a gain (``make_plan``'s ``gains``: with
+calibration data, ``compress`` measures what the model's output feels of each unit,
+:mod:`qmpass.compress.sensitivity`), then what the last step left of the budget is spent
+(uniformly for the baselines); ``delta`` gives each unit its cheapest variant whose
 worst member keeps at least ``exp(-delta)`` of its energy (``S(rho_q || rho) <= delta``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +39,7 @@ from qmpass.algebra import lowrank_declines, shared_basis_declines
 from qmpass.extract import Extraction, Operator
 from qmpass.extract.channels import ChannelGroup
 from qmpass.parallel import Executor
-from qmpass.plan.budget import allocate
+from qmpass.plan.allocation import Rule, choose, exact_cost, full_cost
 from qmpass.plan.plan import Cost, Plan, Step
 from qmpass.plan.resource import PARAMS, Resource
 from qmpass.plan.units import (
@@ -47,20 +51,28 @@ from qmpass.plan.units import (
     cluster_candidate,
     input_key,
     lowrank_candidate,
-    pruned_resource,
 )
 
-__all__ = ["METHODS", "Method", "PlanConfig", "Planned", "make_plan", "stats_requests"]
+__all__ = ["ALLOCATIONS", "METHODS", "Allocation", "Method", "PlanConfig", "Planned",
+           "make_plan", "stats_requests"]
 
 Method = Literal["qmfrg", "svd", "whitened", "magnitude", "random"]
+Allocation = Literal["lagrangian", "uniform"]
+ALLOCATIONS: tuple[Allocation, ...] = ("lagrangian", "uniform")
 METHODS: tuple[Method, ...] = ("qmfrg", "svd", "whitened", "magnitude", "random")
 _PRUNING: tuple[Method, ...] = ("magnitude", "random")
+#: the low-rank baselines keep the same fraction of every operator, as their papers do
+_UNIFORM: tuple[Method, ...] = ("svd", "whitened")
 
 
 @dataclass(frozen=True)
 class PlanConfig:
     """``keep``: fraction of the compressible operators' weight parameters to keep;
     ``delta``: relative-entropy bound per unit instead (exactly one of the two).
+
+    ``allocation``: how a ``keep`` budget is shared among the units: the Lagrangian's
+    (``qmfrg``'s default) or the same fraction of every unit (``uniform``, the default of
+    ``svd`` and ``whitened``, as their papers do); the pruning baselines are uniform.
 
     ``resource``: what ``keep`` counts (:mod:`qmpass.plan.resource`): weight parameters
     by default, or a target's cycles.
@@ -80,12 +92,22 @@ class PlanConfig:
     align: int = 1
     convs: Literal["prune", "factorise"] = "prune"
     resource: Resource = PARAMS
+    allocation: Allocation | None = None
 
     def __post_init__(self) -> None:
         if (self.keep is None) == (self.delta is None):
             raise ValueError("give exactly one of keep and delta")
         if self.align < 1:
             raise ValueError("align must be a positive integer")
+
+    @property
+    def rule(self) -> Rule:
+        """How a ``keep`` budget is shared (:data:`qmpass.plan.allocation.Rule`)."""
+        if self.method in _PRUNING:
+            return "channels"
+        if self.allocation is None:
+            return "uniform" if self.method in _UNIFORM else "lagrangian"
+        return self.allocation
 
 
 @dataclass(frozen=True)
@@ -96,6 +118,7 @@ class Planned:
     plan: Plan
     tensors: tuple[dict[str, np.ndarray], ...]
     units: tuple[PlannedUnit, ...]
+    candidates: tuple[Candidate, ...] = ()  # every unit the plan chose among
 
 
 @dataclass(frozen=True)
@@ -151,6 +174,7 @@ def make_plan(
     memo: dict[tuple[str, ...], Candidate | None] | None = None,
     executor: Executor | None = None,
     source: str | os.PathLike[str] | None = None,
+    gains: Mapping[str, float] | None = None,
 ) -> Planned:
     """Plan ``config`` for a model. ``values`` holds the stored tensors channel groups
     name; ``stats`` the calibration statistics of :func:`stats_requests` (or None).
@@ -158,7 +182,9 @@ def make_plan(
     low-rank candidates are the same, and computed once. A parallel ``executor``
     (:mod:`qmpass.parallel`) computes the low-rank candidates the plan needs side by side
     first (a Dask cluster reads the weights from the model file ``source``); the plan is
-    the same."""
+    the same. ``gains`` (by unit key) scale each unit's predicted errors before the
+    ``keep`` budget is allocated: what the model's output feels of a unit's own error
+    (:mod:`qmpass.compress.sensitivity` measures them); 1 where absent."""
     ops = {op.name: op for op in extraction.operators}
     declined: dict[str, str] = {}
     candidates = _candidates(extraction, groups, values, stats, config, declined,
@@ -174,11 +200,12 @@ def make_plan(
     baseline = Cost.of(ops[n] for n in sorted({n for c in candidates for n in c.operators})
                        if n in ops)
     notes: list[str] = []
-    choice = _choose(candidates, ops, config, baseline, notes)
+    choice = choose(candidates, ops, keep=config.keep, delta=config.delta, rule=config.rule,
+                    resource=config.resource, notes=notes, gains=gains or {})
     kept = None
     if config.keep is not None:
-        full = _full_cost(candidates, ops, config.resource)
-        kept = _exact_cost(candidates, ops, choice, config.resource) / full if full else 1.0
+        full = full_cost(candidates, ops, config.resource)
+        kept = exact_cost(candidates, ops, choice, config.resource) / full if full else 1.0
 
     steps: list[Step] = []
     tensors: list[dict[str, np.ndarray]] = []
@@ -205,7 +232,7 @@ def make_plan(
         notes=tuple(notes),
         kept=kept,
     )
-    return Planned(plan, tuple(tensors), tuple(units))
+    return Planned(plan, tuple(tensors), tuple(units), tuple(candidates))
 
 
 def _candidates(
@@ -336,104 +363,3 @@ def _lowrank_task(members: list[Operator], stats: StatsLike | None, align: int, 
                   resource: Resource) -> Candidate | None:
     """One low-rank unit, with positional arguments (the executor's task form)."""
     return lowrank_candidate(members, stats, align, fused=fused, resource=resource)
-
-
-# -- choosing variants ------------------------------------------------------------------------
-#: rounds of measuring and tightening a ``keep`` budget over overlapping channel groups
-TIGHTENING_ROUNDS = 12
-
-
-def _choose(
-    candidates: Sequence[Candidate], ops: Mapping[str, Operator], config: PlanConfig,
-    baseline: Cost, notes: list[str],
-) -> dict[str, int]:
-    """The variant index of every unit under the budget; a budget the allocation may miss
-    adds a sentence to ``notes``."""
-    if config.delta is not None:
-        allowed = 1.0 - math.exp(-config.delta)
-        return {
-            c.key: min(
-                (i for i, v in enumerate(c.variants) if v.worst <= allowed + 1e-12),
-                key=lambda i: c.variants[i].cost,
-            )
-            for c in candidates
-        }
-    assert config.keep is not None
-    resource = config.resource
-    full = _full_cost(candidates, ops, resource)
-    target = config.keep * full
-    if config.method in _PRUNING:
-        return _uniform(candidates, ops, target, resource)
-    # Channel groups may share operators (a conv consumes one and produces the next), so
-    # their full costs overlap; budget the *savings*, which add up but for the product of
-    # two groups' removed channels, corrected by measuring and tightening.
-    units = [c.unit for c in candidates]
-    budget = sum(u.options[0].cost for u in units) - (full - target)
-    choice: dict[str, int] = {}
-    for _ in range(TIGHTENING_ROUNDS):
-        choice = {key: option.value for key, option in allocate(units, budget).items()}
-        spent = _exact_cost(candidates, ops, choice, resource)
-        if spent <= target + 0.5:
-            break
-        budget -= spent - target
-    else:
-        notes.append(
-            f"the keep budget may be missed: after {TIGHTENING_ROUNDS} rounds of tightening, "
-            f"the plan spends {spent:,.0f} {resource.name} of the compressible operators' "
-            f"{full:,.0f}, above the {target:,.0f} that keep={config.keep:g} allows"
-        )
-    return choice
-
-
-def _uniform(candidates: Sequence[Candidate], ops: Mapping[str, Operator], target: float,
-             resource: Resource) -> dict[str, int]:
-    """The baselines' allocation: the largest common fraction of channels kept in every
-    group that meets ``target`` (each count rounded to its nearest allowed value)."""
-    def pick(fraction: float) -> dict[str, int]:
-        choice = {}
-        for c in candidates:
-            full = c.group.channels if c.group is not None else 1
-            choice[c.key] = min(
-                range(len(c.variants)),
-                key=lambda i: (abs(_kept(c, i) - fraction * full), -_kept(c, i)),
-            )
-        return choice
-
-    low, high = 0.0, 1.0
-    for _ in range(40):
-        middle = (low + high) / 2
-        if _exact_cost(candidates, ops, pick(middle), resource) <= target:
-            low = middle
-        else:
-            high = middle
-    return pick(low)
-
-
-def _kept(candidate: Candidate, index: int) -> int:
-    assert candidate.group is not None
-    return candidate.group.channels if index == 0 else candidate.variants[index].label
-
-
-def _full_cost(candidates: Sequence[Candidate], ops: Mapping[str, Operator],
-               resource: Resource) -> float:
-    """``resource`` spent by all the candidates' operators as they are (what ``keep`` is
-    a fraction of)."""
-    return resource.operators([ops[n] for n in sorted({n for c in candidates
-                                                       for n in c.operators}) if n in ops])
-
-
-def _exact_cost(
-    candidates: Sequence[Candidate], ops: Mapping[str, Operator], choice: Mapping[str, int],
-    resource: Resource,
-) -> float:
-    """``resource`` spent by all the candidates' operators after the chosen variants
-    (channel groups counted jointly, so operators between two groups shrink on both
-    sides)."""
-    kept: dict[ChannelGroup, int] = {}
-    total = 0.0
-    for c in candidates:
-        if c.group is not None:
-            kept[c.group] = _kept(c, choice[c.key])
-        else:
-            total += c.variants[choice[c.key]].cost
-    return total + pruned_resource(resource, kept, ops)

@@ -82,9 +82,12 @@ class Candidate:
 
     @property
     def unit(self) -> Unit:
-        return Unit(
-            self.key, tuple(Option(i, v.cost, v.error) for i, v in enumerate(self.variants))
-        )
+        return self.priced(1.0)
+
+    def priced(self, gain: float) -> Unit:
+        """The unit for the budget's allocation, each variant's error times ``gain``."""
+        return Unit(self.key, tuple(Option(i, v.cost, v.error * gain)
+                                    for i, v in enumerate(self.variants)))
 
     def milder(self, index: int) -> list[int]:
         """Variants on the unit's lower hull that cost more than ``index`` (keep more),
