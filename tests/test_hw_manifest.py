@@ -1,0 +1,205 @@
+"""Every call in every emitted kernel is in its target's API manifest with an overload
+that takes its arguments (hw_targets/manifest.py; docs/TARGETS.md, "API manifests").
+
+The kernels are those ``qmpass lower`` emits for the four fixture models and the shapes
+of tests/test_hw_targets.py, emitted but not simulated (the check reads source text).
+Calls the manifests do not allow are reported one per kind, with the kernel and line;
+``KNOWN_VIOLATIONS`` lists those today's kernels still make, each with why it is not the
+vendor's API. It must shrink to empty as the kernels move to the real API: a listed
+violation that no kernel makes any more fails the test too, so the list stays exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import fixture_path
+
+import hw_targets
+import models
+from hw_targets.manifest import Manifest, check_source, load_manifest, main, parse_signature
+from qmpass import lower as qlower
+from qmpass.extract import extract_operators
+from qmpass.extract.shapes import infer_types
+from qmpass.modelio import load_model
+
+#: today's non-API calls, per target: "callee(arguments)" -> why it is not the vendor API
+KNOWN_VIOLATIONS: dict[str, dict[str, str]] = {
+    "ascend": {
+        ".SetL2Reuse(1)": "no GlobalTensor method of that name in asc-devkit (issue 14)",
+        "QM_END_STAGE(0)": "the simulation's stage marker, not Ascend C (issue 14)",
+        "std::min(2)": "not documented for device code; Ascend C has AscendC::Std::min",
+        "DataCopy(4)": "L0C->UB DataCopy with DataCopyEnhancedParams: not supported on A2, "
+                       "whose L0C egress is Fixpipe (issue 14)",
+    },
+    "mlu": {
+        "__bang_matmul(6)": "no declaration in the public BANG headers found "
+                            "(docs/TARGETS.md, API manifests)",
+    },
+    "kunlunxin": {
+        "lm_malloc(2)": "no such call: local memory is declared as __local__ arrays (issue 14)",
+        "vload_lm_float16x32(1)": "fp16 vectors are XPU3's, not Kunlun 2's (issue 14)",
+        "vfp162float_l(1)": "not a documented Kunlun 2 intrinsic (issue 14)",
+        "vfp162float_h(1)": "not a documented Kunlun 2 intrinsic (issue 14)",
+        "vset_zero(0)": "a helper of a Baidu header, not in the XPU C/C++ guide",
+    },
+    "cpu": {},
+}
+#: rows x k x n and bias; input NCHW, output channels, kernel, strides, pads, groups
+MATMULS = [(64, 64, 128, True), (5, 7, 3, False), (33, 100, 70, True), (96, 128, 192, False)]
+CONVS = [((2, 4, 9, 9), 6, 3, (1, 1), (1, 1, 1, 1), 1),
+         ((1, 8, 8, 8), 8, 3, (2, 2), (1, 0, 1, 0), 8),
+         ((2, 6, 5, 5), 4, 1, (1, 1), (0, 0, 0, 0), 2)]
+
+
+@functools.cache
+def _fixture_operators(name: str) -> tuple[list, dict]:  # type: ignore[type-arg]
+    """The fixture's lowerable operators and their captured input tensors, as
+    ``qmpass lower`` finds them (its own helpers, so the shapes are the same)."""
+    loaded = load_model(fixture_path(name))
+    proto = loaded.proto
+    operators = extract_operators(proto, loaded.external).operators
+    types = infer_types(proto, [op.input for op in operators])
+    lowerable = [op for op in operators
+                 if qlower._declines(op, types.get(op.input, onnx.TensorProto.FLOAT)) is None]
+    return lowerable, qlower._capture(proto, qlower.LowerConfig("cpu"), lowerable)
+
+
+def _kernels(target: str) -> list[hw_targets.KernelSource]:
+    module = hw_targets.get_target(target)
+    lowerings = []
+    for fixture in models.FIXTURES:
+        operators, tensors = _fixture_operators(fixture)
+        for index, op in enumerate(operators):
+            name = qlower._kernel_name(index, op.name)
+            lowerings.append(qlower._lowering(module, module.TARGET, f"{fixture}_{name}", op,
+                                              tensors[op.input])[0])
+    for index, (rows, k, n, bias) in enumerate(MATMULS):
+        lowerings.append(hw_targets.lower_matmul(module, module.TARGET, f"mm{index}", rows, k,
+                                                 n, bias))
+    for index, (shape, c_out, k, strides, pads, groups) in enumerate(CONVS):
+        lowerings.append(hw_targets.lower_conv(module, module.TARGET, f"cv{index}", shape,
+                                               c_out, (k, k), strides, pads, groups=groups))
+    return [launch.kernel for lowering in lowerings for launch in lowering.launches]
+
+
+def _key(violation_call: hw_targets.manifest.Call) -> str:
+    callee = f"{violation_call.qualifier}::" if violation_call.qualifier else ""
+    method = "." if violation_call.receiver is not None else ""
+    return f"{method}{callee}{violation_call.name}({len(violation_call.args)})"
+
+
+@pytest.mark.parametrize("target", hw_targets.TARGET_NAMES)
+def test_every_emitted_call_is_in_the_manifest(target: str) -> None:
+    manifest = load_manifest(target)
+    found: dict[str, str] = {}
+    kernels = _kernels(target)
+    assert len(kernels) > 40  # every fixture's kernels and the unit shapes
+    for kernel in kernels:
+        for violation in check_source(kernel.code, manifest):
+            found.setdefault(_key(violation.call), f"{kernel.name}: {violation}")
+    known = KNOWN_VIOLATIONS[target]
+    new = {key: where for key, where in found.items() if key not in known}
+    gone = sorted(set(known) - set(found))
+    assert not new, "calls outside the manifest:\n" + "\n".join(new.values())
+    assert not gone, f"no kernel makes these any more; remove them from KNOWN_VIOLATIONS: {gone}"
+
+
+@pytest.mark.parametrize("target", hw_targets.TARGET_NAMES)
+def test_every_overload_has_a_source_and_a_parsable_signature(target: str) -> None:
+    manifest = load_manifest(target)
+    callables = [e for e in manifest.entries if e.kind in ("intrinsic", "method")]
+    assert callables
+    for entry in manifest.entries:
+        for overload in entry.overloads:
+            assert overload.source and overload.signature, entry.name
+            if entry.kind in ("intrinsic", "method"):
+                assert overload.max_args is None or overload.max_args >= overload.min_args
+    assert all(e.overloads for e in callables)
+
+
+def _names(manifest: Manifest) -> set[str]:
+    return {e.name if e.cls is None else f"{e.cls}.{e.name}" for e in manifest.entries}
+
+
+def test_the_manifests_hold_each_generation_s_api_and_not_the_others() -> None:
+    ascend, mlu, kunlun = (load_manifest(t) for t in ("ascend", "mlu", "kunlunxin"))
+    assert {"Fixpipe", "Mmad", "LoadData", "DataCopyPad", "SetFlag", "WaitFlag",
+            "PipeBarrier", "CrossCoreSetFlag", "GetBlockIdx", "TQue.EnQue", "TQue.DeQue",
+            "TPipe.InitBuffer", "GlobalTensor.SetGlobalBuffer"} <= _names(ascend)
+    fixpipe = [o.signature for e in ascend.callables("Fixpipe") for o in e.overloads]
+    assert fixpipe and all("FixpipeParamsV220" in s for s in fixpipe)  # A2's only form
+    datacopy = [o.signature for e in ascend.callables("DataCopy") for o in e.overloads]
+    assert not any("DataCopyEnhancedParams" in s for s in datacopy)  # L0C->UB: 310P only
+    assert {"__memcpy_async", "__bang_reshape_filter", "__bang_conv", "__sync_move",
+            "__sync_io", "__sync_cluster", "__nram__", "__wram__", "taskId"} <= _names(mlu)
+    assert {"GM2LM_ASYNC", "LM2GM_ASYNC", "mfence", "core_id", "cluster_num",
+            "vload_lm_float32x16", "svmac_float32x16", "__global_ptr__", "__local__"} \
+        <= _names(kunlun)
+    assert not any(re.search(r"(?<!b)float16x32", name) for name in _names(kunlun))  # XPU3's
+    assert "SM2LM" not in _names(kunlun)  # Kunlun 1 only
+
+
+ASCEND_SNIPPET = """
+class KernelX {
+ public:
+  __aicore__ inline void Init(GM_ADDR x) {
+    xGM.SetGlobalBuffer((__gm__ half*)x, 64);
+    pipe.InitBuffer(inQueue, 2, 64 * sizeof(half));
+  }
+  __aicore__ inline void Step(int32_t n) {
+    LocalTensor<half> t = inQueue.AllocTensor<half>();
+    DataCopy(t, xGM[n], 64);       // GM -> UB
+    DataCopy(xGM, t, 64, 1, 2, 3); // no overload takes 6 arguments
+    DataCopyPad(t, xGM, t);        // a LocalTensor where DataCopyExtParams goes
+    Helper(t);                     // the kernel's own function
+    xGM.SetL2Reuse(3);             // not a GlobalTensor method
+    if (Fractals(n) > 0) { inQueue.EnQue(t); }
+  }
+  __aicore__ inline int32_t Fractals(int32_t v) { return (v + 15) / 16; }
+  __aicore__ inline void Helper(LocalTensor<half>& t) { Duplicate(t, (half)0, 16); }
+  TPipe pipe;
+  TQue<QuePosition::VECIN, 2> inQueue;
+  GlobalTensor<half> xGM;
+};
+"""
+
+
+def test_the_checker_reports_unknown_names_arities_and_argument_classes() -> None:
+    violations = check_source(ASCEND_SNIPPET, load_manifest("ascend"))
+    by_line = {v.call.line: str(v) for v in violations}
+    assert sorted(by_line) == [11, 12, 14], by_line
+    assert "6 argument(s)" in by_line[11]
+    assert "'LocalTensor'" in by_line[12] and "DataCopyExtParams" in by_line[12]
+    assert "not a method of GlobalTensor" in by_line[14]
+
+
+def test_signatures_give_the_numbers_of_arguments() -> None:
+    assert parse_signature("template <typename T> __aicore__ inline void DataCopy("
+                           "const LocalTensor<T>& dst, const GlobalTensor<T>& src, "
+                           "const SliceInfo dstSliceInfo[], const SliceInfo srcSliceInfo[], "
+                           "const uint32_t dimValue = 1)", "DataCopy")[:2] == (4, 5)
+    assert parse_signature("template <class T, class U, class V, class... Addrs> __aicore__ "
+                           "inline bool InitBuffer(T& que, const Std::tuple<U, V>& addr0, "
+                           "const Addrs&... addrs)", "InitBuffer")[:2] == (2, None)
+    assert parse_signature("void mfence()", "mfence")[:2] == (0, 0)
+    with pytest.raises(ValueError, match="does not declare"):
+        parse_signature("int core_id()", "cluster_id")
+
+
+def test_the_command_line_checks_files_and_refuses_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kernel = tmp_path / "k.cc"
+    kernel.write_text("__global__ void k(float* x) {\n  lm_malloc<float>(4, \"a\");\n"
+                      "  mfence();\n}\n")
+    assert main(["kunlunxin", str(kernel)]) == 1
+    assert "k.cc:line 2: lm_malloc(2 args): not a function" in capsys.readouterr().out
+    assert main(["nosuchchip", str(kernel)]) == 2
+    assert main(["cpu", str(tmp_path / "missing.cc")]) == 2
+    err = capsys.readouterr().err
+    assert "no manifest for target 'nosuchchip'" in err and "no such kernel file" in err
