@@ -209,12 +209,14 @@ def check_source(code: str, manifest: Manifest) -> list[Violation]:
     decls = Declarations(code)
     violations = []
     for call in calls(decls.tokens):
-        qualifier = call.qualifier
+        parts = call.qualifier.split("::") if call.qualifier else []
+        while parts and parts[0] in manifest.namespaces:  # AscendC::Std::min -> Std::min
+            parts.pop(0)
+        qualifier = "::".join(parts)
         receiver = _arg_type(call.receiver, decls, manifest) if call.receiver else ""
-        if not qualifier and call.name in decls.local and not receiver:
+        if not call.qualifier and call.name in decls.local and not receiver:
             continue  # the kernel's own function, type, variable or method
-        name = call.name if qualifier in ("", *manifest.namespaces) \
-            else f"{qualifier}::{call.name}"
+        name = f"{qualifier}::{call.name}" if qualifier else call.name
         kinds = [_arg_type(a, decls, manifest) for a in call.args]
         if call.receiver is not None:
             entries = manifest.callables(name, receiver or "*")
@@ -249,10 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     manifest = load_manifest(target)
     found = 0
-    for path in files:
-        for violation in check_source(path.read_text(errors="replace"), manifest):
-            print(f"{path}:{violation}")
-            found += 1
+    try:
+        for path in files:
+            for violation in check_source(path.read_text(errors="replace"), manifest):
+                print(f"{path}:{violation}")
+                found += 1
+    except BrokenPipeError:  # the reader (head, less) stopped early
+        sys.stderr.close()
     return 1 if found else 0
 
 

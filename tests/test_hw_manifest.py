@@ -203,3 +203,125 @@ def test_the_command_line_checks_files_and_refuses_bad_input(
     assert main(["cpu", str(tmp_path / "missing.cc")]) == 2
     err = capsys.readouterr().err
     assert "no manifest for target 'nosuchchip'" in err and "no such kernel file" in err
+
+
+#: kernels written with each generation's real API (the shapes of the calls the emitters
+#: are moving to): the checker must find nothing to report in them
+REAL_API = {
+    "ascend": """
+namespace mm {
+using namespace AscendC;
+__aicore__ inline void Helper(LocalTensor<half>& x) { Muls(x, x, (half)2, 16); }
+extern "C" __global__ __aicore__ void mm_custom(GM_ADDR a, GM_ADDR b, GM_ADDR c) {
+  KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_MIX_AIC_1_2);
+  TPipe pipe;
+  TQue<QuePosition::CO1, 1> co1;
+  TQue<QuePosition::A1, 1> a1q;
+  TBuf<TPosition::VECCALC> tmp;
+  GlobalTensor<float> cGM;
+  cGM.SetGlobalBuffer((__gm__ float*)c, 1024);
+  pipe.InitBuffer(co1, 1, 4096);
+  pipe.InitBuffer(tmp, 4096);
+  if ASCEND_IS_AIC {
+    LocalTensor<float> c1Local = co1.DeQue<float>();
+    FixpipeParamsV220 fp;
+    fp.nSize = 16;
+    Fixpipe(cGM[0], c1Local, fp);
+    Fixpipe<float, float, CFG_ROW_MAJOR>(cGM, c1Local, fp);
+    co1.FreeTensor(c1Local);
+    CrossCoreSetFlag<0x2, PIPE_FIX>(3);
+    LocalTensor<half> a1 = a1q.AllocTensor<half>();
+    LocalTensor<half> a2 = tmp.Get<half>();
+    SetFmatrix(8, 8, padList, FmatrixMode::FMATRIX_LEFT);
+    LoadData(a2, a1, LoadData3DParamsV2<half>());
+    Mmad(c1Local, a2, a2, MmadParams(16, 16, 16, 0, false, true));
+  }
+  if ASCEND_IS_AIV {
+    CrossCoreWaitFlag(3);
+    event_t e = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::MTE2_V));
+    SetFlag<HardEvent::MTE2_V>(e);
+    WaitFlag<HardEvent::MTE2_V>(e);
+    PipeBarrier<PIPE_V>();
+    LocalTensor<half> x = tmp.Get<half>();
+    Helper(x);
+    AscendC::Adds(x, x, (half)1, 16);
+    uint32_t idx = GetBlockIdx() / GetSubBlockNum() + AscendC::Std::min(1, 2);
+    DataCopyPad(cGM, x.ReinterpretCast<float>(), DataCopyExtParams{1, 32, 0, 0, 0});
+  }
+}
+}
+""",
+    "mlu": """
+namespace k {
+__nram__ int8_t nram_buffer[MAX_NRAM_SIZE];
+__wram__ int8_t wram_buffer[MAX_WRAM_SIZE];
+__mlu_shared__ int8_t sram_buffer[MAX_SRAM_SIZE];
+__mlu_func__ void load(half* dst, half* src, int n) { __memcpy_async(dst, src, n * 2, GDRAM2NRAM); }
+__mlu_global__ void kernel(half* a, half* b, float* c) {
+  half* an = (half*)nram_buffer;
+  half* bw = (half*)wram_buffer;
+  if (coreId == 0) { __memcpy(sram_buffer, b, 1024, GDRAM2SRAM); }
+  __sync_cluster();
+  __memcpy_async(an, (half*)sram_buffer, 1024, SRAM2NRAM);
+  __bang_reshape_filter(an + 512, an, 16, 1, 1, 32);
+  __memcpy(bw, an + 512, 1024, NRAM2WRAM);
+  __sync_move();
+  load(an, a + taskId * 64, 64);
+  __sync_io();
+  __bang_conv((float*)an, an, bw, 32, 1, 16, 1, 1, 1, 1, 16, 0);
+  __sync_compute();
+  __memcpy_async(c + taskId * 16, an, 64, NRAM2GDRAM, 64, 64, 0);
+  __bang_cycle_add((float*)an, (float*)an, (float*)an, 256, 16);
+  __sync_all();
+}
+}
+""",
+    "kunlunxin": """
+namespace k {
+static __device__ void add_bias(__local__ float* c, __global_ptr__ const float* bias, int n) {
+  __simd__ __local__ float lb[64];
+  GM2LM_ASYNC(bias, lb, n * (int)sizeof(float));
+  mfence();
+  for (int i = 0; i < n; i += 16) {
+    float32x16_t v = vload_lm_float32x16(c + i);
+    v = vvadd_float32x16(v, vload_lm_float32x16(lb + i));
+    vstore_lm_float32x16(c + i, v);
+  }
+  mfence_lm();
+}
+__global__ void kernel(const float16* a, const float* bias, float* c) {
+  int cid = cluster_id() * core_num() + core_id();
+  __simd__ __local__ float16 la[128];
+  __simd__ __local__ float lc[64];
+  __shared__ float sm[256];
+  GM2LM(a + cid * 128, la, 128 * (int)sizeof(float16));
+  int16x32_t h = vload_lm_int16x32(la);
+  float32x16_t acc = svmac_float32x16(1.0f, vload_lm_float32x16(lc), vload_lm_float32x16(lc));
+  vstore_lm_float32x16_mz(lc, acc, 0xffff);
+  add_bias(lc, bias, 64);
+  GM2SM(bias, sm, 1024);
+  sync_cluster();
+  LM2GM_ASYNC(lc, c + cid * 64, 64 * (int)sizeof(float));
+  mfence();
+  int x = min(roundup_div(cid, 4), cluster_num());
+}
+}
+""",
+}
+
+
+@pytest.mark.parametrize("target", sorted(REAL_API))
+def test_kernels_written_with_the_real_api_pass(target: str) -> None:
+    manifest = load_manifest(target)
+    assert [str(v) for v in check_source(REAL_API[target], manifest)] == []
+    # and the same kernel with one call's arguments changed does not
+    old, new = {"ascend": ("(half)1, 16)", "(half)1)"), "mlu": ("256, 16)", "256)"),
+                "kunlunxin": ("int16x32(la)", "int16x32(la, 0, 1)")}[target]
+    assert old in REAL_API[target]
+    assert len(check_source(REAL_API[target].replace(old, new), manifest)) == 1
+
+
+def test_namespaces_the_vendor_names_are_dropped_and_others_kept() -> None:
+    code = "void f(int a, int b) { int x = AscendC::Std::min(a, b) + std::min(a, b); }"
+    violations = check_source(code, load_manifest("ascend"))
+    assert [v.call.display() for v in violations] == ["std::min(2 args)"]
