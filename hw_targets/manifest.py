@@ -209,12 +209,15 @@ def check_source(code: str, manifest: Manifest) -> list[Violation]:
     decls = Declarations(code)
     violations = []
     for call in calls(decls.tokens):
+        if call.constructs and call.name not in manifest.classes:
+            continue  # the kernel's own types, scalars
         parts = call.qualifier.split("::") if call.qualifier else []
         while parts and parts[0] in manifest.namespaces:  # AscendC::Std::min -> Std::min
             parts.pop(0)
         qualifier = "::".join(parts)
         receiver = _arg_type(call.receiver, decls, manifest) if call.receiver else ""
-        if not call.qualifier and call.name in decls.local and not receiver:
+        if not call.qualifier and call.name in decls.local and not receiver \
+                and not call.constructs:
             continue  # the kernel's own function, type, variable or method
         name = f"{qualifier}::{call.name}" if qualifier else call.name
         kinds = [_arg_type(a, decls, manifest) for a in call.args]

@@ -223,6 +223,7 @@ class Call:
     receiver: list[Token] | None  # the object of a method call
     args: list[list[Token]]
     line: int
+    constructs: bool = False  # a class built: Type{...}, Type var(...), Type var{...}
 
     def display(self) -> str:
         who = "".join(t.text for t in self.receiver) + "." if self.receiver else ""
@@ -275,20 +276,42 @@ def _call_sites(tokens: list[Token]) -> list[tuple[int, int, int]]:
 
 
 def calls(code: str | list[Token]) -> list[Call]:
-    """Every call of ``code`` (declarations and definitions excluded), in order."""
+    """Every call of ``code`` (declarations and definitions excluded), in order, and every
+    construction of a class with arguments (``Type{...}`` temporaries and variables
+    declared ``Type v(...)`` or ``Type v{...}``: a call of ``Type`` marked ``constructs``)."""
     tokens = tokenize(strip_code(code)) if isinstance(code, str) else code
     found = []
     for i, j, p in _call_sites(tokens):
         receiver = None
+        close = matching(tokens, j)
+        args = split_args(tokens[j + 1:close])
         if p >= 1 and tokens[p - 1].text in (".", "->"):
             receiver = _receiver(tokens, p - 1)
-        elif _decl_specifiers(tokens, p - 1) is not None:
+        elif (specs := _decl_specifiers(tokens, p - 1)) is not None:
+            if close + 1 < len(tokens) and tokens[close + 1].text in (";", ","):
+                found.append(Call(base_type(" ".join(t.text for t in specs)), "", None, args,
+                                  tokens[i].line, constructs=True))
             continue
         qualifier = "::".join(t.text for t in tokens[p:i] if t.text != "::")
-        close = matching(tokens, j)
-        found.append(Call(tokens[i].text, qualifier, receiver,
-                          split_args(tokens[j + 1:close]), tokens[i].line))
-    return found
+        found.append(Call(tokens[i].text, qualifier, receiver, args, tokens[i].line))
+    for i, tok in enumerate(tokens[1:-1], start=1):  # Type{...} and Type v{...}
+        if not tok.ident or tok.text in KEYWORDS:
+            continue
+        j = i + 1
+        if tokens[j].text == "<":
+            j = matching(tokens, j) + 1
+            if j <= 0 or j >= len(tokens):
+                continue
+        if tokens[j].text != "{":
+            continue
+        args = split_args(tokens[j + 1:matching(tokens, j)])
+        if tokens[i - 1].text in ("(", ",", "=", "return"):
+            found.append(Call(tok.text, "", None, args, tok.line, constructs=True))
+        elif (specs := _decl_specifiers(tokens, i - 1)) is not None \
+                and tokens[i - 1].text not in ("struct", "class", "union", "namespace", "enum"):
+            found.append(Call(base_type(" ".join(t.text for t in specs)), "", None, args,
+                              tok.line, constructs=True))
+    return sorted(found, key=lambda c: c.line)
 
 
 class Declarations:

@@ -325,3 +325,16 @@ def test_namespaces_the_vendor_names_are_dropped_and_others_kept() -> None:
     code = "void f(int a, int b) { int x = AscendC::Std::min(a, b) + std::min(a, b); }"
     violations = check_source(code, load_manifest("ascend"))
     assert [v.call.display() for v in violations] == ["std::min(2 args)"]
+
+
+def test_constructions_of_manifest_classes_are_checked_and_the_kernel_s_own_are_not() -> None:
+    code = """void f(GlobalTensor<float> g, LocalTensor<float> x) {
+      DataCopyPad(g, x, DataCopyExtParams{1, 2});
+      MmadParams mp(1, 2);
+      DataCopyParams dp{1, 2, 3, 4};
+      Step st{1, 2};
+      Step other(3);
+    }"""
+    violations = check_source(code, load_manifest("ascend"))
+    assert [(v.call.line, v.call.display()) for v in violations] == [
+        (2, "DataCopyExtParams(2 args)"), (3, "MmadParams(2 args)")]
