@@ -165,6 +165,7 @@ def load_manifest(target: str, path: Path | None = None) -> Manifest:
 class Violation:
     call: Call
     reason: str
+    kinds: tuple[str, ...] = ()  # the manifest class of each argument ('' when unknown)
 
     def __str__(self) -> str:
         return f"line {self.call.line}: {self.call.display()}: {self.reason}"
@@ -228,14 +229,14 @@ def check_source(code: str, manifest: Manifest) -> list[Violation]:
             entries, where = manifest.callables(name), "a function, macro or class"
         if not entries:
             violations.append(Violation(call, f"not {where} in the {manifest.target} "
-                                              "manifest"))
+                                              "manifest", tuple(kinds)))
             continue
         overloads = [o for e in entries for o in e.overloads]
         if overloads and not any(_fits(o, kinds) for o in overloads):
             shown = "; ".join(sorted({o.signature for o in overloads}))[:600]
             violations.append(Violation(call, f"no overload takes these {len(kinds)} "
                                               f"argument(s) {kinds}; the manifest has: "
-                                              f"{shown}"))
+                                              f"{shown}", tuple(kinds)))
     return violations
 
 
