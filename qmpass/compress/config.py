@@ -60,6 +60,11 @@ class CompressConfig:
     side; ``scheduler``: a Dask scheduler's address (``tcp://host:port``) to compute them
     on instead, its workers reading the weights from the model file
     (:mod:`qmpass.parallel`). The plan and the model are the same either way.
+
+    ``crosslayer``: with calibration data, ``qmfrg`` lets the QM-FRG's groups of
+    operators that read different tensors share one input-side basis where that is
+    measured to lose less than separate factorisations at equal parameters
+    (:mod:`qmpass.plan.units.crosslayer`); False plans without it.
     """
 
     method: Method = "qmfrg"
@@ -78,6 +83,7 @@ class CompressConfig:
     refit: Literal["auto", "on", "off"] = "off"
     jobs: int = 1
     scheduler: str | None = None
+    crosslayer: bool = True
 
     def __post_init__(self) -> None:
         check_parallel(self.jobs, self.scheduler)
@@ -148,4 +154,5 @@ class CompressConfig:
         return PlanConfig(
             self.method, keep=keep, delta=None if keep is not None else delta,
             seed=self.seed, align=align, convs=convs, resource=resource,
+            crosslayer=self.crosslayer,
         )
