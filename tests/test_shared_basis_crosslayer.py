@@ -16,9 +16,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import const, make_model, tensor, trained_matrix
+from conftest import const, fixture_path, make_model, tensor, trained_matrix
 from onnx import helper
 
+import models
+import qmpass
+from qmpass import CompressConfig
 from qmpass.algebra import CrossLayerBasis, crosslayer_basis_declines, decline_crosslayer_rank
 from qmpass.extract import Operator, extract_operators
 from qmpass.frg.crosslayer import CROSSLAYER_THRESHOLD
@@ -32,7 +35,7 @@ from qmpass.plan.units.crosslayer import (
 )
 from qmpass.rewrite.base import export_like, name_nodes
 from qmpass.rewrite.shared_basis_crosslayer import CrossLayerSharedBasis
-from qmpass.verify import run_model
+from qmpass.verify import load_calib, run_model
 
 D = 16
 RNG = np.random.default_rng(11)
@@ -264,3 +267,49 @@ def test_no_calibration_changes_nothing() -> None:
     base = [c for c in (lowrank_candidate([ops[n]], None, 1, fused=False) for n in "AB")
             if c is not None]
     assert crosslayer_candidates(base, ops, None, 1) == (base, [])
+
+
+# -- the trained transformer, end to end -------------------------------------------------------
+MLP_IN = ("/layers/layers.0/mlp/mlp.0/MatMul", "/layers/layers.1/mlp/mlp.0/MatMul")
+
+
+def test_analyze_lists_the_cross_layer_candidates() -> None:
+    analysis = qmpass.analyze(fixture_path("transformer_digits"),
+                              qmpass.AnalysisConfig(progress=False))
+    candidates = analysis.to_dict()["crosslayer_candidates"]
+    assert candidates[0]["operators"] == list(MLP_IN)  # the closest pair of layers
+    assert 0.5 < candidates[0]["bures"] < 0.6
+    assert all(c["bures"] <= CROSSLAYER_THRESHOLD for c in candidates)
+    assert [c["bures"] for c in candidates] == sorted(c["bures"] for c in candidates)
+
+
+def test_compress_records_every_group_and_prints_the_shared_ones() -> None:
+    original = onnx.load(str(fixture_path("transformer_digits")))
+    calib = load_calib(models.MODELS_DIR / "transformer_digits_calib.npz", original)
+    model, report = qmpass.compress(original, CompressConfig(keep=0.75, calib=calib))
+    rows = report.to_dict()["shared_bases"]
+    assert rows[0]["operators"] == list(MLP_IN)
+    assert rows[0]["status"] != "declined"  # the MLP inputs share for less at some rank
+    assert any(m["error"] < m["separate_error"] for m in rows[0]["measured"])
+    for row in rows:
+        if row["status"] == "declined":
+            assert "loses at every rank" in row["reason"]
+            assert all(m["error"] >= m["separate_error"] for m in row["measured"])
+        if row["status"] == "shared":
+            assert row["gain"] == pytest.approx(row["separate_error"] - row["error"])
+            assert row["gain"] > 0
+    shared = [s for s in report.plan.steps if s.kind == "crosslayer_basis"]
+    assert len(shared) == sum(r["status"] == "shared" for r in rows)
+    ops = {op.name: op for op in extract_operators(original).operators}
+    for step in shared:  # printed: one basis initializer read by a MatMul per tensor
+        tensors = {ops[n].input for n in step.operators}
+        readers = [[n.input[0] for n in model.graph.node
+                    if n.op_type == "MatMul" and n.input[1] == i.name]
+                   for i in model.graph.initializer if tuple(i.dims) == (64, step.rank)]
+        assert sorted(tensors) in [sorted(r) for r in readers]
+    assert abs(report.to_dict()["keep_achieved"] - 0.75) <= 0.03
+    _, without = qmpass.compress(original, CompressConfig(keep=0.75, calib=calib,
+                                                          crosslayer=False))
+    assert without.plan.shared_bases == ()
+    assert all(s.kind != "crosslayer_basis" for s in without.plan.steps)
+
