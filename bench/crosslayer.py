@@ -9,9 +9,10 @@ accuracy. Where a shared basis was kept the budget lands on a slightly different
 the plan without sharing is also run at the kept fraction the shared plan measured
 (``off, --keep K``: equal parameters). Then, per QM-FRG group the planner tried, what
 became of it: ``shared`` (with its calibration error against the separate factorisations
-at equal parameters),
-``not_chosen`` (sharing wins at some rank, the budget chose otherwise) or ``declined``
-(it loses at every rank; by how much at the closest).
+at equal parameters), ``not_kept`` (planned, but the model without cross-layer bases
+verified better on the held-out calibration inputs), ``not_chosen`` (sharing wins at
+some rank, the budget chose otherwise) or ``declined`` (it loses at every rank; by how
+much at the closest).
 
 ``OMP_NUM_THREADS=1 python bench/crosslayer.py [fixture ...]`` (one BLAS thread: on a
 loaded 2-core machine, threaded BLAS on 64x64 matrices is 10-30x slower).
@@ -69,7 +70,8 @@ def main(names: list[str]) -> int:
                       f"{accuracy(model, feeds, y):.4f} ({base:.4f}) | {seconds:.1f} |",
                       flush=True)
                 if crosslayer:
-                    groups.extend(_group_rows(name, keep, report.plan.shared_bases))
+                    groups.extend(_group_rows(name, keep, report.plan.shared_bases,
+                                              doc["alternatives"]))
                     if any(b["status"] == "shared" for b in report.plan.shared_bases):
                         # the budget lands elsewhere with the shared unit: compare at the
                         # parameters the shared plan measured
@@ -83,13 +85,22 @@ def main(names: list[str]) -> int:
     return 0
 
 
-def _group_rows(name: str, keep: float, bases: tuple[dict, ...]) -> list[str]:  # type: ignore[type-arg]
+def _group_rows(name: str, keep: float, bases: tuple[dict, ...],  # type: ignore[type-arg]
+                alternatives: dict[str, float]) -> list[str]:
     rows = []
+    plain = " without cross-layer bases"
+    verified = (min((v for k, v in alternatives.items() if plain not in k), default=None),
+                min((v for k, v in alternatives.items() if plain in k), default=None))
     for b in bases:
         label = " + ".join(_short(o) for o in b["operators"])
-        if b["status"] == "shared":
+        if b["status"] == "not_kept":
+            measure = (f"rank {b['rank']}: {b['error']:.4g} vs {b['separate_error']:.4g} on "
+                       f"its units, but the model verified at {b['verified_error']:.4g} "
+                       f"with it vs {b['verified_error_without']:.4g} without")
+        elif b["status"] == "shared":
             measure = (f"rank {b['rank']}: {b['error']:.4g} vs {b['separate_error']:.4g} "
-                       f"(gain {b['gain']:.4g})")
+                       f"(gain {b['gain']:.4g}); the model verified at {verified[0]:.4g} "
+                       f"with it vs {verified[1]:.4g} without")
         else:
             best = min(b["measured"], key=lambda m: m["error"] - m["separate_error"],
                        default=None)

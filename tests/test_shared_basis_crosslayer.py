@@ -30,6 +30,7 @@ from qmpass.plan.units import input_key, lowrank_candidate
 from qmpass.plan.units.crosslayer import (
     crosslayer_candidates,
     crosslayer_outcomes,
+    crosslayer_verified,
     pooled_projection,
     shared_fit,
 )
@@ -308,8 +309,22 @@ def test_compress_records_every_group_and_prints_the_shared_ones() -> None:
                    for i in model.graph.initializer if tuple(i.dims) == (64, step.rank)]
         assert sorted(tensors) in [sorted(r) for r in readers]
     assert abs(report.to_dict()["keep_achieved"] - 0.75) <= 0.03
+    # the model output decides between the plans with and without cross-layer bases
+    alternatives = report.to_dict()["alternatives"]
+    assert "prune without cross-layer bases" in alternatives and "prune" in alternatives
+    chose_shared = alternatives["prune"] <= alternatives["prune without cross-layer bases"]
+    assert bool(shared) == chose_shared
+    assert any(r["status"] == ("shared" if chose_shared else "not_kept") for r in rows)
     _, without = qmpass.compress(original, CompressConfig(keep=0.75, calib=calib,
                                                           crosslayer=False))
     assert without.plan.shared_bases == ()
     assert all(s.kind != "crosslayer_basis" for s in without.plan.steps)
 
+
+
+def test_a_basis_turned_down_by_verification_says_both_errors() -> None:
+    rows = ({"operators": ["A", "B"], "status": "shared", "rank": 4},
+            {"operators": ["A", "B", "C"], "status": "declined", "reason": "loses"})
+    marked = crosslayer_verified(rows, 0.02, 0.015)
+    assert marked[0]["status"] == "not_kept" and "0.02 against 0.015" in marked[0]["reason"]
+    assert marked[1] == rows[1] and rows[0]["status"] == "shared"  # a copy

@@ -30,6 +30,7 @@ from qmpass.plan.planner import Planned, make_plan
 from qmpass.plan.resource import PARAMS, Cycles
 from qmpass.plan.sequential import refit
 from qmpass.plan.units import Candidate
+from qmpass.plan.units.crosslayer import crosslayer_verified
 from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
 from qmpass.verify import Verifier, check_feeds, synthesize_inputs
@@ -42,6 +43,7 @@ _PROTOBUF_LIMIT = 2**31 - 1  # bytes of one protobuf message
 BUDGET_SLACK = 0.03
 #: bisection steps of the search over --keep when only --tolerance is given
 SEARCH_STEPS = 7
+_PLAIN = " without cross-layer bases"  # the label of a plan verified beside a cross-layer one
 _SYNTHESISED = ("no --calib: the rewrites were verified on synthesised inputs, which "
                 "shows only that the model runs and keeps its shapes, not that it keeps "
                 "its accuracy; give calibration inputs to measure that")
@@ -93,19 +95,21 @@ def _compress(
 
     memos: dict[int, dict[tuple[str, ...], Candidate | None]] = {}  # per alignment
 
-    def plans(keep: float | None, align: int | None = None) -> list[Planned]:
+    def plans(keep: float | None, align: int | None = None, crosslayer: bool = True
+              ) -> list[Planned]:
         """The plan of each treatment of the convolutions (one where they agree)."""
         memo = memos.setdefault(align or 0, {})  # low-rank units, shared by all plans
         planned = [make_plan(extraction, groups, values, stats,
-                             config.plan_config(convs, resource, keep, align), loaded.name,
-                             memo, executor, model_file(loaded))
+                             replace(config.plan_config(convs, resource, keep, align),
+                                     crosslayer=config.crosslayer and crosslayer),
+                             loaded.name, memo, executor, model_file(loaded))
                    for convs in choices]
         if len(planned) > 1 and planned[0].plan == planned[1].plan:
             planned = planned[:1]  # both treatments planned the same: verify it once
         if keep is not None and config.mode == "budget" and config.align is None \
                 and align is None and any(
                 abs((p.plan.kept or 0.0) - keep) > BUDGET_SLACK for p in planned):
-            finer = plans(keep, 1)  # steps of 8 too coarse for this budget: steps of 1
+            finer = plans(keep, 1, crosslayer)  # steps of 8 too coarse: steps of 1
             better = _miss(finer, keep) < _miss(planned, keep)
             memos.pop(0 if better else 1)  # the memo not used holds every factorisation
             return finer if better else planned
@@ -129,6 +133,12 @@ def _compress(
     # the search verified the plans it settled on already
     candidates, tried = searched[keep] if keep in searched else (plans(keep), [])
     labels: list[str] = list(choices[:len(candidates)])
+    if any(s.kind == "crosslayer_basis" for p in candidates for s in p.plan.steps):
+        # a cross-layer basis wins on its own units' error; whether the model output
+        # agrees is measured: the plans without it are verified beside them
+        plain = plans(keep, crosslayer=False)
+        candidates, labels = [*candidates, *plain], [
+            *labels, *(f"{c}{_PLAIN}" for c in choices[:len(plain)])]
     if config.calib is not None and config.refit != "off" and any(
             s.kind != "prune_channels" for p in candidates for s in p.plan.steps):
         refitted = [refit(original, extraction, groups, p, split.fit) for p in candidates]
@@ -157,6 +167,11 @@ def _compress(
         best = min(results, key=lambda i: (model_params(results[i][0]),
                                            results[i][2].relative_error))
     plan = candidates[best].plan
+    if _PLAIN in labels[best]:  # say which cross-layer bases the verification turned down
+        other = labels.index(labels[best].replace(_PLAIN, ""))
+        plan = replace(plan, shared_bases=crosslayer_verified(
+            candidates[other].plan.shared_bases, tried[other][2].relative_error,
+            tried[best][2].relative_error))
     result, outcomes, verification = results[best]
     fit_verification = Verifier(original, split.fit).check(result) if split.separate else None
     seconds["rewrite_and_verify"] = time.perf_counter() - timer
