@@ -3,18 +3,20 @@
 A shared input-side basis can serve operators that read *different* tensors of one
 width only where their input-side states ``rho = W^T W^ / ||W^||_F**2`` point the same
 way: the Bures angle of two states is small when their energy lies in the same input
-directions. The candidates are groups of *units* (an operator, or the operators that
-read one tensor, which already share a basis): average-linkage clustering
+directions. The candidates are merges of *units* (an operator, or the operators that
+read one tensor, which already share a basis): the average-linkage tree
 (``scipy.cluster.hierarchy``) of the units of one input width, the distance of two units
 being the mean Bures angle of their operators' pairs on the QM-FRG (``pi/2``, the
 largest, where the graph has no Bures angle for a pair: the spectral filter ruled it out
-or the work cap left it), cut at ``threshold``. Average linkage keeps a chain of close
-pairs from gluing far-apart units into one group, as connected components would.
+or the work cap left it), every merge at most ``threshold`` a candidate, closest first.
+Average linkage keeps a chain of close pairs from gluing far-apart units into one group,
+as connected components would; the nested merges let the planner take the largest group
+that still pays.
 
 The threshold is wider than the graph's default (0.15 rad): on the trained fixtures no
 pair of layers comes that close (the transformer's nearest cross-layer pair is at
 0.57 rad), yet a shared basis can still lose less than separate factorisations at equal
-parameters. The QM-FRG only proposes; the planner measures each group on calibration
+parameters. The QM-FRG only proposes; the planner measures each merge on calibration
 data and keeps it only where it wins (:mod:`qmpass.plan.units.crosslayer`).
 """
 

@@ -16,14 +16,14 @@ with covariance ``C_i``, so no single whitening is every member's. What qmpass d
    ``second_i`` minimising ``E||(W_i - second_i F)(x_i - mu_i)||^2`` is the weighted
    least-squares solution ``second_i = W_i C_i F^T (F C_i F^T)^+``, and the bias takes
    the mean of what was cut, ``b_i' = b_i + (W_i - second_i F) mu_i``. So each member is
-   optimal for the shared basis on its own data; the basis is a compromise, refined in 4.
-3. **Error**: member ``i``'s relative output error on the calibration statistics,
-   ``tr(D_i C_i D_i^T) / tr(W_i C_i W_i^T)`` with ``D_i = W_i - second_i F``, exact for a
-   linear map and the same measure as the per-operator variants' tail energy.
-4. **Refinement** (:func:`refine`): the pooled basis is only a compromise, so the basis
+   optimal for the shared basis on its own data; the basis is a compromise, refined in 3.
+3. **Refinement** (:func:`refine`): the pooled basis is only a compromise, so the basis
    and the coefficients are then alternately re-fitted to the summed relative error
    under each member's own covariance (the basis by conjugate gradients on its normal
    equations, the coefficients as in 2), while the error drops.
+4. **Error**: member ``i``'s relative output error on the calibration statistics,
+   ``tr(D_i C_i D_i^T) / tr(W_i C_i W_i^T)`` with ``D_i = W_i - second_i F``, exact for a
+   linear map and the same measure as the per-operator variants' tail energy.
 
 A group's unit offers the separate path (the members' own units along their joint
 Lagrangian path, as :func:`~qmpass.plan.units.lowrank.cluster_candidate` walks them)
@@ -37,6 +37,7 @@ won stay on offer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -104,7 +105,7 @@ def pooled_projection(members: Sequence[Operator], stats: Sequence[StatsLike]) -
 
 def shared_fit(members: Sequence[Operator], stats: Sequence[StatsLike], first: np.ndarray
                ) -> SharedFit:
-    """Steps 2 and 3 of the module docstring for the basis ``first`` (``q x d_in``):
+    """Steps 2 and 4 of the module docstring for the basis ``first`` (``q x d_in``):
     each member's least-squares coefficients under its own covariance (``stats[i]``:
     what member ``i`` reads), its bias and its relative error."""
     seconds, biases, errors, deltas = [], [], [], []
@@ -130,12 +131,14 @@ def shared_fit(members: Sequence[Operator], stats: Sequence[StatsLike], first: n
 #: alternating steps of :func:`refine` (each: the basis by conjugate gradients, then
 #: every member's coefficients in closed form)
 REFINE_STEPS = 8
-_CG_STEPS = 60
+_CG_STEPS = 20
+#: shared ranks tried per group at most (evenly spaced multiples of the alignment)
+MAX_RANKS = 16
 
 
 def refine(members: Sequence[Operator], stats: Sequence[StatsLike], fit: SharedFit,
            steps: int = REFINE_STEPS) -> SharedFit:
-    """Step 4 of the module docstring: alternate between the basis and the coefficients
+    """Step 3 of the module docstring: alternate between the basis and the coefficients
     to lower the summed relative error under each member's *own* covariance. For fixed
     coefficients ``B_i`` the basis minimising ``sum_i w_i ||(W_i - B_i F) S_i||_F^2``
     (``w_i = 1 / tr(W_i C_i W_i^T)``) solves the linear system
@@ -187,8 +190,9 @@ def _cost(members: Sequence[Operator], rank: int) -> Cost:
 
 def _variants(members: Sequence[Operator], stats: Sequence[StatsLike], align: int
               ) -> list[Variant]:
-    """The shared-basis variants of ``members``, one per rank (a multiple of ``align``)
-    that saves both weights and work."""
+    """The shared-basis variants of ``members``, one per rank that saves both weights and
+    work, at most ``MAX_RANKS`` of them: multiples of ``align`` (of a larger multiple
+    where ``d_in / align`` would give more ranks)."""
     d_in = members[0].shape[1]
     d_outs = [op.shape[0] for op in members]
     inputs = len(reader_groups(members))
@@ -196,7 +200,8 @@ def _variants(members: Sequence[Operator], stats: Sequence[StatsLike], align: in
     before = Cost.of(members)
     out: list[Variant] = []
     proj = pooled_projection(members, stats)
-    for rank in range(align, d_in, align):
+    step = align * max(1, math.ceil(d_in / (MAX_RANKS * align)))
+    for rank in range(step, d_in, step):
         if decline_crosslayer_rank(rank, d_in, d_outs, inputs) is not None:
             break
         fit = refine(members, stats, shared_fit(members, stats, proj.factors(rank)[0]))
