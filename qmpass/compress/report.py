@@ -67,7 +67,8 @@ class Outcome:
 def _shared_status(bases: tuple[dict[str, Any], ...], outcomes: tuple[Outcome, ...]
                    ) -> list[dict[str, Any]]:
     """The plan's cross-layer groups, a ``shared`` one with its step's verified status
-    (``rolled_back``/``declined`` when verification or the rewriter refused it)."""
+    (``rolled_back``/``declined`` when verification or the rewriter refused it,
+    ``not_kept`` when its unit was kept as a milder variant of another shape)."""
     out = []
     for row in bases:
         row = dict(row)
@@ -75,7 +76,7 @@ def _shared_status(bases: tuple[dict[str, Any], ...], outcomes: tuple[Outcome, .
             found = next((o for o in outcomes if o.step.kind == "crosslayer_basis"
                           and set(o.step.operators) == set(row["operators"])), None)
             if found is None or found.status != "kept":
-                row["status"] = found.status if found is not None else "rolled_back"
+                row["status"] = found.status if found is not None else "not_kept"
                 row["reason"] = found.reason if found is not None else \
                     "verification kept a milder variant of its unit"
         out.append(row)
