@@ -10,9 +10,11 @@ import networkx as nx
 import numpy as np
 from tqdm import tqdm
 
+from qmpass.algebra import factored_linear_declines
 from qmpass.errors import QmpassInputError
 from qmpass.extract import Extraction, Operator, extract_operators
 from qmpass.frg import FRGConfig, build_qmfrg, clusters, graph_to_json
+from qmpass.frg.crosslayer import CrossLayerMerge, crosslayer_graph, crosslayer_merges
 from qmpass.modelio import ModelLike, load_model
 from qmpass.parallel import Executor, check_parallel, model_file
 from qmpass.spectral import SV_METHODS, SpectralState, SVMethod, spectral_state
@@ -81,6 +83,9 @@ class Analysis:
     clusters: tuple[tuple[str, ...], ...]
     seconds: dict[str, float]
     spectral_clusters: tuple[tuple[str, ...], ...] = ()
+    #: groups of units reading different tensors proposed to share one input-side basis
+    #: (:mod:`qmpass.frg.crosslayer`); ``compress`` measures each and keeps the winners
+    crosslayer: tuple[CrossLayerMerge, ...] = ()
 
     @property
     def operators(self) -> tuple[Operator, ...]:
@@ -102,6 +107,7 @@ class Analysis:
             "distances": _distance_summary(self.graph, len(self.states)),
             "clusters": [list(c) for c in self.clusters],
             "spectral_clusters": [list(c) for c in self.spectral_clusters],
+            "crosslayer_candidates": [m.to_dict() for m in self.crosslayer],
             "graph": graph_to_json(self.graph),
             "totals": {
                 "operators": len(ex.operators),
@@ -135,9 +141,29 @@ def analyze(model: ModelLike, config: AnalysisConfig = AnalysisConfig()) -> Anal
     by_bures = tuple(clusters(graph, metric="bures", method=config.cluster_method))
     by_spectrum = tuple(clusters(graph, metric="fs", method=config.cluster_method))
     seconds["qmfrg"] = time.perf_counter() - timer
+    timer = time.perf_counter()
+    crosslayer = _crosslayer(extraction, states)
+    seconds["crosslayer"] = time.perf_counter() - timer
     return Analysis(
-        loaded.name, extraction, states, graph, by_bures, seconds, by_spectrum
+        loaded.name, extraction, states, graph, by_bures, seconds, by_spectrum, crosslayer
     )
+
+
+def _crosslayer(extraction: Extraction, states: tuple[SpectralState, ...]
+                ) -> tuple[CrossLayerMerge, ...]:
+    """The cross-layer shared-basis candidates: units (a fusion group, or one operator)
+    of MatMul/Gemm operators a basis can serve, merged by the QM-FRG's Bures angles."""
+    fit = {op.name: st for op, st in zip(extraction.operators, states, strict=True)
+           if factored_linear_declines(op) is None}
+    units = [g for g in extraction.fusion_groups if all(n in fit for n in g)]
+    grouped = {n for g in units for n in g}
+    units += [(n,) for n in fit if n not in grouped]
+    ops = {op.name: op for op in extraction.operators}
+    names = [n for unit in units for n in unit]
+    if len(units) < 2:
+        return ()
+    graph = crosslayer_graph([ops[n] for n in names], [fit[n] for n in names])
+    return tuple(crosslayer_merges(graph, units))
 
 
 def _quiet(config: AnalysisConfig) -> bool | None:

@@ -385,5 +385,6 @@ def _print_summary(analysis: Analysis) -> None:
         f"fusion groups: {len(ex.fusion_groups)}, "
         f"QM-FRG edges: {analysis.graph.number_of_edges()}, "
         f"Bures clusters: {len(analysis.clusters)}, "
-        f"spectral clusters: {len(analysis.spectral_clusters)}"
+        f"spectral clusters: {len(analysis.spectral_clusters)}, "
+        f"cross-layer candidates: {len(analysis.crosslayer)}"
     )

@@ -93,7 +93,8 @@ def test_ranks_and_kept_channels_are_aligned() -> None:
 def test_a_cluster_picks_the_cheapest_error_for_its_cost() -> None:
     """Q/K/V reading one tensor: the unit offers a shared basis and separate factors; the
     variant chosen is on the lower hull of all of them."""
-    planned, _ = _plan("transformer_digits", PlanConfig("qmfrg", keep=0.5), True)
+    planned, _ = _plan("transformer_digits",  # same-input clusters only: no unit across
+                       PlanConfig("qmfrg", keep=0.5, crosslayer=False), True)  # layers
     clusters = [u for u in planned.units if u.candidate.key.startswith("cluster:")]
     assert len(clusters) == 2
     for unit in clusters:

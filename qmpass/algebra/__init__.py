@@ -11,6 +11,7 @@ here, so both IRs compute the same function by construction.
 Nothing here imports onnx, onnx-graphsurgeon or TVM.
 """
 
+from qmpass.algebra.crosslayer import CrossLayerBasis, reader_groups
 from qmpass.algebra.fold import conv_kernel, fold_batchnorm
 from qmpass.algebra.records import (
     Compensation,
@@ -20,6 +21,8 @@ from qmpass.algebra.records import (
     SharedBasisSplit,
 )
 from qmpass.algebra.rules import (
+    crosslayer_basis_declines,
+    decline_crosslayer_rank,
     decline_factors,
     decline_kept,
     decline_rank,
@@ -34,11 +37,14 @@ from qmpass.algebra.rules import (
 
 __all__ = [
     "Compensation",
+    "CrossLayerBasis",
     "FactoredConv",
     "FactoredLinear",
     "PrunedGroup",
     "SharedBasisSplit",
     "conv_kernel",
+    "crosslayer_basis_declines",
+    "decline_crosslayer_rank",
     "decline_factors",
     "decline_kept",
     "decline_rank",
@@ -47,6 +53,7 @@ __all__ = [
     "fold_batchnorm",
     "lowrank_declines",
     "lowrank_record",
+    "reader_groups",
     "row_linear_declines",
     "shared_basis_declines",
     "subgraph_declines",

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from qmpass.plan.plan import Step
 
 __all__ = [
+    "crosslayer_basis_declines",
     "decline_compensation",
+    "decline_crosslayer_rank",
     "decline_factors",
     "decline_kept",
     "decline_rank",
@@ -115,24 +117,66 @@ def lowrank_declines(op: Operator) -> str | None:
     return lowrank_record(op).declines(op)
 
 
-def shared_basis_declines(members: Sequence[Operator]) -> str | None:
-    """The rule of :class:`~qmpass.algebra.SharedBasisSplit`: two or more distinct
-    MatMul/Gemm operators that each factorise and read one tensor of one width."""
+def _decline_basis_members(members: Sequence[Operator], what: str) -> str | None:
+    """What every shared-basis rule asks of its members: two or more distinct MatMul/Gemm
+    operators, each factorisable, of one input width (``what`` names the basis)."""
     names = [op.name for op in members]
     if len(names) < 2:
-        return f"a shared basis needs two or more operators, not {len(names)}"
+        return f"a {what} needs two or more operators, not {len(names)}"
     if len(set(names)) != len(names):
         return "the step names an operator more than once"
     for op in members:
         reason = factored_linear_declines(op)
         if reason is not None:
             return f"member '{op.name}' is declined: {reason}"
-    inputs = sorted({op.input for op in members})
-    if len(inputs) > 1:
-        return f"members read different tensors ({', '.join(repr(t) for t in inputs)})"
+    return None
+
+
+def _decline_widths(members: Sequence[Operator]) -> str | None:
     widths = sorted({op.shape[1] for op in members})
     if len(widths) > 1:
         return f"members differ in input width ({', '.join(map(str, widths))})"
+    return None
+
+
+def shared_basis_declines(members: Sequence[Operator]) -> str | None:
+    """The rule of :class:`~qmpass.algebra.SharedBasisSplit`: two or more distinct
+    MatMul/Gemm operators that each factorise and read one tensor of one width."""
+    reason = _decline_basis_members(members, "shared basis")
+    if reason is not None:
+        return reason
+    inputs = sorted({op.input for op in members})
+    if len(inputs) > 1:
+        return f"members read different tensors ({', '.join(repr(t) for t in inputs)})"
+    return _decline_widths(members)
+
+
+def crosslayer_basis_declines(members: Sequence[Operator]) -> str | None:
+    """The rule of :class:`~qmpass.algebra.CrossLayerBasis`: two or more distinct
+    MatMul/Gemm operators that each factorise, of one input width, reading two or more
+    different tensors (operators reading one tensor are a plain shared basis)."""
+    reason = _decline_basis_members(members, "cross-layer basis") or _decline_widths(members)
+    if reason is None and len({op.input for op in members}) < 2:
+        return "the members read one tensor: that is a shared basis, not a cross-layer one"
+    return reason
+
+
+def decline_crosslayer_rank(rank: int | None, d_in: int, d_outs: Sequence[int],
+                            inputs: int) -> str | None:
+    """Why a basis of width ``rank`` shared by members of outputs ``d_outs`` over
+    ``inputs`` different tensors saves neither weights nor work per input vector.
+
+    Weights: ``rank (d_in + sum(d_outs))`` against ``d_in sum(d_outs)``; work: the basis
+    is applied once per tensor, ``rank (inputs d_in + sum(d_outs))``."""
+    if rank is None or rank < 1:
+        return f"step has no usable rank ({rank})"
+    total = sum(d_outs)
+    if rank * (d_in + total) >= d_in * total:
+        return (f"rank {rank} shared by {len(d_outs)} operators saves no weights: "
+                f"{rank}*({d_in}+{total}) >= {d_in}*{total}")
+    if rank * (inputs * d_in + total) >= d_in * total:
+        return (f"rank {rank} shared over {inputs} inputs saves no work: "
+                f"{rank}*({inputs}*{d_in}+{total}) >= {d_in}*{total}")
     return None
 
 

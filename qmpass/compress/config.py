@@ -69,6 +69,11 @@ class CompressConfig:
     side; ``scheduler``: a Dask scheduler's address (``tcp://host:port``) to compute them
     on instead, its workers reading the weights from the model file
     (:mod:`qmpass.parallel`). The plan and the model are the same either way.
+
+    ``crosslayer``: with calibration data, ``qmfrg`` lets the QM-FRG's groups of
+    operators that read different tensors share one input-side basis where that is
+    measured to lose less than separate factorisations at equal parameters
+    (:mod:`qmpass.plan.units.crosslayer`); False plans without it.
     """
 
     method: Method = "qmfrg"
@@ -89,6 +94,7 @@ class CompressConfig:
     scheduler: str | None = None
     pricing: Literal["output", "layer"] = "output"
     allocation: Allocation | None = None
+    crosslayer: bool = True
 
     def __post_init__(self) -> None:
         check_parallel(self.jobs, self.scheduler)
@@ -171,4 +177,5 @@ class CompressConfig:
             self.method, keep=keep, delta=None if keep is not None else delta,
             seed=self.seed, align=align, convs=convs, resource=resource,
             allocation=self.allocation,
+            crosslayer=self.crosslayer,
         )

@@ -31,6 +31,7 @@ from qmpass.plan.planner import Planned, make_plan
 from qmpass.plan.resource import PARAMS, Cycles
 from qmpass.plan.sequential import refit
 from qmpass.plan.units import Candidate
+from qmpass.plan.units.crosslayer import crosslayer_verified
 from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
 from qmpass.verify import Verifier, check_feeds, synthesize_inputs
@@ -45,6 +46,7 @@ _PROTOBUF_LIMIT = 2**31 - 1  # bytes of one protobuf message
 BUDGET_SLACK = 0.03
 #: bisection steps of the search over --keep when only --tolerance is given
 SEARCH_STEPS = 7
+_PLAIN = " without cross-layer bases"  # the label of a plan verified beside a cross-layer one
 _SYNTHESISED = ("no --calib: the rewrites were verified on synthesised inputs, which "
                 "shows only that the model runs and keeps its shapes, not that it keeps "
                 "its accuracy; give calibration inputs to measure that")
@@ -99,7 +101,8 @@ def _compress(
     gains: dict[str, Gain] = {}
     priced = config.priced_by_output
 
-    def plans(keep: float | None, align: int | None = None) -> list[Alternative]:
+    def plans(keep: float | None, align: int | None = None, crosslayer: bool = True
+              ) -> list[Alternative]:
         """The plan of each treatment of the convolutions (distinct plans only, labelled
         by their treatment); with output pricing, the units' gains are measured the first
         time a unit is planned for a ``keep``."""
@@ -107,8 +110,9 @@ def _compress(
 
         def plan_all(prices: dict[str, float] | None) -> list[Planned]:
             return [make_plan(extraction, groups, values, stats,
-                              config.plan_config(convs, resource, keep, align), loaded.name,
-                              memo, executor, model_file(loaded), prices)
+                              replace(config.plan_config(convs, resource, keep, align),
+                                      crosslayer=config.crosslayer and crosslayer),
+                              loaded.name, memo, executor, model_file(loaded), prices)
                     for convs in choices]
 
         planned = plan_all(None)
@@ -130,7 +134,7 @@ def _compress(
         if keep is not None and config.mode == "budget" and config.align is None \
                 and align is None and any(
                 abs((p.plan.kept or 0.0) - keep) > BUDGET_SLACK for _, p in distinct):
-            finer = plans(keep, 1)  # steps of 8 too coarse for this budget: steps of 1
+            finer = plans(keep, 1, crosslayer)  # steps of 8 too coarse: steps of 1
             better = _miss(finer, keep) < _miss(distinct, keep)
             memos.pop(0 if better else 1)  # the memo not used holds every factorisation
             return finer if better else distinct
@@ -154,6 +158,12 @@ def _compress(
     alternatives_, tried = searched[keep] if keep in searched else (plans(keep), [])
     labels = [label for label, _ in alternatives_]
     candidates = [p for _, p in alternatives_]
+    if any(s.kind == "crosslayer_basis" for p in candidates for s in p.plan.steps):
+        # a cross-layer basis wins on its own units' error; whether the model output
+        # agrees is measured: the plans without it are verified beside them
+        plain = plans(keep, crosslayer=False)
+        candidates = [*candidates, *(p for _, p in plain)]
+        labels = [*labels, *(f"{label}{_PLAIN}" for label, _ in plain)]
     if config.calib is not None and config.refit != "off" and any(
             s.kind != "prune_channels" for p in candidates for s in p.plan.steps):
         refitted = [refit(original, extraction, groups, p, split.fit) for p in candidates]
@@ -182,6 +192,11 @@ def _compress(
         best = min(results, key=lambda i: (model_params(results[i][0]),
                                            results[i][2].relative_error))
     plan = candidates[best].plan
+    if _PLAIN in labels[best]:  # say which cross-layer bases the verification turned down
+        other = labels.index(labels[best].replace(_PLAIN, ""))
+        plan = replace(plan, shared_bases=crosslayer_verified(
+            candidates[other].plan.shared_bases, tried[other][2].relative_error,
+            tried[best][2].relative_error))
     result, outcomes, verification = results[best]
     fit_verification = Verifier(original, split.fit).check(result) if split.separate else None
     seconds["rewrite_and_verify"] = time.perf_counter() - timer

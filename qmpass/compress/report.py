@@ -65,6 +65,25 @@ class Outcome:
         return out
 
 
+def _shared_status(bases: tuple[dict[str, Any], ...], outcomes: tuple[Outcome, ...]
+                   ) -> list[dict[str, Any]]:
+    """The plan's cross-layer groups, a ``shared`` one with its step's verified status
+    (``rolled_back``/``declined`` when verification or the rewriter refused it,
+    ``not_kept`` when its unit was kept as a milder variant of another shape)."""
+    out = []
+    for row in bases:
+        row = dict(row)
+        if row.get("status") == "shared":
+            found = next((o for o in outcomes if o.step.kind == "crosslayer_basis"
+                          and set(o.step.operators) == set(row["operators"])), None)
+            if found is None or found.status != "kept":
+                row["status"] = found.status if found is not None else "not_kept"
+                row["reason"] = found.reason if found is not None else \
+                    "verification kept a milder variant of its unit"
+        out.append(row)
+    return out
+
+
 def _attempt_dict(row: Step, attempt: Attempt) -> dict[str, Any]:
     """An attempt as the row of ``row`` shows it: the size tried for these operators
     (a rank, or kept channels), or the whole variant when it has another shape."""
@@ -136,6 +155,7 @@ class Report:
             self.fit_verification.to_dict(),
             "calibration_samples": {"fit": self.samples[0], "held_out": self.samples[1]},
             "notes": [*self.plan.notes, *self.notes],
+            "shared_bases": _shared_status(self.plan.shared_bases, self.outcomes),
             "alternatives": self.alternatives,
             "conv_alternatives": {k: v for k, v in self.alternatives.items()
                                   if not k.endswith("+refit")},
@@ -153,7 +173,16 @@ class Report:
 
 
 def operator_params(extraction: Extraction) -> int:
-    return sum(op.params for op in extraction.operators)
+    """Weight-operator parameters; a MatMul/Gemm weight stored once and read by several
+    operators (a cross-layer shared basis) counts once."""
+    seen: set[str] = set()
+    total = 0
+    for op in extraction.operators:
+        total += op.params
+        if op.weight_name in seen and op.op_type in ("MatMul", "Gemm"):
+            total -= int(op.weight.size)
+        seen.add(op.weight_name)
+    return total
 
 
 def operator_flops(extraction: Extraction) -> int:

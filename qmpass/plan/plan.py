@@ -19,7 +19,7 @@ from qmpass.extract import Operator
 
 __all__ = ["Cost", "Plan", "Step", "StepKind"]
 
-StepKind = Literal["lowrank", "shared_basis", "prune_channels"]
+StepKind = Literal["lowrank", "shared_basis", "prune_channels", "crosslayer_basis"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,9 @@ class Step:
     ``shared_basis`` the members reading one tensor, in output order, and ``rank`` the
     width of the shared basis; for ``prune_channels`` the channel group named by
     ``group`` (producers first, then consumers), ``channels`` its width and ``kept`` the
-    channel indices that stay. ``predicted_error`` is the relative output error the
+    channel indices that stay; for ``crosslayer_basis`` members reading two or more
+    different tensors of one width, sharing one input-side basis of width ``rank``
+    (:mod:`qmpass.plan.units.crosslayer`). ``predicted_error`` is the relative output error the
     planner expects (energy lost, or calibration error when data-aware);
     ``certificate`` holds the terms of the sound bound ``R ||W - W'||_op + ||b - b'||`` on
     the change of one output vector: ``op_norm`` and ``bias_change`` always, ``radius``
@@ -109,6 +111,9 @@ class Plan:
     resource: str = "params"
     notes: tuple[str, ...] = ()
     kept: float | None = None
+    #: the QM-FRG clusters proposed as cross-layer shared bases and what was measured
+    #: (:func:`qmpass.plan.units.crosslayer.crosslayer_outcomes`)
+    shared_bases: tuple[dict[str, Any], ...] = ()
 
     @property
     def params_saved(self) -> int:
@@ -125,6 +130,7 @@ class Plan:
             "resource": self.resource,
             "notes": list(self.notes),
             "kept": self.kept,
+            "shared_bases": [dict(b) for b in self.shared_bases],
         }
 
     def to_json(self) -> str:
@@ -142,6 +148,7 @@ class Plan:
             resource=data.get("resource", "params"),
             notes=tuple(data.get("notes", ())),
             kept=data.get("kept"),
+            shared_bases=tuple(dict(b) for b in data.get("shared_bases", ())),
         )
 
     @classmethod

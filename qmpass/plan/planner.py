@@ -45,10 +45,13 @@ from qmpass.plan.resource import PARAMS, Resource
 from qmpass.plan.units import (
     Built,
     Candidate,
+    Proposal,
     StatsKey,
     StatsLike,
     channel_candidate,
     cluster_candidate,
+    crosslayer_candidates,
+    crosslayer_outcomes,
     input_key,
     lowrank_candidate,
 )
@@ -93,6 +96,7 @@ class PlanConfig:
     convs: Literal["prune", "factorise"] = "prune"
     resource: Resource = PARAMS
     allocation: Allocation | None = None
+    crosslayer: bool = True  # qmfrg with calibration: QM-FRG groups may share a basis
 
     def __post_init__(self) -> None:
         if (self.keep is None) == (self.delta is None):
@@ -189,6 +193,10 @@ def make_plan(
     declined: dict[str, str] = {}
     candidates = _candidates(extraction, groups, values, stats, config, declined,
                              {} if memo is None else memo, executor, source)
+    proposals: list[Proposal] = []  # cross-layer bases (plan/units/crosslayer.py), measured
+    if config.method == "qmfrg" and config.crosslayer and config.resource is PARAMS:
+        candidates, proposals = crosslayer_candidates(candidates, ops, stats, config.align,
+                                                      memo)
     if config.resource is not PARAMS:  # on a target, fewer parameters can cost more cycles
         saving = [c for c in candidates
                   if min(v.cost for v in c.variants[1:]) < c.variants[0].cost]
@@ -231,6 +239,7 @@ def make_plan(
         resource=config.resource.name,
         notes=tuple(notes),
         kept=kept,
+        shared_bases=crosslayer_outcomes(proposals, steps),
     )
     return Planned(plan, tuple(tensors), tuple(units), tuple(candidates))
 

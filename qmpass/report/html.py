@@ -529,6 +529,11 @@ def _groups_section(analysis: Analysis) -> list[str]:
         '<p class="muted">Operators the QM-FRG finds close under its threshold, candidates '
         "for a shared basis.</p>",
         _name_groups(analysis.clusters),
+        "<h3>Cross-layer shared-basis candidates</h3>",
+        '<p class="muted">Units reading different tensors of one width, merged by their '
+        "mean Bures angle (average linkage, closest first); <code>compress</code> measures "
+        "each on calibration data and keeps a shared basis only where it wins.</p>",
+        _name_groups([[*m.operators, f"(Bures {m.bures:.3f})"] for m in analysis.crosslayer]),
         "<h2>Nodes not analysed</h2>",
         "<h3>Skipped</h3>",
         _skipped_table(ex.skipped),

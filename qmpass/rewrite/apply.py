@@ -20,6 +20,7 @@ from qmpass.rewrite.lowrank_conv import LowRankConv
 from qmpass.rewrite.lowrank_matmul import LowRankMatMul
 from qmpass.rewrite.prune_channels import PruneChannels
 from qmpass.rewrite.shared_basis import SharedBasis
+from qmpass.rewrite.shared_basis_crosslayer import CrossLayerSharedBasis
 
 __all__ = ["Applier"]
 
@@ -39,6 +40,7 @@ class Applier:
         self.ops: dict[str, Operator] = {op.name: op for op in extraction.operators}
         self.prune = PruneChannels(groups)
         self.matmul, self.conv, self.shared = LowRankMatMul(), LowRankConv(), SharedBasis()
+        self.crosslayer = CrossLayerSharedBasis()
 
     @cached_property
     def surgery_refused(self) -> str | None:
@@ -57,6 +59,8 @@ class Applier:
             return self.prune
         if step.kind == "shared_basis":
             return self.shared
+        if step.kind == "crosslayer_basis":
+            return self.crosslayer
         op = self.ops.get(step.operators[0])
         return self.conv if op is not None and op.op_type == "Conv" else self.matmul
 

@@ -18,7 +18,7 @@ algebra and the rule are :class:`qmpass.algebra.SharedBasisSplit`'s; this module
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -39,7 +39,7 @@ from qmpass.rewrite.base import (
 )
 from qmpass.rewrite.lowrank_matmul import matmul_pair
 
-__all__ = ["SharedBasis", "split_pair"]
+__all__ = ["SharedBasis", "split_outputs", "split_pair"]
 
 _SPLIT_SIZES_AS_INPUT = 13  # opset from which Split reads its sizes from an input
 
@@ -56,15 +56,17 @@ class SharedBasis(Rewrite):
     """
 
     kind: ClassVar[StepKind] = "shared_basis"
+    #: what the rewrite is called in a declining sentence
+    what: ClassVar[str] = "shared-basis fusion"
 
     def check(self, graph: gs.Graph, step: Step, ops: Mapping[str, Operator]) -> str | None:
         if step.kind != self.kind:
-            return f"a '{step.kind}' step is not a shared-basis fusion"
+            return f"a '{step.kind}' step is not a {self.what}"
         for name in step.operators:
             if name not in ops:
                 return f"member '{name}' is declined: {decline_node(graph, ops, name)}"
         members = [ops[name] for name in step.operators]
-        reason = SharedBasisSplit.declines(members)
+        reason = self.declines(members)
         if reason is not None:
             return reason
         for name in step.operators:
@@ -74,7 +76,17 @@ class SharedBasis(Rewrite):
         dtypes = {weight_dtype(graph, op) for op in members}
         if len(dtypes) > 1:
             return f"members store weights in different types ({', '.join(map(str, dtypes))})"
-        return decline_rank(step.rank, members[0].shape[1], [op.shape[0] for op in members])
+        return self.decline_rank(step.rank, members)
+
+    @staticmethod
+    def declines(members: Sequence[Operator]) -> str | None:
+        """The record's rule."""
+        return SharedBasisSplit.declines(members)
+
+    @staticmethod
+    def decline_rank(rank: int | None, members: Sequence[Operator]) -> str | None:
+        """Why ``rank`` saves nothing for ``members``."""
+        return decline_rank(rank, members[0].shape[1], [op.shape[0] for op in members])
 
     def check_tensors(
         self, step: Step, ops: Mapping[str, Operator], tensors: StepTensors
@@ -118,7 +130,15 @@ def split_pair(
     attribute before)."""
     fused = gs.Variable(unique_name(graph, f"{base}/fused"), dtype=dtype)
     matmul_pair(graph, base, x, fused, record.fused, dtype)
-    sizes = list(record.sizes)
+    split_outputs(graph, base, fused, outputs, record.sizes)
+
+
+def split_outputs(graph: gs.Graph, base: str, fused: gs.Tensor, outputs: list[gs.Variable],
+                  sizes_: tuple[int, ...]) -> None:
+    """A ``Split`` of ``fused``'s last axis into ``outputs`` of ``sizes_`` (sizes as an
+    int64 input from opset 13 on, as an attribute before). Shared with
+    :mod:`qmpass.rewrite.shared_basis_crosslayer`."""
+    sizes = list(sizes_)
     if graph.opset >= _SPLIT_SIZES_AS_INPUT:
         split = new_constant(graph, f"{base}/split", np.array(sizes), np.dtype(np.int64))
         add_node(graph, "Split", f"{base}/Split", [fused, split], outputs, {"axis": -1})

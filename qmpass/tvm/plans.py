@@ -16,7 +16,7 @@ does not have); its steps name the Relax operators.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -69,7 +69,8 @@ def plan_onnx(
     """Plan ``model`` as :func:`qmpass.compress` plans it with ``config`` (default
     ``CompressConfig()``) for one treatment of convolutions, ``convs``, without
     rewriting or verifying. With ``config.calib`` the plan is data-aware (whitened
-    factors, bias corrections and, for ``convs="prune"``, channel pruning)."""
+    factors, bias corrections and, for ``convs="prune"``, channel pruning). It proposes
+    no cross-layer shared basis, which the Relax pass does not print."""
     config = config if config is not None else CompressConfig()
     loaded = load_model(model)
     named = name_nodes(caller_form(loaded.proto))
@@ -80,8 +81,10 @@ def plan_onnx(
         split = split_feeds(named, check_feeds(config.calib, named), config.holdout,
                             config.seed)  # fitted on the part compress fits on
         stats = calibration_stats(named, extraction, groups, config.method, split.fit)
+    # without cross-layer bases, which the Relax pass does not print (it would decline them)
     planned = make_plan(extraction, groups, stored_values(named), stats,
-                        config.plan_config(convs), named.graph.name or "model")
+                        replace(config.plan_config(convs), crosslayer=False),
+                        named.graph.name or "model")
     return OnnxPlan(named, extraction, tuple(groups), planned)
 
 

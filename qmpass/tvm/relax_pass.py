@@ -304,6 +304,9 @@ def _replacement(
 ) -> _Replacement | str:
     """The replacement for ``step``, or why the pass declines it (the record's rule on
     the plan's operators, then the Relax sites)."""
+    if step.kind == "crosslayer_basis":  # qmpass/rewrite/shared_basis_crosslayer.py
+        return ("a cross-layer shared basis is printed by the ONNX rewriter only; the Relax "
+                "pass does not print it yet")
     members: list[Site] = []
     for name in step.operators:
         if name not in ops:

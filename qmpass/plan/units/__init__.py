@@ -18,7 +18,8 @@ Errors are relative (energy lost over energy seen), summed over members, so unit
 different sizes are compared on one scale: the objective of the paper's eq. (8).
 
 :mod:`.common` holds what every unit is, :mod:`.lowrank` the factorised units,
-:mod:`.pruning` the channel groups and the costs of pruned operators.
+:mod:`.pruning` the channel groups and the costs of pruned operators, :mod:`.crosslayer`
+the units that the QM-FRG groups across layers to share one input-side basis.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from qmpass.plan.units.common import (
     Variant,
     input_key,
 )
+from qmpass.plan.units.crosslayer import Proposal, crosslayer_candidates, crosslayer_outcomes
 from qmpass.plan.units.lowrank import cluster_candidate, lowrank_candidate
 from qmpass.plan.units.pruning import (
     channel_candidate,
@@ -42,11 +44,14 @@ from qmpass.plan.units.pruning import (
 __all__ = [
     "Built",
     "Candidate",
+    "Proposal",
     "StatsKey",
     "StatsLike",
     "Variant",
     "channel_candidate",
     "cluster_candidate",
+    "crosslayer_candidates",
+    "crosslayer_outcomes",
     "input_key",
     "lowrank_candidate",
     "pruned_costs",
