@@ -12,6 +12,7 @@ Units of compression by method (:mod:`qmpass.plan.units` builds their variants):
 * ``svd``: every operator alone, plain truncated SVD (data-free even with calibration).
 * ``whitened``: every operator alone, whitened truncation from the calibration data: the
   per-layer data-aware optimum of docs/DESIGN.md (the same as ``svd`` without data).
+* ``asvd``: every operator alone, activation-aware SVD (:class:`ActivationScaled`).
 * ``magnitude`` / ``random``: the baselines prune every prunable channel group, keeping
   the channels of largest L1 norm (or random ones), the same fraction in every group,
   without compensation.
@@ -36,6 +37,7 @@ from qmpass.extract import Extraction, Operator
 from qmpass.extract.channels import ChannelGroup
 from qmpass.parallel import Executor
 from qmpass.plan.budget import allocate
+from qmpass.plan.factors import ActivationScaled
 from qmpass.plan.plan import Cost, Plan, Step
 from qmpass.plan.resource import PARAMS, Resource
 from qmpass.plan.units import (
@@ -52,8 +54,8 @@ from qmpass.plan.units import (
 
 __all__ = ["METHODS", "Method", "PlanConfig", "Planned", "make_plan", "stats_requests"]
 
-Method = Literal["qmfrg", "svd", "whitened", "magnitude", "random"]
-METHODS: tuple[Method, ...] = ("qmfrg", "svd", "whitened", "magnitude", "random")
+Method = Literal["qmfrg", "svd", "whitened", "asvd", "magnitude", "random"]
+METHODS: tuple[Method, ...] = ("qmfrg", "svd", "whitened", "asvd", "magnitude", "random")
 _PRUNING: tuple[Method, ...] = ("magnitude", "random")
 
 
@@ -123,7 +125,7 @@ def stats_requests(
     them up: compressible operators' inputs (receptive fields for a Conv) and the
     activations of prunable groups' consumers along the channel axis."""
     wanted: dict[str, StatsKey] = {}
-    if method in ("qmfrg", "whitened"):
+    if method in ("qmfrg", "whitened", "asvd"):
         for op in extraction.operators:
             if lowrank_declines(op) is None:
                 key = input_key(op)
@@ -253,10 +255,11 @@ def _candidates(
                                      "no prunable channel group touches it")
         return candidates
 
-    whitened = method in ("qmfrg", "whitened") and stats is not None
+    whitened = method in ("qmfrg", "whitened", "asvd") and stats is not None
 
     def op_stats(op: Operator) -> StatsLike | None:
-        return stats.get(input_key(op).key) if whitened and stats is not None else None
+        found = stats.get(input_key(op).key) if whitened and stats is not None else None
+        return ActivationScaled(found) if method == "asvd" and found is not None else found
 
     if executor is not None and executor.parallel:
         # the same units as the loops below ask for, computed side by side into the memo
