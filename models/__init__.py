@@ -10,7 +10,7 @@ The language-model fixture (`LLM_FIXTURES`, `models/llama_text.py`) is kept apar
 `FIXTURES`, whose users assume digit images: its inputs are int64 byte ids `(batch, 128)`,
 its output next-byte logits; `load_llm_test` gives the held-out windows and their next
 bytes, `load_calib` its calibration windows, `perplexity` the metric. It is rebuilt by
-`python models/llama_text.py` (about 10 minutes; not part of build_all.py).
+`python models/llama_text.py` (10-18 minutes; not part of build_all.py).
 
 This module imports only numpy and pathlib so that tests can load fixtures in an
 environment without torch.
