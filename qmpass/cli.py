@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=METHODS,
         default="qmfrg",
         help="qmfrg (default); svd: plain truncated SVD; whitened: per-operator whitened "
-        "truncation (needs --calib); magnitude, random: channel-pruning baselines",
+        "truncation (needs --calib); asvd: activation-aware SVD (needs --calib); magnitude, "
+        "random: channel-pruning baselines",
     )
     budget = compress_cmd.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=float,

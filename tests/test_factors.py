@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from conftest import trained_matrix
 
-from qmpass.plan.factors import compensation, greedy_channel_order, projection, sqrt_psd
+from qmpass.plan.factors import (
+    ActivationScaled,
+    compensation,
+    greedy_channel_order,
+    projection,
+    sqrt_psd,
+)
 
 
 def _covariance(d: int, seed: int = 0) -> np.ndarray:
@@ -113,3 +119,35 @@ def test_ranks_past_the_numerical_rank_are_padded_and_exact() -> None:
     assert first.shape == (8, 40) and second.shape == (32, 8)
     np.testing.assert_allclose(second @ first, low, atol=1e-9)
     assert proj.tail(8) == 0.0 and proj.member_errors(8)[0] == 0.0
+
+
+class _Stats:
+    """Moments of sampled vectors, as the planner reads them."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.mean = x.mean(axis=0)
+        self.cov = np.cov(x, rowvar=False, bias=True)
+        self.max_norm = float(np.linalg.norm(x, axis=1).max())
+
+
+@pytest.mark.parametrize("shape", [(32, 40), (40, 32)])  # output-side Gram, or S itself
+def test_asvd_truncates_the_activation_scaled_weight(shape: tuple[int, int]) -> None:
+    """ASVD (Yuan et al. 2023): W' = [W S]_q S^-1 with S = diag(sqrt(E[x_j^2]))^0.5."""
+    w = trained_matrix(*shape).astype(np.float64)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, shape[1])) * np.geomspace(0.05, 20.0, shape[1]) + 0.3
+    scaled = ActivationScaled(_Stats(x))
+    s = np.sqrt(np.sqrt(np.mean(x**2, axis=0)))  # alpha = 0.5 of the channels' RMS
+    np.testing.assert_allclose(scaled.cov, np.diag(s**2), rtol=1e-10)
+    assert not scaled.mean.any()  # ASVD leaves the bias alone
+    rank = 10
+    first, second = projection([w], scaled.cov).factors(rank)
+    u, sv, vt = np.linalg.svd(w * s)
+    np.testing.assert_allclose(second @ first, (u[:, :rank] * sv[:rank]) @ vt[:rank] / s,
+                               atol=1e-8)
+
+    def output_error(approx: np.ndarray) -> float:
+        return float(np.linalg.norm(x @ (w - approx).T))
+
+    plain = projection([w], None).factors(rank)
+    assert output_error(second @ first) < output_error(plain[1] @ plain[0])

@@ -43,6 +43,14 @@ class CompressConfig:
     relaxed to 1 where that is what lets a ``keep`` budget be met (on small layers a
     step of 8 channels is a large part of the budget).
 
+    ``method``: ``qmfrg`` (the default), ``svd`` (plain truncated SVD), ``whitened``
+    (per-operator whitened truncation, SVD-LLM's per-layer optimum), ``asvd``
+    (activation-aware SVD, Yuan et al. 2023: the input side scaled by the channels' root
+    mean square to the power 0.5, :class:`~qmpass.plan.factors.ActivationScaled`), or the
+    channel-pruning baselines ``magnitude`` and ``random``; ``whitened`` and ``asvd`` are
+    plain ``svd`` without ``calib``. Ranks are allocated by the Lagrangian for every
+    low-rank method (uniformly only for the pruning baselines).
+
     ``calib`` feeds (keyed by graph input name) make the plan data-aware. They are split,
     seeded by ``seed``: ``holdout`` of the samples verify (the tolerance applies to
     them), the rest fit. Without them ``samples`` inputs are synthesised, which verifies

@@ -21,6 +21,14 @@ are the eigenvectors of the cluster's mixed state ``rho_C = (1/n) sum_i rho_i`` 
 eigenspace ``P_q``, and member ``i`` loses ``1 - tr(P_q rho_i)`` of its energy
 (:meth:`Projection.member_errors`).
 
+ASVD (activation-aware SVD, Yuan et al. 2023) scales the input side of ``W`` by
+``S = diag(s)^alpha`` with ``s`` each input channel's activation magnitude, truncates
+``W S`` and unscales: ``W' = [W S]_q S^-1``. That is the construction above with the
+diagonal ``S^2`` in place of ``C`` (:class:`ActivationScaled`); ``s`` is the channel's
+root mean square ``sqrt(E[x_j^2])`` (the calibration statistics hold the second moment,
+not ``E|x_j|``, ASVD's own choice) and ``alpha = 0.5``. As published, ASVD leaves the
+bias as it is (the mean it sees is zero).
+
 Channel pruning keeps channels ``S`` of an activation and, for each consumer, replaces
 the removed channels ``R`` by their least-squares estimate from the kept ones:
 ``x_R ~ mu_R + C_RS C_SS^-1 (x_S - mu_S)``; the consumer folds this map (``mix``) and its
@@ -33,17 +41,50 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.linalg
 
+if TYPE_CHECKING:  # the units import this module
+    from qmpass.plan.units.common import StatsLike
+
 __all__ = [
+    "ASVD_ALPHA",
+    "ActivationScaled",
     "Projection",
     "compensation",
     "greedy_channel_order",
     "projection",
     "sqrt_psd",
 ]
+
+
+#: ASVD's exponent of the activation scale (the paper's default)
+ASVD_ALPHA = 0.5
+
+
+@dataclass(frozen=True, eq=False)
+class ActivationScaled:
+    """ASVD's view of one operator's calibration statistics, read by the planner like
+    them: ``cov`` is ``S^2 = diag(sqrt(E[x_j^2]))^(2 alpha)``, ``mean`` is zero (the bias
+    is not refitted), ``max_norm`` that of the inputs (for the certificate)."""
+
+    stats: StatsLike
+    alpha: float = ASVD_ALPHA
+
+    @cached_property
+    def cov(self) -> np.ndarray:
+        rms = np.sqrt(np.clip(np.diag(self.stats.cov) + self.stats.mean**2, 0.0, None))
+        return np.diag(rms ** (2 * self.alpha))
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.zeros_like(self.stats.mean)
+
+    @property
+    def max_norm(self) -> float:
+        return self.stats.max_norm
 
 
 def sqrt_psd(matrix: np.ndarray) -> np.ndarray:

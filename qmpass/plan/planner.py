@@ -12,8 +12,10 @@ Units of compression by method (:mod:`qmpass.plan.units` builds their variants):
 * ``svd``: every operator alone, plain truncated SVD (data-free even with calibration).
 * ``whitened``: every operator alone, whitened truncation from the calibration data: the
   per-layer data-aware optimum of docs/DESIGN.md (the same as ``svd`` without data), the
-  anchor of SVD-LLM. Both baselines keep the same fraction of every operator (as their
-  papers do), not the Lagrangian's allocation.
+  anchor of SVD-LLM.
+* ``asvd``: every operator alone, activation-aware SVD (:class:`ActivationScaled`).
+* The low-rank baselines (``svd``, ``whitened``, ``asvd``) keep the same fraction of
+  every operator (as their papers do), not the Lagrangian's allocation.
 * ``magnitude`` / ``random``: the baselines prune every prunable channel group, keeping
   the channels of largest L1 norm (or random ones), the same fraction in every group,
   without compensation.
@@ -40,6 +42,7 @@ from qmpass.extract import Extraction, Operator
 from qmpass.extract.channels import ChannelGroup
 from qmpass.parallel import Executor
 from qmpass.plan.allocation import Rule, choose, exact_cost, full_cost
+from qmpass.plan.factors import ActivationScaled
 from qmpass.plan.plan import Cost, Plan, Step
 from qmpass.plan.resource import PARAMS, Resource
 from qmpass.plan.units import (
@@ -59,13 +62,13 @@ from qmpass.plan.units import (
 __all__ = ["ALLOCATIONS", "METHODS", "Allocation", "Method", "PlanConfig", "Planned",
            "make_plan", "stats_requests"]
 
-Method = Literal["qmfrg", "svd", "whitened", "magnitude", "random"]
+Method = Literal["qmfrg", "svd", "whitened", "asvd", "magnitude", "random"]
 Allocation = Literal["lagrangian", "uniform"]
 ALLOCATIONS: tuple[Allocation, ...] = ("lagrangian", "uniform")
-METHODS: tuple[Method, ...] = ("qmfrg", "svd", "whitened", "magnitude", "random")
+METHODS: tuple[Method, ...] = ("qmfrg", "svd", "whitened", "asvd", "magnitude", "random")
 _PRUNING: tuple[Method, ...] = ("magnitude", "random")
 #: the low-rank baselines keep the same fraction of every operator, as their papers do
-_UNIFORM: tuple[Method, ...] = ("svd", "whitened")
+_UNIFORM: tuple[Method, ...] = ("svd", "whitened", "asvd")
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ def stats_requests(
     them up: compressible operators' inputs (receptive fields for a Conv) and the
     activations of prunable groups' consumers along the channel axis."""
     wanted: dict[str, StatsKey] = {}
-    if method in ("qmfrg", "whitened"):
+    if method in ("qmfrg", "whitened", "asvd"):
         for op in extraction.operators:
             if lowrank_declines(op) is None:
                 key = input_key(op)
@@ -289,10 +292,11 @@ def _candidates(
                                      "no prunable channel group touches it")
         return candidates
 
-    whitened = method in ("qmfrg", "whitened") and stats is not None
+    whitened = method in ("qmfrg", "whitened", "asvd") and stats is not None
 
     def op_stats(op: Operator) -> StatsLike | None:
-        return stats.get(input_key(op).key) if whitened and stats is not None else None
+        found = stats.get(input_key(op).key) if whitened and stats is not None else None
+        return ActivationScaled(found) if method == "asvd" and found is not None else found
 
     if executor is not None and executor.parallel:
         # the same units as the loops below ask for, computed side by side into the memo
