@@ -50,7 +50,10 @@ from qmpass.plan.units import (
     pruned_resource,
 )
 
-__all__ = ["METHODS", "Method", "PlanConfig", "Planned", "make_plan", "stats_requests"]
+__all__ = [
+    "METHODS", "Method", "PlanConfig", "Planned", "make_plan", "stats_requests",
+    "unit_candidates",
+]
 
 Method = Literal["qmfrg", "svd", "whitened", "magnitude", "random"]
 METHODS: tuple[Method, ...] = ("qmfrg", "svd", "whitened", "magnitude", "random")
@@ -160,17 +163,8 @@ def make_plan(
     first (a Dask cluster reads the weights from the model file ``source``); the plan is
     the same."""
     ops = {op.name: op for op in extraction.operators}
-    declined: dict[str, str] = {}
-    candidates = _candidates(extraction, groups, values, stats, config, declined,
-                             {} if memo is None else memo, executor, source)
-    if config.resource is not PARAMS:  # on a target, fewer parameters can cost more cycles
-        saving = [c for c in candidates
-                  if min(v.cost for v in c.variants[1:]) < c.variants[0].cost]
-        for c in candidates:
-            if c not in saving:
-                for name in c.operators:
-                    declined[name] = f"no variant saves {config.resource.name}"
-        candidates = saving
+    candidates, declined = unit_candidates(extraction, groups, values, stats, config, memo,
+                                           executor, source)
     baseline = Cost.of(ops[n] for n in sorted({n for c in candidates for n in c.operators})
                        if n in ops)
     notes: list[str] = []
@@ -206,6 +200,34 @@ def make_plan(
         kept=kept,
     )
     return Planned(plan, tuple(tensors), tuple(units))
+
+
+def unit_candidates(
+    extraction: Extraction,
+    groups: Sequence[ChannelGroup],
+    values: Mapping[str, np.ndarray],
+    stats: Mapping[str, StatsLike] | None,
+    config: PlanConfig,
+    memo: dict[tuple[str, ...], Candidate | None] | None = None,
+    executor: Executor | None = None,
+    source: str | os.PathLike[str] | None = None,
+) -> tuple[list[Candidate], dict[str, str]]:
+    """The units :func:`make_plan` budgets (each with its variants) and the operators it
+    declines with why, before any budget is applied (``config.keep``/``delta`` unused);
+    also what :mod:`qmpass.plan.levels` plans several budgets over. A ``memo`` holds
+    every low-rank unit computed, the members of clusters included."""
+    declined: dict[str, str] = {}
+    candidates = _candidates(extraction, groups, values, stats, config, declined,
+                             {} if memo is None else memo, executor, source)
+    if config.resource is not PARAMS:  # on a target, fewer parameters can cost more cycles
+        saving = [c for c in candidates
+                  if min(v.cost for v in c.variants[1:]) < c.variants[0].cost]
+        for c in candidates:
+            if c not in saving:
+                for name in c.operators:
+                    declined[name] = f"no variant saves {config.resource.name}"
+        candidates = saving
+    return candidates, declined
 
 
 def _candidates(
