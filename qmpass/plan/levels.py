@@ -12,8 +12,10 @@ first ``q`` directions of the rank-``r`` ones; :mod:`qmpass.algebra.gated`):
   shared basis (rank ``<= r`` below) or its members factorised separately (each member a
   unit of its own, capped by its rank).
 
-Unconstrained, the first compressed level is exactly :func:`~qmpass.plan.make_plan`'s
-allocation at that budget; the caps can only cost error at the later levels, which is
+A budget of 1 leaves every operator dense (the original model, exactly: the Lagrangian
+would already take ranks that lose nothing on the calibration statistics, which is not
+nothing on other inputs). Unconstrained, the first compressed level is exactly
+:func:`~qmpass.plan.make_plan`'s allocation at that budget; the caps can only cost error at the later levels, which is
 what a gated model's report measures against standalone plans. Only low-rank units are
 gated: channel pruning would need the kept channels themselves nested and the
 compensated consumers stored per level, so the planner is asked for factorised
@@ -100,7 +102,11 @@ def plan_levels(
             for key, source, options in _options(c, states[c.key], memo):
                 units.append(Unit(key, tuple(options)))
                 sources[key] = source
-        choice = allocate(units, budget * full)
+        # a budget of 1 is the model as it is: allocate() would take variants that lose
+        # nothing on the calibration data (a rank at the statistics' numerical rank),
+        # which is not nothing on other inputs
+        choice = ({u.key: u.options[0] for u in units} if budget >= 1.0 else
+                  allocate(units, budget * full))
         spent = sum(option.cost for option in choice.values())
         steps: dict[tuple[str, ...], LevelStep] = {}
         for key, option in choice.items():
