@@ -15,8 +15,11 @@ first ``q`` directions of the rank-``r`` ones; :mod:`qmpass.algebra.gated`):
 A budget of 1 leaves every operator dense (the original model, exactly: the Lagrangian
 would already take ranks that lose nothing on the calibration statistics, which is not
 nothing on other inputs). Unconstrained, the first compressed level is exactly
-:func:`~qmpass.plan.make_plan`'s allocation at that budget; the caps can only cost error at the later levels, which is
-what a gated model's report measures against standalone plans. Only low-rank units are
+:func:`~qmpass.plan.make_plan`'s allocation at that budget; the caps can only cost
+error at the later levels, which is what a gated model's report measures against
+standalone plans (the Lagrangian path is itself nested: a smaller budget walks each
+unit's hull further, so the caps bind only where the alignment or a cluster's form
+differs). Only low-rank units are
 gated: channel pruning would need the kept channels themselves nested and the
 compensated consumers stored per level, so the planner is asked for factorised
 convolutions, which the gated rewrite then declines (it prints MatMul/Gemm only).
