@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -45,10 +46,16 @@ from qmpass.verify import Verification, Verifier, check_feeds, compare, synthesi
 from qmpass.verify.compare import sample_count
 from qmpass.verify.runner import DEFAULT_BATCH, feed_batches, session
 
-__all__ = ["LATENCY_RUNS", "compress_gated"]
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
+
+__all__ = ["LATENCY_RUNS", "LATENCY_THREADS", "compress_gated"]
 
 #: timed onnxruntime runs per level (after two warm-up runs); the report gives the median
 LATENCY_RUNS = 9
+#: onnxruntime threads of the timed sessions: one measures the work a level does, not how
+#: threads are scheduled on a shared machine (bench/gated.py times batch 1 as well)
+LATENCY_THREADS = 1
 
 
 def compress_gated(
@@ -193,13 +200,13 @@ class _LevelRunner:
         self.feeds = dict(feeds)
         self.outputs = [o.name for o in original.graph.output]
         self.inputs = verifier.inputs
-        self._sessions: dict[int, object] = {}
+        self._sessions: dict[int, tuple[onnx.ModelProto, InferenceSession]] = {}
 
-    def _session(self, model: onnx.ModelProto):  # type: ignore[no-untyped-def]
+    def _session(self, model: onnx.ModelProto) -> InferenceSession:
         key = id(model)
-        if key not in self._sessions:
-            self._sessions[key] = (model, session(model))  # keep the model alive
-        return self._sessions[key][1]  # type: ignore[index]
+        if key not in self._sessions:  # the model is kept so its id stays its own
+            self._sessions[key] = (model, session(model, threads=LATENCY_THREADS))
+        return self._sessions[key][1]
 
     @staticmethod
     def _feeds(feeds: Mapping[str, np.ndarray], level: int | None) -> dict[str, np.ndarray]:
