@@ -141,3 +141,16 @@ def test_the_command_line_writes_the_model_and_the_report(tmp_path: Path, capsys
     model = onnx.load(str(out))
     assert {p.key: p.value for p in model.metadata_props}["qmpass.budgets"] == "0.8,0.4"
     assert report.is_file()
+
+
+def test_the_budgets_can_be_a_targets_cycles() -> None:
+    model = onnx.load(str(fixture_path("mlp_digits")))
+    calib = load_calib(models.MODELS_DIR / "mlp_digits_calib.npz", model)
+    _, report = compress_gated(
+        model, CompressConfig(budgets=(0.8, 0.4), calib=calib, target="cpu"), standalone=False)
+    assert report.resource == "cycles:cpu"
+    for row in report.levels:
+        assert row.plan.resource == "cycles:cpu" and row.standalone is None
+        assert row.plan.kept is not None and row.plan.kept <= row.budget + 0.03
+    assert report.levels[0].verification.relative_error < \
+        report.levels[1].verification.relative_error
