@@ -154,3 +154,33 @@ def test_the_budgets_can_be_a_targets_cycles() -> None:
         assert row.plan.kept is not None and row.plan.kept <= row.budget + 0.03
     assert report.levels[0].verification.relative_error < \
         report.levels[1].verification.relative_error
+
+
+class _Units:
+    """A stand-in resource: every candidate's operators cost 100 as they are."""
+
+    name = "units"
+
+    def operators(self, ops) -> float:
+        return 100.0
+
+
+def test_a_level_is_capped_by_the_rank_above_it_even_when_a_larger_rank_is_cheaper() -> None:
+    """On a target a larger rank can cost fewer cycles; the level below must still take a
+    rank no larger than the level above (and says that it misses its budget)."""
+    from qmpass.plan.levels import plan_levels
+    from qmpass.plan.plan import Cost, Plan, Step
+    from qmpass.plan.units import Candidate, Variant
+    from qmpass.plan.units.common import unchanged
+
+    def variant(rank: int, cost: float, error: float) -> Variant:
+        step = Step("lowrank", ("op",), Cost(100, 100), Cost(rank, rank), error, rank=rank)
+        return Variant(cost, error, error, rank, lambda: [(step, {})])
+
+    candidate = Candidate("lowrank:op", ("op",), (
+        unchanged(100.0), variant(8, 50.0, 0.3), variant(16, 60.0, 0.1),
+        variant(24, 40.0, 0.5)))
+    base = Plan(model="m", method="qmfrg", budget={}, baseline=Cost(100, 100), steps=())
+    planned = plan_levels([candidate], {}, {"op": object()}, (0.6, 0.45), _Units(), base)
+    assert [unit.ranks() for unit in planned.units] == [(16, 8)]  # not 24, cheaper as it is
+    assert planned.plans[1].kept == 0.5 and "level above" in planned.plans[1].notes[0]

@@ -71,8 +71,14 @@ def test_whitened_factors_are_nested_and_the_bias_is_not() -> None:
 def test_onnxruntime_computes_each_level_of_the_record() -> None:
     model, op = _one_matmul()
     x, cov, mean = _feeds(40)
-    record = GatedFactors.of([op], _levels([op], [None, 16, 12, 6], cov, mean))
+    levels = _levels([op], [None, 16, 12, 6], cov, mean)
+    record = GatedFactors.of([op], levels)
     assert (record.rank, record.dense_levels) == (16, 1)
+    np.testing.assert_array_equal(record.at(0).matrix, op.weight)  # the dense level
+    for level, (_, tensors) in enumerate(levels[1:], start=1):  # each level's own plan
+        np.testing.assert_allclose(record.at(level).matrix,
+                                   tensors["second"] @ tensors["first"], atol=1e-12)
+        np.testing.assert_array_equal(record.biases[level], tensors["bias"])
     gated, declined = build_gated(model, {op.name: op}, [([op], record)], (1, 0.7, 0.5, 0.3))
     assert not declined
     assert gated.ir_version >= 4

@@ -22,7 +22,8 @@ unit's hull further, so the caps bind only where the alignment or a cluster's fo
 differs). Only low-rank units are
 gated: channel pruning would need the kept channels themselves nested and the
 compensated consumers stored per level, so the planner is asked for factorised
-convolutions, which the gated rewrite then declines (it prints MatMul/Gemm only).
+convolutions, and :func:`~qmpass.compress.gated.compress_gated` passes only the units the
+gated rule takes (MatMul/Gemm, :func:`qmpass.algebra.gated.gated_declines`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class _State:
     form: str = "free"  # free | single (one operator or one shared basis) | separate
     rank: int | None = None  # single: the rank cap
     members: dict[str, int | None] | None = None  # separate: each member's cap (None: dense)
+    fused: tuple[str, ...] | None = None  # single, of a cluster: its shared-basis unit's key
 
 
 def plan_levels(
@@ -130,7 +132,9 @@ def plan_levels(
             declined=base.declined, resource=resource.name,
             notes=() if spent <= budget * full + 0.5 else (
                 f"level at keep={budget:g} spends {spent / full:.3f} of the compressible "
-                f"operators' {resource.name}: the ranks above it cap its own",),
+                f"operators' {resource.name}: "
+                + ("the ranks of the level above cap this level's" if plans else
+                   "no variant of the units is cheap enough"),),
             kept=spent / full if full else 1.0,
         ))
     keys = sorted({k for steps in per_level for k in steps},
@@ -150,7 +154,8 @@ def _options(candidate: Candidate, state: _State,
     if state.form == "free":
         return [(candidate.key, candidate, _indexed(candidate, range(len(candidate.variants))))]
     if state.form == "single":
-        source = _single(candidate, memo)
+        source = candidate if state.fused is None else memo.get(state.fused)
+        assert source is not None  # the unit that planned the level above
         allowed = [i for i, v in enumerate(source.variants)
                    if i > 0 and state.rank is not None and 0 <= v.label <= state.rank]
         return [(_CAPPED + candidate.key, source, _indexed(source, allowed))]
@@ -171,21 +176,10 @@ def _indexed(source: Candidate, indices: Sequence[int] | range) -> list[Option]:
     return [Option(i, source.variants[i].cost, source.variants[i].error) for i in indices]
 
 
-def _single(candidate: Candidate, memo: Mapping[tuple[str, ...], Candidate | None]
-            ) -> Candidate:
-    """The candidate whose variants are ranks of one form: the candidate itself, or a
-    cluster's shared-basis unit."""
-    if not candidate.key.startswith("cluster:"):
-        return candidate
-    fused = memo.get(("fused", *candidate.operators))
-    assert fused is not None
-    return fused
-
-
 def _advance(candidate: Candidate, state: _State,
              steps: Mapping[tuple[str, ...], LevelStep]) -> _State:
     """The state after a level that planned ``steps``."""
-    mine = [s for k, s in steps.items() if set(k) <= set(candidate.operators)]
+    mine = [s for k, s in steps.items() if set(k) & set(candidate.operators)]
     if not mine:
         return state  # free stays free; a capped unit always takes a step
     if state.form == "separate" or (len(mine) > 1 or (
@@ -194,7 +188,9 @@ def _advance(candidate: Candidate, state: _State,
         for step, _ in mine:
             ranks[step.operators[0]] = step.rank
         return _State("separate", members=ranks)
-    return _State("single", rank=mine[0][0].rank)
+    step = mine[0][0]
+    return _State("single", rank=step.rank, fused=("fused", *step.operators)
+                  if candidate.key.startswith("cluster:") else None)
 
 
 def level_cost(plan: Plan, ops: Mapping[str, Operator]) -> Cost:
