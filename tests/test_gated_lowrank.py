@@ -151,3 +151,17 @@ def test_old_opsets_are_declined_and_gated_models_refused_elsewhere() -> None:
     refuse_gated(model, "lower")  # not gated: nothing to refuse
     with pytest.raises(QmpassInputError, match="lower does not take gated models"):
         refuse_gated(gated, "lower")
+
+
+def test_a_model_with_its_own_budget_level_tensor_is_declined() -> None:
+    model, op = _one_matmul()
+    _, cov, mean = _feeds(40)
+    record = GatedFactors.of([op], _levels([op], [None, 8], cov, mean))
+    taken = onnx.ModelProto()
+    taken.CopyFrom(model)
+    taken.graph.input[0].name = GATED_INPUT  # the activation itself
+    taken.graph.node[0].input[0] = GATED_INPUT
+    refuse_gated(taken, "lower")  # an input of that name alone is not a gated model
+    ops = {o.name: o for o in extract_operators(taken).operators}
+    same, declined = build_gated(taken, ops, [([ops[op.name]], record)], (1, 0.5))
+    assert same is taken and GATED_INPUT in declined[0]

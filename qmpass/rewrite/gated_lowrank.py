@@ -61,7 +61,8 @@ def refuse_gated(model: onnx.ModelProto, command: str) -> None:
     """Raise :class:`~qmpass.errors.QmpassInputError` (one sentence naming ``command``)
     when ``model`` is a budget-gated model: no stage but onnxruntime takes one."""
     marked = any(p.key == GATED_METADATA for p in model.metadata_props)
-    if marked or GATED_INPUT in {i.name for i in model.graph.input}:
+    defaulted = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
+    if marked or GATED_INPUT in defaulted:
         raise QmpassInputError(
             f"this is a budget-gated model (input '{GATED_INPUT}'); {command} does not "
             "take gated models: run it on the original model (docs/GATED.md).")
@@ -177,6 +178,9 @@ def build_gated(
                                     f"gated models need opset {_MIN_OPSET} or later "
                                     f"(the model has {opset})")
     graph = gs.import_onnx(model)
+    if GATED_INPUT in graph.tensors():
+        return model, dict.fromkeys(range(len(units)), f"the model already has a tensor "
+                                    f"named '{GATED_INPUT}'")
     level = gs.Variable(GATED_INPUT, dtype=np.int64, shape=[])
     level_1d = gs.Variable(unique_name(graph, f"{GATED_INPUT}/1d"), dtype=np.int64, shape=[1])
     add_node(graph, "Unsqueeze", f"{GATED_INPUT}/Unsqueeze",
