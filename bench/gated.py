@@ -15,6 +15,10 @@ Per level, measured on the test split (which neither the plan nor the verificati
   sample, the median of ``ROUNDS`` timings taken in interleaved rounds (every model once
   per round) so load on the machine hits all of them alike.
 
+Last, where a gated level's time goes at batch 1, on one 1024-wide layer pair at rank
+192 of 256 stored: constant factors (a standalone model), the same factors fed as inputs
+(not constants: no pre-packing), and the gated form (``Slice`` of the stored factors).
+
 ``python bench/gated.py``
 """
 
@@ -30,6 +34,8 @@ import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import models  # noqa: E402
 from qmpass.compress import CompressConfig, compress, compress_gated  # noqa: E402
@@ -58,14 +64,15 @@ def _cases() -> list[tuple[str, onnx.ModelProto, dict[str, np.ndarray], np.ndarr
     return cases
 
 
-def _latencies(runs: dict[str, tuple[onnx.ModelProto, dict[str, np.ndarray]]], batch: int
-               ) -> dict[str, float]:
-    """Median ms of one run on the first ``batch`` samples, per key, over ROUNDS
-    interleaved rounds (after a warm-up), single-threaded."""
+def _latencies(runs: dict[str, tuple[onnx.ModelProto, dict[str, np.ndarray]]],
+               batch: int | None) -> dict[str, float]:
+    """Median ms of one run on the first ``batch`` samples (None: the feeds as they are),
+    per key, over ROUNDS interleaved rounds (after a warm-up), single-threaded."""
     sessions = {k: (session(m, threads=1),
-                    {n: a if a.ndim == 0 else a[:batch] for n, a in feeds.items()})
+                    {n: a if a.ndim == 0 or batch is None else a[:batch]
+                     for n, a in feeds.items()})
                 for k, (m, feeds) in runs.items()}
-    repeat = max(1, 256 // batch)  # runs per timing, so short runs are not all timer noise
+    repeat = max(1, 256 // (batch or 1))  # runs per timing, so short runs are not all timer noise
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(2):
         for sess, feeds in sessions.values():
@@ -82,6 +89,48 @@ def _latencies(runs: dict[str, tuple[onnx.ModelProto, dict[str, np.ndarray]]], b
 def _error(reference: list[np.ndarray], model: onnx.ModelProto,
            feeds: dict[str, np.ndarray], samples: int) -> float:
     return compare(reference, run_model(model, feeds), samples).relative_error
+
+
+def _slice_cost(width: int = 1024, stored: int = 256, rank: int = 192) -> None:
+    """Batch-1 time of one factor pair three ways (see the module docstring)."""
+    rng = np.random.default_rng(0)
+    first_t = rng.normal(size=(width, stored)).astype(np.float32)  # x @ first^T
+    second_t = rng.normal(size=(stored, width)).astype(np.float32)
+    x = rng.normal(size=(1, width)).astype(np.float32)
+    pair = [helper.make_node("MatMul", ["x", "a"], ["h"]),
+            helper.make_node("MatMul", ["h", "b"], ["y"])]
+
+    def build(nodes: list[onnx.NodeProto], inputs: list[tuple[str, list[int], int]],
+              inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            nodes, "pair", [helper.make_tensor_value_info(n, t, s) for n, s, t in inputs],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return model
+
+    a, b = np.ascontiguousarray(first_t[:, :rank]), np.ascontiguousarray(second_t[:rank])
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    runs = {
+        "constant factors": (build(pair, [("x", [1, width], f32)], {"a": a, "b": b}),
+                             {"x": x}),
+        "factors fed as inputs": (build(pair, [("x", [1, width], f32), ("a", [width, rank], f32),
+                                               ("b", [rank, width], f32)], {}),
+                                  {"x": x, "a": a, "b": b}),
+        "sliced (gated)": (build(
+            [helper.make_node("Slice", ["a_all", "zero", "q", "one"], ["a"]),
+             helper.make_node("Slice", ["b_all", "zero", "q", "zero"], ["b"]), *pair],
+            [("x", [1, width], f32), ("q", [1], i64)],
+            {"a_all": first_t, "b_all": second_t, "zero": np.array([0]),
+             "one": np.array([1])}), {"x": x, "q": np.array([rank])}),
+    }
+    latency = _latencies(runs, None)
+    print(f"\n### batch 1, one {width}-wide pair at rank {rank} ({stored} stored), "
+          "single-threaded\n")
+    print("| form | ms | vs constant |\n|---|---:|---:|")
+    for key, ms in latency.items():
+        print(f"| {key} | {ms:.4f} | {ms / latency['constant factors']:.2f}x |")
 
 
 def main() -> int:
@@ -127,6 +176,7 @@ def main() -> int:
                   f"{err:.4f} | {err_alone:.4f} | {err - err_alone:+.4f} | {err_refit:.4f} | "
                   f"{acc:.4f} | {acc_alone:.4f} | "
                   + " | ".join(f"{t:.3f}" for t in timed) + " |", flush=True)
+    _slice_cost()
     print(f"\n{time.perf_counter() - started:.0f} s")
     return 0
 
