@@ -12,6 +12,7 @@ Nothing here imports onnx, onnx-graphsurgeon or TVM.
 """
 
 from qmpass.algebra.fold import conv_kernel, fold_batchnorm
+from qmpass.algebra.gated import GatedFactors, gated_declines, nested_ranks_declines
 from qmpass.algebra.records import (
     Compensation,
     FactoredConv,
@@ -36,6 +37,7 @@ __all__ = [
     "Compensation",
     "FactoredConv",
     "FactoredLinear",
+    "GatedFactors",
     "PrunedGroup",
     "SharedBasisSplit",
     "conv_kernel",
@@ -45,8 +47,10 @@ __all__ = [
     "factored_conv_declines",
     "factored_linear_declines",
     "fold_batchnorm",
+    "gated_declines",
     "lowrank_declines",
     "lowrank_record",
+    "nested_ranks_declines",
     "row_linear_declines",
     "shared_basis_declines",
     "subgraph_declines",
