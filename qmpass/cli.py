@@ -11,18 +11,26 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
+import onnx
 
 from hw_targets import TARGET_NAMES
 from qmpass.analysis import Analysis, AnalysisConfig, analyze
-from qmpass.compress import CompressConfig, Report, compress
+from qmpass.compress import CompressConfig, Report, compress, compress_gated
 from qmpass.errors import QmpassInputError
 from qmpass.frg import FRGConfig, graph_to_graphml
 from qmpass.lower import LowerConfig, lower
-from qmpass.modelio import check_outputs, load_model, write_all_atomic, write_atomic
+from qmpass.modelio import (
+    LoadedModel,
+    check_outputs,
+    load_model,
+    write_all_atomic,
+    write_atomic,
+)
 from qmpass.plan.planner import ALLOCATIONS, METHODS
+from qmpass.rewrite.gated_lowrank import GATED_INPUT
 from qmpass.verify import accuracy, load_calib
 
 __all__ = ["main"]
@@ -139,6 +147,11 @@ def _parser() -> argparse.ArgumentParser:
         help="with --target: the batch (a dynamic first dimension) the cycles are "
         "predicted at (default 1)",
     )
+    compress_cmd.add_argument(
+        "--budgets", metavar="B0,B1,...",
+        help="one budget-gated model instead: decreasing keep budgets in (0, 1], one level "
+        "each, chosen at run time by the int64 input budget_level (default 0); not with "
+        "--keep, --delta or --tolerance (docs/GATED.md)")
     compress_cmd.add_argument("--report", type=Path, help="write the JSON report here")
     _add_parallel(compress_cmd)
 
@@ -214,16 +227,51 @@ def _compress(args: argparse.Namespace) -> int:
         allocation=args.allocation,
         jobs=args.jobs,
         scheduler=args.scheduler,
+        budgets=_budgets(args.budgets),
     )
+    if config.budgets is not None:
+        return _compress_gated(args, loaded, config)
     model, report = compress(loaded, config)
-    document = report.to_dict()
+    _write_compressed(args, model, report.to_dict())
+    _print_compress_summary(report)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _write_compressed(args: argparse.Namespace, model: onnx.ModelProto,
+                      document: dict[str, Any]) -> None:
+    """``-o`` and ``--report``, together and atomically."""
     document["model"] = str(args.model)
     outputs: list[tuple[Path, bytes | str]] = [(args.output, model.SerializeToString())]
     if args.report is not None:
         outputs.append((args.report, json.dumps(document, indent=1)))
     write_all_atomic(outputs)
-    _print_compress_summary(report)
-    print(f"wrote {args.output}")
+
+
+def _budgets(text: str | None) -> tuple[float, ...] | None:
+    """``--budgets 1,0.75,0.5`` as numbers (None when not given)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise QmpassInputError(
+            f"--budgets must be comma-separated numbers such as 1,0.75,0.5, got '{text}'."
+        ) from None
+
+
+def _compress_gated(args: argparse.Namespace, loaded: LoadedModel,
+                    config: CompressConfig) -> int:
+    model, report = compress_gated(loaded, config)
+    document = report.to_dict()
+    _write_compressed(args, model, document)
+    print(report.table())
+    print(f"stored parameters {report.params[0]:,} -> {report.params[1]:,} (every level's "
+          f"factors and biases, and the weights of operators dense at some level)")
+    for note in document["notes"]:
+        print(f"qmpass: warning: {note}", file=sys.stderr)
+    print(f"wrote {args.output} (input '{GATED_INPUT}': 0 .. {len(report.levels) - 1}, "
+          "default 0)")
     return 0
 
 

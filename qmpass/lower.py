@@ -35,6 +35,7 @@ from qmpass.extract import Operator, extract_operators
 from qmpass.extract.shapes import infer_types
 from qmpass.modelio import ModelLike, load_model
 from qmpass.rewrite.base import name_nodes
+from qmpass.rewrite.gated_lowrank import refuse_gated
 from qmpass.verify import check_feeds, synthesize_inputs
 from qmpass.verify.runner import ORT_ERRORS, feed_batches, session_with_tensors
 
@@ -108,6 +109,7 @@ def lower(
     module = hw_targets.get_target(config.target)  # LowerConfig checked the name
     loaded = load_model(model)
     proto = loaded.proto
+    refuse_gated(proto, "lower")
     extraction = extract_operators(proto, loaded.external)
     not_lowered = [{"operator": s.name, "op_type": s.op_type, "reason": s.reason}
                    for s in (*extraction.skipped, *extraction.unsupported)]

@@ -467,3 +467,13 @@ def test_plan_and_budget_are_exclusive() -> None:
     plan = plan_onnx(onnx.load(str(fixture_path("mlp_digits"))), CompressConfig(keep=0.5))
     with pytest.raises(ValueError, match="not both"):
         QMPass(plan, keep=0.5)
+
+
+def test_plan_onnx_refuses_a_budget_gated_model() -> None:
+    from qmpass.compress import compress_gated
+    from qmpass.errors import QmpassInputError
+
+    model = onnx.load(str(fixture_path("mlp_digits")))
+    gated, _ = compress_gated(model, CompressConfig(budgets=(0.8, 0.4)), standalone=False)
+    with pytest.raises(QmpassInputError, match="the Relax pass does not take gated models"):
+        plan_onnx(gated, CompressConfig(keep=0.5))

@@ -13,6 +13,7 @@ Nothing here imports onnx, onnx-graphsurgeon or TVM.
 
 from qmpass.algebra.crosslayer import CrossLayerBasis, reader_groups
 from qmpass.algebra.fold import conv_kernel, fold_batchnorm
+from qmpass.algebra.gated import GatedFactors, gated_declines, nested_ranks_declines
 from qmpass.algebra.records import (
     Compensation,
     FactoredConv,
@@ -40,6 +41,7 @@ __all__ = [
     "CrossLayerBasis",
     "FactoredConv",
     "FactoredLinear",
+    "GatedFactors",
     "PrunedGroup",
     "SharedBasisSplit",
     "conv_kernel",
@@ -51,8 +53,10 @@ __all__ = [
     "factored_conv_declines",
     "factored_linear_declines",
     "fold_batchnorm",
+    "gated_declines",
     "lowrank_declines",
     "lowrank_record",
+    "nested_ranks_declines",
     "reader_groups",
     "row_linear_declines",
     "shared_basis_declines",

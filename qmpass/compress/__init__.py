@@ -8,7 +8,10 @@
   the part that fits (the statistics) and the part that verifies, and the statistics;
 * :mod:`~qmpass.compress.pipeline`: :func:`compress` itself, and the budget search;
 * :mod:`~qmpass.compress.rollback`: keeping only what verification accepts;
-* :mod:`~qmpass.compress.report`: :class:`Report` and its rows.
+* :mod:`~qmpass.compress.report`: :class:`Report` and its rows;
+* :mod:`~qmpass.compress.gated`: :func:`compress_gated`, one budget-gated model for
+  several budgets (``--budgets``), and its :class:`GatedReport`
+  (:mod:`~qmpass.compress.gated_report`).
 
 
 Every planned step is applied to a fresh import of the model, so rolling a step back is
@@ -26,6 +29,8 @@ smaller model (``CompressConfig.convs``).
 
 from qmpass.compress.calibration import CALIBRATION_VECTORS, calibration_stats
 from qmpass.compress.config import CompressConfig
+from qmpass.compress.gated import compress_gated
+from qmpass.compress.gated_report import GatedReport, LevelRow
 from qmpass.compress.pipeline import compress
 from qmpass.compress.report import Attempt, Outcome, Report
 
@@ -33,8 +38,11 @@ __all__ = [
     "CALIBRATION_VECTORS",
     "Attempt",
     "CompressConfig",
+    "GatedReport",
+    "LevelRow",
     "Outcome",
     "Report",
     "calibration_stats",
     "compress",
+    "compress_gated",
 ]

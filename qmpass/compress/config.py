@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ class CompressConfig:
     measured by one run of the model per unit (``output``, the default;
     :mod:`qmpass.compress.sensitivity`), or takes the units' own errors as they are
     (``layer``).
+    ``budgets`` (decreasing, each in ``(0, 1]``, like ``keep``): a budget-gated model
+    with one level per budget, made by :func:`~qmpass.compress.gated.compress_gated`
+    (docs/GATED.md); it takes the place of ``keep``, ``delta`` and ``tolerance``.
 
     ``jobs``: threads computing the low-rank candidates (eigendecompositions) side by
     side; ``scheduler``: a Dask scheduler's address (``tcp://host:port``) to compute them
@@ -103,9 +107,12 @@ class CompressConfig:
     pricing: Literal["output", "layer"] = "output"
     allocation: Allocation | None = None
     crosslayer: bool = True
+    budgets: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_parallel(self.jobs, self.scheduler)
+        if self.budgets is not None:
+            _check_budgets(self)
         if self.batch < 1:
             raise QmpassInputError(f"--batch must be at least 1, got {self.batch}.")
         if self.target is not None and self.target not in TARGET_NAMES:
@@ -187,3 +194,31 @@ class CompressConfig:
             allocation=self.allocation,
             crosslayer=self.crosslayer,
         )
+
+
+def _check_budgets(config: CompressConfig) -> None:
+    """A gated model's budgets: one clear sentence for each way they can be wrong."""
+    try:
+        budgets = tuple(float(b) for b in config.budgets or ())
+    except (TypeError, ValueError) as exc:
+        raise QmpassInputError(f"--budgets must be numbers, got {config.budgets!r}.") from exc
+    object.__setattr__(config, "budgets", budgets)  # frozen: normalised once, here
+    if not budgets:
+        raise QmpassInputError("--budgets needs at least one budget.")
+    shown = ",".join(f"{b:g}" for b in budgets)
+    if any(not 0.0 < b <= 1.0 for b in budgets):
+        raise QmpassInputError(f"--budgets must each be in (0, 1], got {shown}.")
+    if len(set(budgets)) != len(budgets):
+        raise QmpassInputError(f"--budgets must not repeat a budget, got {shown}.")
+    if any(b >= a for a, b in itertools.pairwise(budgets)):
+        raise QmpassInputError(
+            f"--budgets must decrease (level 0 is the largest budget), got {shown}.")
+    if config.keep is not None or config.delta is not None or config.tolerance is not None:
+        raise QmpassInputError("--budgets cannot be combined with --keep, --delta or "
+                               "--tolerance: each level's budget is its keep.")
+    if config.method in ("magnitude", "random"):
+        raise QmpassInputError(f"--budgets gates low-rank factors; --method {config.method} "
+                               "only prunes channels.")
+    if config.refit != "off":
+        raise QmpassInputError("--budgets does not refit: refitted second factors differ "
+                               "per rank, so one stored pair could not serve every level.")

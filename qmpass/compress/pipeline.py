@@ -34,6 +34,7 @@ from qmpass.plan.units import Candidate
 from qmpass.plan.units.crosslayer import crosslayer_verified
 from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
+from qmpass.rewrite.gated_lowrank import refuse_gated
 from qmpass.verify import Verifier, check_feeds, synthesize_inputs
 from qmpass.verify.compare import sample_count
 
@@ -58,6 +59,9 @@ def compress(
     """Compress ``model`` (a path or ModelProto, not modified) as ``config`` says (the
     defaults of :class:`CompressConfig` when None)."""
     config = CompressConfig() if config is None else config
+    if config.budgets is not None:
+        raise QmpassInputError("CompressConfig(budgets=...) makes a gated model: call "
+                               "qmpass.compress.compress_gated.")
     with Executor(config.jobs, config.scheduler) as executor:
         return _compress(model, config, executor)
 
@@ -68,6 +72,7 @@ def _compress(
     seconds: dict[str, float] = {}
     timer = time.perf_counter()
     loaded = load_model(model)
+    refuse_gated(loaded.proto, "compress")
     if loaded.proto.ByteSize() >= _PROTOBUF_LIMIT:
         raise QmpassInputError(
             "the model is 2 GB or larger; protobuf cannot hold it in one message, and "

@@ -60,7 +60,7 @@ from qmpass.plan.units import (
 )
 
 __all__ = ["ALLOCATIONS", "METHODS", "Allocation", "Method", "PlanConfig", "Planned",
-           "make_plan", "stats_requests"]
+           "make_plan", "stats_requests", "unit_candidates"]
 
 Method = Literal["qmfrg", "svd", "whitened", "asvd", "magnitude", "random"]
 Allocation = Literal["lagrangian", "uniform"]
@@ -193,21 +193,12 @@ def make_plan(
     ``keep`` budget is allocated: what the model's output feels of a unit's own error
     (:mod:`qmpass.compress.sensitivity` measures them); 1 where absent."""
     ops = {op.name: op for op in extraction.operators}
-    declined: dict[str, str] = {}
-    candidates = _candidates(extraction, groups, values, stats, config, declined,
-                             {} if memo is None else memo, executor, source)
+    candidates, declined = unit_candidates(extraction, groups, values, stats, config, memo,
+                                           executor, source)
     proposals: list[Proposal] = []  # cross-layer bases (plan/units/crosslayer.py), measured
     if config.method == "qmfrg" and config.crosslayer and config.resource is PARAMS:
         candidates, proposals = crosslayer_candidates(candidates, ops, stats, config.align,
                                                       memo)
-    if config.resource is not PARAMS:  # on a target, fewer parameters can cost more cycles
-        saving = [c for c in candidates
-                  if min(v.cost for v in c.variants[1:]) < c.variants[0].cost]
-        for c in candidates:
-            if c not in saving:
-                for name in c.operators:
-                    declined[name] = f"no variant saves {config.resource.name}"
-        candidates = saving
     baseline = Cost.of(ops[n] for n in sorted({n for c in candidates for n in c.operators})
                        if n in ops)
     notes: list[str] = []
@@ -245,6 +236,34 @@ def make_plan(
         shared_bases=crosslayer_outcomes(proposals, steps),
     )
     return Planned(plan, tuple(tensors), tuple(units), tuple(candidates))
+
+
+def unit_candidates(
+    extraction: Extraction,
+    groups: Sequence[ChannelGroup],
+    values: Mapping[str, np.ndarray],
+    stats: Mapping[str, StatsLike] | None,
+    config: PlanConfig,
+    memo: dict[tuple[str, ...], Candidate | None] | None = None,
+    executor: Executor | None = None,
+    source: str | os.PathLike[str] | None = None,
+) -> tuple[list[Candidate], dict[str, str]]:
+    """The units :func:`make_plan` budgets (each with its variants) and the operators it
+    declines with why, before any budget is applied (``config.keep``/``delta`` unused);
+    also what :mod:`qmpass.plan.levels` plans several budgets over. A ``memo`` holds
+    every low-rank unit computed, the members of clusters included."""
+    declined: dict[str, str] = {}
+    candidates = _candidates(extraction, groups, values, stats, config, declined,
+                             {} if memo is None else memo, executor, source)
+    if config.resource is not PARAMS:  # on a target, fewer parameters can cost more cycles
+        saving = [c for c in candidates
+                  if min(v.cost for v in c.variants[1:]) < c.variants[0].cost]
+        for c in candidates:
+            if c not in saving:
+                for name in c.operators:
+                    declined[name] = f"no variant saves {config.resource.name}"
+        candidates = saving
+    return candidates, declined
 
 
 def _candidates(

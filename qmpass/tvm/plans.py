@@ -30,6 +30,7 @@ from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
 from qmpass.plan.planner import Method, PlanConfig, Planned, make_plan
 from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
+from qmpass.rewrite.gated_lowrank import refuse_gated
 from qmpass.tvm.extract import RelaxExtraction
 from qmpass.verify import check_feeds
 
@@ -73,6 +74,7 @@ def plan_onnx(
     no cross-layer shared basis, which the Relax pass does not print."""
     config = config if config is not None else CompressConfig()
     loaded = load_model(model)
+    refuse_gated(loaded.proto, "the Relax pass")
     named = name_nodes(caller_form(loaded.proto))
     extraction = extract_operators(named, loaded.external)
     groups = channel_groups(named)
