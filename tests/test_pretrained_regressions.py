@@ -1,0 +1,51 @@
+"""What real pretrained models from PyPI wheels showed (bench/pretrained.py), reduced to
+small self-contained graphs. Each test states what a user should get; those marked xfail
+fail today, with the reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qmpass import CompressConfig, compress
+from qmpass.verify import check_feeds, run_model
+
+
+def unknown_dims_model() -> onnx.ModelProto:
+    """Conv -> GlobalAveragePool on an input ``[N, 3, '?', '?']``: paddle2onnx writes
+    ``?`` for every unknown dimension, as in rapidocr-onnxruntime's text direction
+    classifier (``ch_ppocr_mobile_v2.0_cls_infer.onnx``, fed 48 x 192 lines)."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+                                     "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("GlobalAveragePool", ["c"], ["y"])],
+        "unknown_dims",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "?", "?"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 1, 1])],
+        [weight],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                             ir_version=8)
+
+
+NON_SQUARE = np.random.default_rng(1).standard_normal((8, 3, 8, 24)).astype(np.float32)
+
+
+def test_onnxruntime_runs_unequal_unknown_dims() -> None:
+    # the premise: the runtime treats the two '?' as unrelated
+    assert run_model(unknown_dims_model(), {"x": NON_SQUARE})[0].shape == (8, 16, 1, 1)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "check_feeds treats every dim_param named '?' as one symbolic dimension, so 48 x 192 "
+    "inputs are refused ('arrays 'x' and 'x' disagree on symbolic dimension '?' (48 vs "
+    "192); give every input the same number of samples'), though onnxruntime runs them"))
+def test_calibration_with_unequal_unknown_dims_is_accepted() -> None:
+    model = unknown_dims_model()
+    check_feeds({"x": NON_SQUARE}, model)
+    _, report = compress(model, CompressConfig(keep=0.5, calib={"x": NON_SQUARE}))
+    assert report.to_dict()["keep_achieved"] < 0.75
