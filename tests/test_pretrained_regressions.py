@@ -49,3 +49,40 @@ def test_calibration_with_unequal_unknown_dims_is_accepted() -> None:
     check_feeds({"x": NON_SQUARE}, model)
     _, report = compress(model, CompressConfig(keep=0.5, calib={"x": NON_SQUARE}))
     assert report.to_dict()["keep_achieved"] < 0.75
+
+
+def matmul_model(rows: int = 256, cols: int = 128) -> onnx.ModelProto:
+    """One MatMul with a Gaussian weight: a flat spectrum, like magika's byte convolution
+    (512 x 1280, 84 % of that model's weights)."""
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "flat_spectrum",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cols])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                             ir_version=8)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the Lagrangian walks each unit's lower convex hull of (cost, error): on a flat "
+    "spectrum the ranks between the last one worth factorising and the unchanged "
+    "operator lie above the hull, so keep=0.75 gets rank 48 (0.56 kept) where rank 64 "
+    "fits; nothing spends the budget left (magika 1.0.3: 0.664-0.675 kept at 0.75)"))
+def test_keep_is_met_on_a_flat_spectrum() -> None:
+    x = np.random.default_rng(2).standard_normal((1024, 256)).astype(np.float32)
+    _, report = compress(matmul_model(), CompressConfig(keep=0.75, calib={"x": x},
+                                                        method="svd"))
+    assert report.to_dict()["keep_achieved"] == pytest.approx(0.75, abs=0.03)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "with fewer fitting samples than input features the calibration covariance is "
+    "rank-deficient; the whitened projection then looks lossless at that rank, no "
+    "higher rank is offered, and keep=0.75 gets 0.19 kept"))
+def test_keep_is_met_with_fewer_samples_than_features() -> None:
+    x = np.random.default_rng(2).standard_normal((16, 256)).astype(np.float32)
+    _, report = compress(matmul_model(), CompressConfig(keep=0.75, calib={"x": x}))
+    assert report.to_dict()["keep_achieved"] == pytest.approx(0.75, abs=0.03)
