@@ -239,6 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.keeps = tuple(float(k) for k in args.keeps.split(","))
     except ValueError:
         parser.error(f"--keeps takes numbers separated by commas, got {args.keeps!r}")
+    if not all(0.0 < keep <= 1.0 for keep in args.keeps):
+        parser.error(f"every --keeps budget must be in (0, 1], got {args.keeps}")
     return args
 
 
@@ -269,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"could not download a wheel for {key} (pip exited {exc.returncode}); "
                   f"put it in {args.cache} or give --cache a folder holding it.",
                   file=sys.stderr)
+            return 2
+        except ImportError as exc:
+            print(f"{key} needs {exc.name} for its inputs; install the models extra "
+                  "(pip install -e \".[models]\").", file=sys.stderr)
             return 2
         for row in run_case(case, args.keeps):
             print(row, flush=True)
