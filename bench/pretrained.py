@@ -204,6 +204,11 @@ def run_case(case: Case, keeps: tuple[float, ...]) -> Iterator[str]:
             except QmpassInputError as exc:
                 yield f"| {case.name} | {keep} | {label} | refused: {exc} | | | |"
                 continue
+            except Exception as exc:  # a crash is a finding: record it, go on
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                yield f"| {case.name} | {keep} | {label} | crashed: {type(exc).__name__}: " \
+                      f"{first} | | | |"
+                continue
             seconds = time.perf_counter() - started
             cpu = time.process_time() - cpu
             output = run_batched(session(out), heldout, 16)
