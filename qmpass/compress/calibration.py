@@ -4,7 +4,7 @@ and the statistics a data-aware plan reads (measured on the part that fits)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -41,7 +41,29 @@ def calibration_stats(
     }
     if not requests:
         return {}
-    return collect_stats(model, feeds, requests, max_vectors=CALIBRATION_VECTORS)
+    stats = collect_stats(model, feeds, requests, max_vectors=CALIBRATION_VECTORS)
+    return {key: shrunk(value) for key, value in stats.items()}
+
+
+def shrunk(stats: TensorStats) -> TensorStats:
+    """``stats`` with its covariance shrunk towards ``(tr C / d) I`` by the oracle
+    approximating shrinkage (OAS; Chen et al. 2010, the estimator of
+    ``sklearn.covariance.OAS``, written from the moments alone) when there are fewer
+    vectors than dimensions: the sample covariance is then singular, and a whitened
+    truncation would take every direction it cannot see for lossless (16 samples of 256
+    features gave ``--keep 0.75`` 0.19 of the weights and a held-out error of 0.96)."""
+    d, n = stats.dim, stats.count
+    if n > d or d == 0:
+        return stats
+    cov = np.asarray(stats.cov, dtype=np.float64)
+    mu = float(np.trace(cov)) / d
+    alpha = float(np.sum(cov**2)) / d**2
+    denominator = (n + 1) * (alpha - mu**2 / d)
+    weight = 1.0 if denominator <= 0 else min((alpha + mu**2) / denominator, 1.0)
+    result = (1.0 - weight) * cov
+    result[np.diag_indices(d)] += weight * mu
+    result.setflags(write=False)
+    return replace(stats, cov=result)
 
 
 #: fewer held-out samples than this, and the report warns that the error means little

@@ -10,7 +10,7 @@ from typing import Literal
 
 from qmpass.extract import Operator
 from qmpass.extract.channels import ChannelGroup
-from qmpass.plan.budget import Unit, allocate, lower_hull
+from qmpass.plan.budget import Unit, allocate
 from qmpass.plan.resource import Resource
 from qmpass.plan.units import Candidate, pruned_resource
 
@@ -76,24 +76,29 @@ def _fill(
 ) -> dict[str, int]:
     """Spend what the Lagrangian's last hull step left of the budget: while some unit's
     milder option fits in what is left, move the one that buys back the most (priced)
-    error. The Lagrangian path stops at the first point within budget; with coarse steps
-    (ranks in multiples of 8 on small layers) that can leave several percent unspent."""
+    error. The Lagrangian path stops at the first point within budget, and it walks only
+    the lower hulls: with coarse steps (ranks in multiples of 8 on small layers), or a flat
+    spectrum whose hull jumps from the unchanged operator to a far lower rank, that can
+    leave much of the budget unspent. Any milder option may be taken here, on the hull or
+    above it."""
     options = {u.key: {o.value: o for o in u.options} for u in units}
-    hulls = {u.key: [o.value for o in lower_hull(u.options)] for u in units}
+    by_error = {u.key: sorted(u.options, key=lambda o: o.error) for u in units}
     spent = exact_cost(candidates, ops, choice, resource)
     while True:
         best: tuple[float, str, int, float] | None = None
         for c in candidates:
             now = options[c.key][choice[c.key]]
-            for value in hulls[c.key]:
-                option = options[c.key][value]
-                if option.cost <= now.cost or option.error >= now.error:
+            for option in by_error[c.key]:  # the most error bought back first
+                gain = now.error - option.error
+                if gain <= 0 or (best is not None and gain <= best[0]):
+                    break
+                if option.cost <= now.cost:
                     continue
-                trial = {**choice, c.key: value}
-                cost = exact_cost(candidates, ops, trial, resource) \
+                cost = exact_cost(candidates, ops, {**choice, c.key: option.value}, resource) \
                     if c.group is not None else spent + option.cost - now.cost
-                if cost <= target + 0.5 and (best is None or now.error - option.error > best[0]):
-                    best = (now.error - option.error, c.key, value, cost)
+                if cost <= target + 0.5:
+                    best = (gain, c.key, option.value, cost)
+                    break
         if best is None:
             return choice
         _, key, value, spent = best

@@ -24,6 +24,9 @@ from qmpass.rewrite.shared_basis_crosslayer import CrossLayerSharedBasis
 
 __all__ = ["Applier"]
 
+#: what a rewritten graph that breaks onnx's rules raises (checker, shape inference)
+_INVALID = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
+
 
 class Applier:
     """Builds the model with a chosen subset of a plan's steps, on a fresh import of the
@@ -77,10 +80,32 @@ class Applier:
             return self.model, {}
         try:
             return self._build(steps)
+        except _INVALID as exc:
+            if self.surgery_refused is not None:
+                return self.model, dict.fromkeys(range(len(steps)), self.surgery_refused)
+            return self._without_invalid(steps, exc)
         except Exception:
             if self.surgery_refused is None:
                 raise
             return self.model, dict.fromkeys(range(len(steps)), self.surgery_refused)
+
+    def _without_invalid(
+        self, steps: Sequence[tuple[Step, Mapping[str, np.ndarray]]], exc: Exception
+    ) -> tuple[onnx.ModelProto, dict[int, str]]:
+        """The model without the steps whose rewrite alone fails ``onnx.checker`` (a
+        qmpass bug, which must not cost the user their run), each declined with why."""
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        every = dict.fromkeys(range(len(steps)), f"the rewritten graph fails onnx.checker "
+                              f"({line}); left out (a qmpass bug: please report it)")
+        if len(steps) == 1:
+            return self.model, every
+        bad = {i: why for i, step in enumerate(steps)
+               for why in self.build([step])[1].values()}
+        if not bad:  # each step is valid alone, not together
+            return self.model, every
+        kept = [i for i in range(len(steps)) if i not in bad]
+        model, declined = self.build([steps[i] for i in kept])
+        return model, {**bad, **{kept[i]: why for i, why in declined.items()}}
 
     def _build(
         self, steps: Sequence[tuple[Step, Mapping[str, np.ndarray]]]

@@ -202,7 +202,7 @@ def _input_specs(model: onnx.ModelProto) -> list[_InputSpec]:
         dims: tuple[Dim, ...] | None = None
         if tensor_type.HasField("shape"):
             dims = tuple(
-                size if (size := dim_size(d)) is not None else (d.dim_param or None)
+                size if (size := dim_size(d)) is not None else _symbol(d)
                 for d in tensor_type.shape.dim
             )
         specs.append(_InputSpec(info.name, tensor_type.elem_type, dims))
@@ -272,6 +272,15 @@ def _checked(file: str, spec: _InputSpec, array: np.ndarray) -> np.ndarray:
                                    f"of the input's type {target}.")
     # (np.ascontiguousarray would turn a 0-d array into shape (1,))
     return np.require(array.astype(target, copy=False), requirements="C")
+
+
+#: dimension names that mean "unknown", each dimension on its own (paddle2onnx writes "?")
+_ANONYMOUS = ("", "?")
+
+
+def _symbol(dim: onnx.TensorShapeProto.Dimension) -> str | None:
+    """A dynamic dimension's symbol, which inputs must agree on (None: unrelated)."""
+    return None if dim.dim_param in _ANONYMOUS else dim.dim_param
 
 
 def _check_dims_agree(file: str, specs: list[_InputSpec], feeds: Mapping[str, np.ndarray]

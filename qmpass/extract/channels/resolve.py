@@ -127,6 +127,12 @@ class _Resolution:
                 self._resolve_constant(s, pending)
             if not s.producers:
                 s.pins.append(self._no_producer(s))
+            else:  # channels that also come from where no rule follows them (a Resize)
+                foreign = [t for t in s.tensors if t in self.walk.origin]
+                if foreign:
+                    s.pins.append(f"tensor '{foreign[0]}' is "
+                                  f"{self.walk.origin[foreign[0]]}, whose channels qmpass "
+                                  "does not follow")
         return _groups(self.spaces.values())
 
     def _resolve_channels(self, s: _Space) -> None:
