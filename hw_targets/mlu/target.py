@@ -1,11 +1,12 @@
-"""The mlu target's description: a Cambricon MLU370-X8 style chip, as data (docs/TARGETS.md).
+"""The mlu target's description: one Cambricon MLU370 chip, as data (docs/TARGETS.md).
 
 Per core: NRAM (640 KB usable of 768 KB) and WRAM (1024 KB); a cluster's SRAM (declared,
-not modelled: each core reads its operands from GDRAM); 8 clusters x 4 compute cores;
-LPDDR5 shared by the active cores; a TFU that multiplies K padded to ``k_align`` by N
-padded to ``n_align``. Derived numbers say in their source how they are derived (the
-chip's DRAM bandwidth and fp16 peak are folded into ``dram_bytes_per_cycle`` and
-``macs_per_cycle``). The cost model, the emitter and the header (through
+not used: each core reads its operands from GDRAM); 4 clusters x 4 compute cores; the
+chip's LPDDR5 shared by the active cores; a TFU that multiplies K padded to ``k_align`` by
+N padded to ``n_align``. The MLU370-X8 card carries two chips: its 614.4 GB/s and 96
+TFLOPS fp16 are halved here for one chip. Derived numbers say in their source how they are
+derived (the chip's DRAM bandwidth and fp16 peak are folded into ``dram_bytes_per_cycle``
+and ``macs_per_cycle``). The cost model, the emitter and the header (through
 :func:`defines`) read every number here.
 """
 
@@ -19,22 +20,22 @@ HEADER = "bang_sim.h"
 PIPES = ("ALU", "VFU", "TFU", "IO-DMA", "Move-DMA")
 
 _CLOCK = 1.3e9
-_CLUSTERS = 8
+_CLUSTERS = 4
 _CORES_PER_CLUSTER = 4
-_FP16_FLOPS = 96e12
-_DRAM_BYTES_PER_S = 614.4e9
+_FP16_FLOPS = 96e12 / 2  # one chip of the two-chip MLU370-X8
+_DRAM_BYTES_PER_S = 614.4e9 / 2
 _KB = 1024
 _ALIGN = Param(64, "bytes", "U", "__nram__/__wram__ arrays 64-byte aligned, as GDRAM units")
 
 TARGET = Target(
     name="mlu",
     dialect="BANG C",
-    summary="Cambricon MLU370-X8 style: NRAM/WRAM per core, TFU matmul, 5 pipes per core",
+    summary="one Cambricon MLU370 chip: 4 clusters x 4 cores, NRAM/WRAM per core, TFU matmul",
     clock_hz=Param(_CLOCK, "Hz", "V", "MLU370-X8 clock (docs/TARGETS.md: Cambricon)"),
     cores=Param(
         _CLUSTERS * _CORES_PER_CLUSTER, "cores", "U",
-        "8 clusters (U: MLU370-X8 is 2 chips x 2 dies [S], 2 clusters per die assumed) x 4 "
-        "compute cores per cluster (V, mlu-ops kernel.h)",
+        "4 clusters per chip (U: an MLU370 chip is 2 dies [S], 2 clusters per die assumed) "
+        "x 4 compute cores per cluster (V, mlu-ops kernel.h)",
     ),
     buffers=(
         Buffer("NRAM", Param(640 * _KB, "bytes", "V",
@@ -47,11 +48,13 @@ TARGET = Target(
     ),
     dram_bytes_per_cycle=Param(
         _DRAM_BYTES_PER_S / _CLOCK, "B/cycle", "S",
-        "614.4 GB/s LPDDR5 of the MLU370-X8 (S) at 1.3 GHz (V), shared by the active cores",
+        "614.4 GB/s LPDDR5 of the two-chip MLU370-X8 (S) / 2 for one chip (U: even split) "
+        "at 1.3 GHz (V), shared by the active cores",
     ),
     macs_per_cycle=Param(
         round(_FP16_FLOPS / 2 / _CLOCK / (_CLUSTERS * _CORES_PER_CLUSTER)), "MAC/cycle", "U",
-        "unpublished per-core TFU rate: 96 TFLOPS fp16 (S) / 2 / 1.3 GHz / 32 cores",
+        "unpublished per-core TFU rate: 96 TFLOPS fp16 of the two-chip card (S) / 2 chips "
+        "/ 2 / 1.3 GHz / 16 cores",
     ),
     in_dtype="half",
     params={
