@@ -142,17 +142,52 @@ inline std::string region_name(const void* p) {
   return "";
 }
 
+// `count` rows of [lo, hi) shifted by multiples of `pitch` bytes (a strided copy).
 struct Span {
   const unsigned char* lo = nullptr;
   const unsigned char* hi = nullptr;
   std::string name;  // the buffer, as a message names it
-  bool overlaps(const Span& o) const { return lo < o.hi && o.lo < hi; }
+  long long pitch = 0;
+  long long count = 1;
+
+  long long len() const { return hi - lo; }
+  const unsigned char* end() const { return hi + (count - 1) * pitch; }
+  // Whether row j of a strided span meets [a, b).
+  bool meets(const unsigned char* a, const unsigned char* b) const {
+    if (count == 1 || pitch <= 0) return lo < b && a < end();
+    long long j = (a - lo - len()) / pitch;  // rows before j end at or before a
+    for (j = std::max(0LL, j); j < count; ++j) {
+      const unsigned char* r = lo + j * pitch;
+      if (r >= b) return false;
+      if (r + len() > a) return true;
+    }
+    return false;
+  }
+  bool overlaps(const Span& o) const {
+    if (lo == hi || o.lo == o.hi || !(lo < o.end() && o.lo < end())) return false;
+    const Span& few = count <= o.count ? *this : o;
+    const Span& many = count <= o.count ? o : *this;
+    for (long long k = 0; k < few.count; ++k) {
+      const unsigned char* a = few.lo + k * few.pitch;
+      if (many.meets(a, a + few.len())) return true;
+    }
+    return false;
+  }
 };
 
 inline Span span(const void* p, std::size_t bytes, const std::string& name) {
   const auto* q = static_cast<const unsigned char*>(p);
   std::string where = region_name(p);
   return {q, q + bytes, where.empty() ? name : where};
+}
+
+// `count` rows of `bytes` bytes, `pitch` bytes apart.
+inline Span strided(const void* p, std::size_t bytes, long long pitch, long long count,
+                    const std::string& name) {
+  Span s = span(p, bytes, name);
+  s.pitch = pitch;
+  s.count = std::max(1LL, count);
+  return s;
 }
 
 struct Transfer {
@@ -207,7 +242,7 @@ struct Tracker {
     if (!flight.empty() && srcs.size() == 0) {
       Transfer& last = flight.back();
       if (last.engine == e && last.srcs.empty() && last.dst.hi == dst.lo &&
-          last.dst.name == dst.name) {
+          last.dst.count == 1 && dst.count == 1 && last.dst.name == dst.name) {
         last.dst.hi = dst.hi;
         last.seq = seq;
         return;
