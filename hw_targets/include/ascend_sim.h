@@ -385,7 +385,7 @@ struct TQue {
     Pipe producer, consumer;
     queue_pipes(P, producer, consumer);
     if (queued.empty()) {
-      hang(std::string("DeQue of a ") + position_name(P) + " queue", engine(producer),
+      hang(std::string("DeQue of the ") + position_name(P) + " queue", engine(producer),
            engine(consumer));
     }
     unsigned char* p = queued.front();
