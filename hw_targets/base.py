@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, TypeVar
 
 import numpy as np
@@ -44,6 +44,8 @@ __all__ = [
     "by_kind",
     "ceil_div",
     "grid_cost",
+    "launch_cycles",
+    "launched",
     "pipe_names",
     "roofline",
     "round_up",
@@ -358,6 +360,24 @@ def grid_cost(
         padded_macs=padded_macs,
         dram_bytes=moved,
     )
+
+
+def launch_cycles(target: Target) -> int:
+    """Cycles from a kernel's launch until its cores start (``launch_cycles``; 0 if the
+    target declares none). Every core pays them, as a stage of its own, before its work."""
+    param = target.params.get("launch_cycles")
+    return int(param) if param is not None else 0
+
+
+def launched(cost: KernelCost, target: Target, pipe: str) -> KernelCost:
+    """``cost`` with the launch stage (charged to ``pipe``, the first of the target's pipes,
+    as ``qmsim::core_begin`` charges it)."""
+    launch = launch_cycles(target)
+    if not launch:
+        return cost
+    pipes = dict(cost.pipes)
+    pipes[pipe] = pipes.get(pipe, 0) + launch
+    return replace(cost, cycles=cost.cycles + launch, pipes=pipes, stages=cost.stages + 1)
 
 
 def by_kind(

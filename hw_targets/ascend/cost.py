@@ -59,6 +59,7 @@ from hw_targets.base import (
     best_tiling,
     by_kind,
     ceil_div,
+    launched,
     round_up,
 )
 from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
@@ -304,5 +305,5 @@ def _im2col_cost(spec: Im2colSpec, target: Target) -> KernelCost:
 
 def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> KernelCost:
     """Cycles of the kernel, stage by stage, as ``include/ascend_sim.h`` counts them."""
-    return by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
-                   lambda i: _im2col_cost(i, target))
+    return launched(by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
+                            lambda i: _im2col_cost(i, target)), target, PIPES[0])

@@ -30,6 +30,9 @@ _FIXTURE = ("an Ascend 310's rate in CANN op-tiling test fixtures (hardware_info
 _L0_ALIGN = Param(512, "bytes", "V", "Ascend C Mmad doc: A/B start 512-byte aligned")
 _BLOCK = "Ascend C's 32-byte DataCopy unit (an assumption; no vendor source read)"
 
+_LAUNCH = ("1 us from a kernel's launch to its cores' start, assumed: no published "
+           "figure (the host-side launch overlaps the previous kernel)")
+
 TARGET = Target(
     name="ascend",
     dialect="Ascend C",
@@ -51,6 +54,7 @@ TARGET = Target(
     macs_per_cycle=Param(4096, "MAC/cycle", "S", "cube 16x16x16 fp16, Hot Chips 2019"),
     in_dtype="half",
     params={
+        "launch_cycles": Param(1800, "cycles", "U", _LAUNCH),
         "cube_edge": Param(16, "elements", "S",
                            "16x16x16 cube, Hot Chips 2019; a 16x16 fp16 fractal is 512 B "
                            "(Ascend C Mmad doc)"),
@@ -89,6 +93,7 @@ def defines(target: Target) -> dict[str, int]:
     cores = int(target.cores.value)
     hbm_share = int(target.dram_bytes_per_cycle.value) // cores
     return {
+        "launch_cycles": int(target.param("launch_cycles")),
         "cube_edge": cube_edge(target),
         "l1_bytes": target.buffer("L1").bytes,
         "l0a_bytes": target.buffer("L0A").bytes,

@@ -11,7 +11,7 @@
 // Pipes and charges (constants QM_* come from hw_targets/mlu/target.py):
 //   IO-DMA    GDRAM<->NRAM: bytes in QM_GDRAM_UNIT units per segment (a store that
 //             leaves a partial unit also reads it: read-modify-write), at the chip's DRAM
-//             bandwidth shared by the taskDim active cores.
+//             bandwidth shared by the taskDim active cores, capped at one core's DMA rate.
 //   Move-DMA  NRAM->WRAM and NRAM->NRAM: bytes / QM_MOVE_BYTES_PER_CYCLE.
 //   TFU       __bang_matmul: M x K x N MACs (K a multiple of QM_K_ALIGN, N of QM_N_ALIGN)
 //             / QM_MACS_PER_CYCLE.
@@ -125,9 +125,12 @@ inline long long wram_index(long long n, long long k, long long K) {
   return ((n / QM_N_ALIGN) * K + k) * QM_N_ALIGN + n % QM_N_ALIGN;
 }
 
-// Cycles of `bytes` over GDRAM: this core's share of the chip bandwidth (taskDim active cores).
+// Cycles of `bytes` over GDRAM: this core's share of the chip bandwidth (taskDim active
+// cores), at most one core's DMA rate (both in bytes per 1000 cycles).
 inline long long io_cycles(long long bytes) {
-  return qmsim::ceil_div(bytes * taskDim * 1000, QM_DRAM_MILLIBYTES_PER_CYCLE);
+  const long long rate = std::max(1LL, std::min<long long>(QM_DRAM_MILLIBYTES_PER_CYCLE / taskDim,
+                                                           QM_CORE_DRAM_MILLIBYTES_PER_CYCLE));
+  return qmsim::ceil_div(bytes * 1000, rate);
 }
 
 inline long long vector_cycles(long long bytes, const char* op) {

@@ -344,11 +344,21 @@ inline void begin_kernel(std::initializer_list<const char*> pipe_names) {
   for (const char* n : pipe_names) c.names[c.pipes++] = n;
 }
 
+#ifndef QM_LAUNCH_CYCLES
+#define QM_LAUNCH_CYCLES 0
+#endif
+
+// A core starts QM_LAUNCH_CYCLES after the kernel's launch: a stage of its own, charged to
+// the first pipe.
 inline void core_begin(int) {
   Counters& c = counters();
   c.core_cycles = 0;
   c.core_stages = 0;
   for (int i = 0; i < kMaxPipes; ++i) c.core_pipe[i] = c.stage[i] = 0;
+  if (QM_LAUNCH_CYCLES > 0) {
+    charge(0, QM_LAUNCH_CYCLES);
+    end_stage();
+  }
 }
 
 inline void core_end() {

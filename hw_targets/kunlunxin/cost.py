@@ -57,6 +57,7 @@ from hw_targets.base import (
     by_kind,
     ceil_div,
     grid_cost,
+    launched,
     round_up,
 )
 from hw_targets.kunlunxin.target import PIPES, TARGET, defines, lanes, row_unit
@@ -134,8 +135,8 @@ def tiling(spec: GemmSpec, target: Target = TARGET) -> Tiling:
 
 def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> KernelCost:
     """Cycles of the kernel, stage by stage, as ``include/xpu_sim.h`` counts them."""
-    return by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
-                   lambda i: _im2col_cost(i, target))
+    return launched(by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
+                            lambda i: _im2col_cost(i, target)), target, PIPES[0])
 
 
 def sharers(d: Mapping[str, int], busy: int, core: int) -> int:

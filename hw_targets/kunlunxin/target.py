@@ -24,6 +24,9 @@ _GUIDE = "Kunlunxin XPU C/C++ developer guide v2.2"
 _CLOCK_HZ = 1.0e9
 _GDDR6 = 512e9
 
+_LAUNCH = ("1 us from a kernel's launch to its cores' start, assumed: no published "
+           "figure (the host-side launch overlaps the previous kernel)")
+
 TARGET = Target(
     name="kunlunxin",
     dialect="XPU C/C++",
@@ -48,6 +51,7 @@ TARGET = Target(
                          "one unit per group of 4 cores [V]: 4 per core"),
     in_dtype="half",
     params={
+        "launch_cycles": Param(1000, "cycles", "U", _LAUNCH),
         "clusters": Param(8, "clusters", "V", _GUIDE),
         "cores_per_cluster": Param(64, "cores", "V", _GUIDE),
         "simd_bits": Param(512, "bits", "V", _GUIDE),
@@ -91,6 +95,7 @@ def defines(target: Target) -> dict[str, int]:
                          f"clusters x cores_per_cluster ({clusters} x {per_cluster})")
     lm = target.buffer("LM")
     return {
+        "launch_cycles": int(target.param("launch_cycles")),
         "lm_bytes": lm.bytes,
         "lm_align": lm.alignment,
         "clusters": clusters,

@@ -17,8 +17,9 @@ a stage; a core with ``S`` steps runs ``S + 4`` of them, plus a first one that z
 charged). Pipes (V): ALU, VFU, TFU,
 IO-DMA, Move-DMA. Charges, per call, in integer cycles::
 
-    IO-DMA   ceil(bytes' * taskDim / dram_bytes_per_cycle), bytes' = segments x size
-             rounded up to 64 B units; a store leaving a partial unit adds one (RMW)
+    IO-DMA   ceil(bytes' / min(dram_bytes_per_cycle / taskDim, core_dram_bytes_per_cycle)),
+             bytes' = segments x size rounded up to 64 B units; a store leaving a partial
+             unit adds one (RMW)
     Move     ceil(bytes / move_bytes_per_cycle)
     TFU      ceil(rows x round_up(k, 32) x round_up(n, 64) / macs_per_cycle)
     VFU      bytes / 128 (transpose, reshape, accumulate, bias, zeroing of padded chunks)
@@ -50,9 +51,10 @@ from hw_targets.base import (
     best_tiling,
     by_kind,
     ceil_div,
+    launched,
     round_up,
 )
-from hw_targets.mlu.target import TARGET, defines
+from hw_targets.mlu.target import PIPES, TARGET, defines
 from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
 
 __all__ = [
@@ -89,6 +91,7 @@ class Rates:
     sizes, with the charges of bang_sim.h (``tasks``: the kernel's taskDim)."""
 
     millibytes: int
+    core_millibytes: int
     tasks: int
     macs: int
     move: int
@@ -103,7 +106,8 @@ class Rates:
     @classmethod
     def of(cls, target: Target, tasks: int) -> Rates:
         d = defines(target)
-        return cls(d["dram_millibytes_per_cycle"], tasks, d["macs_per_cycle"],
+        return cls(d["dram_millibytes_per_cycle"], d["core_dram_millibytes_per_cycle"], tasks,
+                   d["macs_per_cycle"],
                    d["move_bytes_per_cycle"], d["sync_cycles"], d["gdram_unit"],
                    d["vector_bytes"], d["k_align"], d["n_align"], d["nram_align"],
                    target.in_bytes)
@@ -113,8 +117,13 @@ class Rates:
         """Input elements of one vector line (what ``__bang_write_zero`` works in)."""
         return self.vector // self.in_bytes
 
+    @property
+    def core_rate(self) -> int:
+        """Bytes per 1000 cycles of one core's GDRAM DMA: its share, at most its cap."""
+        return max(1, min(self.millibytes // self.tasks, self.core_millibytes))
+
     def io(self, nbytes: np.ndarray) -> np.ndarray:
-        return -(-nbytes * self.tasks * 1000 // self.millibytes)
+        return -(-nbytes * 1000 // self.core_rate)
 
     def load(self, segments: np.ndarray, size: np.ndarray) -> np.ndarray:
         return self.io(segments * (-(-size // self.unit) * self.unit))
@@ -190,7 +199,7 @@ def lower_bound(spec: GemmSpec, tm: int, tn: int, tk: int, p: int, rates: Rates)
     k_padded = (kt - 1) * round_up(tk, k_al) + round_up(last_k, k_al)
     n_padded = (nt - 1) * round_up(tn, n_al) + round_up(last_n, n_al)
     tfu = spec.batch * spec.m * k_padded * n_padded / rates.macs / p
-    io = gdram * 1000 / rates.millibytes  # summed over cores: x taskDim, averaged: / taskDim
+    io = gdram * 1000 / min(rates.millibytes, p * rates.core_millibytes)  # averaged over cores
     return max(io, tfu)
 
 
@@ -228,8 +237,8 @@ def tiling(spec: GemmSpec, target: Target = TARGET) -> Tiling:
 
 def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> KernelCost:
     """Cycles of the kernel, stage by stage, as ``include/bang_sim.h`` counts them."""
-    return by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
-                   lambda i: _im2col_cost(i, target))
+    return launched(by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
+                            lambda i: _im2col_cost(i, target)), target, PIPES[0])
 
 
 def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:

@@ -27,6 +27,9 @@ _DRAM_BYTES_PER_S = 614.4e9 / 2
 _KB = 1024
 _ALIGN = Param(64, "bytes", "U", "__nram__/__wram__ arrays 64-byte aligned, as GDRAM units")
 
+_LAUNCH = ("1 us from a kernel's launch to its cores' start, assumed: no published "
+           "figure (the host-side launch overlaps the previous kernel)")
+
 TARGET = Target(
     name="mlu",
     dialect="BANG C",
@@ -58,8 +61,12 @@ TARGET = Target(
     ),
     in_dtype="half",
     params={
+        "launch_cycles": Param(1300, "cycles", "U", _LAUNCH),
         "cores_per_cluster": Param(_CORES_PER_CLUSTER, "cores", "V",
                                    "4 compute + 1 memory core per cluster (mlu-ops docs)"),
+        "core_dram_bytes_per_cycle": Param(64, "B/cycle", "U",
+                                           "one core's GDRAM DMA at most (not published); the "
+                                           "cores that stream share the chip's bandwidth"),
         "gdram_unit": Param(64, "bytes", "V", "GDRAM accessed in 64 B aligned units (mlu-ops)"),
         "vector_bytes": Param(128, "bytes", "V", "vector work costs ceil(bytes/128) cycles"),
         "k_align": Param(32, "fp16", "V", "matmul K padded to 64 B / sizeof(half)"),
@@ -78,12 +85,14 @@ TARGET = Target(
 def defines(target: Target) -> dict[str, int]:
     """The header's constants (``QM_<NAME>``), every one read from ``target``."""
     return {
+        "launch_cycles": int(target.param("launch_cycles")),
         "nram_bytes": target.buffer("NRAM").bytes,
         "wram_bytes": target.buffer("WRAM").bytes,
         "nram_align": target.buffer("NRAM").alignment,
         "wram_align": target.buffer("WRAM").alignment,
         "cores_per_cluster": int(target.param("cores_per_cluster")),
         "dram_millibytes_per_cycle": round(1000 * float(target.dram_bytes_per_cycle)),
+        "core_dram_millibytes_per_cycle": round(1000 * target.param("core_dram_bytes_per_cycle")),
         "macs_per_cycle": int(target.macs_per_cycle),
         "move_bytes_per_cycle": int(target.param("move_bytes_per_cycle")),
         "sync_cycles": int(target.param("sync_cycles")),
