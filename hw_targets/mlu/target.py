@@ -50,7 +50,7 @@ TARGET = Target(
                _ALIGN, scope="cluster"),
     ),
     dram_bytes_per_cycle=Param(
-        _DRAM_BYTES_PER_S / _CLOCK, "B/cycle", "S",
+        _DRAM_BYTES_PER_S / _CLOCK, "B/cycle", "U",
         "614.4 GB/s LPDDR5 of the two-chip MLU370-X8 (S) / 2 for one chip (U: even split) "
         "at 1.3 GHz (V), shared by the active cores",
     ),
