@@ -23,13 +23,16 @@ from hw_targets.sim import compiler
 from qmpass.lower import LowerConfig, lower
 
 #: A whole-line synchronisation statement of each target's kernels (a trailing comment
-#: allowed). Ascend's DeQue is the other half of an EnQue: deleting the EnQue removes the
-#: hand-over (a DeQue is a declaration the code after it needs).
+#: allowed). An Ascend DeQue that declares its tensor cannot go alone (the code after it
+#: needs the name); deleting its EnQue removes that hand-over. A DeQue that re-assigns a
+#: tensor (the vector core's) is deleted on its own: the consumer then reads the buffer
+#: without waiting for its producer.
 _COMMENT = r"\s*(?://.*)?$"
 SYNC = {
     "ascend": re.compile(
-        r"^(\s*)((?:\w+\.EnQue\(\w+\)|(?:AscendC::)?(?:SetFlag|WaitFlag|CrossCoreSetFlag"
-        r"|CrossCoreWaitFlag|PipeBarrier)(?:<[^;]*>)?\([^;]*\));)" + _COMMENT),
+        r"^(\s*)((?:\w+\.EnQue\(\w+\)|\w+ = \w+\.DeQue<\w+>\(\)|(?:AscendC::)?(?:SetFlag"
+        r"|WaitFlag|CrossCoreSetFlag|CrossCoreWaitFlag|PipeBarrier)(?:<[^;]*>)?\([^;]*\));)"
+        + _COMMENT),
     "mlu": re.compile(r"^(\s*)(__sync_(?:io|move|compute|cluster)\(\);)" + _COMMENT),
     "kunlunxin": re.compile(r"^(\s*)(mfence\(\);)" + _COMMENT),
 }

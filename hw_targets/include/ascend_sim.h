@@ -397,6 +397,14 @@ struct TQue {
   void FreeTensor(LocalTensor<T>& t) {
     Pipe producer, consumer;
     queue_pipes(P, producer, consumer);
+    for (unsigned char* q : queued) {
+      if (q == reinterpret_cast<unsigned char*>(t.data)) {  // EnQue'd, never DeQue'd
+        const qmsim::Tracker& tr = qmsim::tracker();
+        qmsim::fault(std::string("race: a ") + position_name(P) +
+                     " buffer is freed while still queued (no DeQue): nothing ordered " +
+                     tr.names[engine(producer)] + " before " + tr.names[engine(consumer)]);
+      }
+    }
     for (std::size_t i = 0; i < slots.size(); ++i) {
       if (slots[i] == reinterpret_cast<unsigned char*>(t.data)) {
         busy[i] = false;
