@@ -132,7 +132,7 @@ class Model:
 
     def _read(self, nbytes: int, reuse: int) -> Pipes:
         d = self.d
-        return {"MTE2": ceil_div(nbytes, d["l2_rate"]),
+        return {"MTE2": d["dma_issue_cycles"] + ceil_div(nbytes, d["l2_rate"]),
                 "HBM": ceil_div(nbytes, reuse * d["hbm_core_rate"])}
 
     def stage(self, rows: int, cols: int, kk: int) -> Pipes:
@@ -140,7 +140,8 @@ class Model:
         d, e = self.d, self.in_bytes
         mf, nf, kf = self.fractals(rows), self.fractals(cols), self.fractals(kk)
         mte1 = (mf * ceil_div(self.in_fractal * kf, d["l1_to_l0a_rate"])
-                + kf * ceil_div(self.in_fractal * nf, d["l1_to_l0b_rate"]))
+                + kf * ceil_div(self.in_fractal * nf, d["l1_to_l0b_rate"])
+                + (mf + kf) * d["dma_issue_cycles"])
         return _add(self._read(e * rows * kk, self.reuse_a),
                     self._read(e * kk * cols, self.reuse_b),
                     {"MTE1": mte1, "M": mf * nf * kf})
@@ -151,7 +152,8 @@ class Model:
         mf, nf = self.fractals(rows), self.fractals(cols)
         c_bytes = OUT_BYTES * rows * cols
         parts: list[Mapping[str, int]] = [
-            {"FIX": ceil_div(self.out_fractal * mf * nf, d["l0c_out_rate"]),
+            {"FIX": d["dma_issue_cycles"] + ceil_div(self.out_fractal * mf * nf,
+                                                     d["l0c_out_rate"]),
              "HBM": ceil_div(c_bytes, d["hbm_core_rate"])}]
         if self.spec.bias != "none":
             length = cols if self.spec.bias == "col" else rows
@@ -159,8 +161,8 @@ class Model:
             parts += [
                 _rename(self._read(c_bytes, 1), "AIV-MTE2"),
                 _rename(self._read(OUT_BYTES * length, self.reuse_bias), "AIV-MTE2"),
-                {"V": rows * chunks * d["vector_repeat_cycles"]},
-                {"MTE3": ceil_div(c_bytes, d["ub_to_ddr_rate"]),
+                {"V": d["flag_cycles"] + rows * chunks * d["vector_repeat_cycles"]},
+                {"MTE3": d["dma_issue_cycles"] + ceil_div(c_bytes, d["ub_to_ddr_rate"]),
                  "HBM": ceil_div(c_bytes, d["hbm_core_rate"])},
             ]
         return _add(*parts)
@@ -292,10 +294,10 @@ def _im2col_cost(spec: Im2colSpec, target: Target) -> KernelCost:
     vector = (ceil_div(e * cube_edge(target), d["vector_bytes"])
               + taps * ceil_div(row, d["vector_bytes"]))
     stage = _add(
-        {"AIV-MTE2": ceil_div(e * plane, d["l2_rate"]),
+        {"AIV-MTE2": d["dma_issue_cycles"] + ceil_div(e * plane, d["l2_rate"]),
          "HBM": ceil_div(e * plane, d["hbm_core_rate"])},
         {"V": vector * d["vector_repeat_cycles"]},
-        {"MTE3": taps * ceil_div(row, d["ub_to_ddr_rate"]),
+        {"MTE3": taps * (d["dma_issue_cycles"] + ceil_div(row, d["ub_to_ddr_rate"])),
          "HBM": taps * ceil_div(row, d["hbm_core_rate"])},
     )
     busiest = ceil_div(spec.images * spec.channels, int(target.cores.value))

@@ -68,6 +68,11 @@ TARGET = Target(
         "fixpipe_rate": Param(256, "B/cycle", "U",
                               "L0C read by Fixpipe; the fixture's l0_c_to_ub_rate 256, assumed"),
         "ub_to_ddr_rate": Param(64, "B/cycle", "U", _FIXTURE + ": ub_to_ddr_rate 64"),
+        "dma_issue_cycles": Param(32, "cycles", "U",
+                                  "fixed cost of issuing one DataCopy/LoadData/Fixpipe/"
+                                  "DataCopyPad; not published (Kunlunxin's assumption)"),
+        "flag_cycles": Param(64, "cycles", "U",
+                             "a CrossCoreSetFlag -> CrossCoreWaitFlag round trip; not published"),
         "vector_bytes_per_repeat": Param(256, "bytes", "S", "docs/TARGETS.md: 128 fp16 / 64 fp32"),
         "vector_cycles_per_repeat": Param(1, "cycles", "U", "one repeat issued per cycle"),
         # Not read by the cost model: the paper's claim, printed beside the c_conv the
@@ -93,6 +98,8 @@ def defines(target: Target) -> dict[str, int]:
     cores = int(target.cores.value)
     hbm_share = int(target.dram_bytes_per_cycle.value) // cores
     return {
+        "dma_issue_cycles": int(target.param("dma_issue_cycles")),
+        "flag_cycles": int(target.param("flag_cycles")),
         "launch_cycles": int(target.param("launch_cycles")),
         "cube_edge": cube_edge(target),
         "l1_bytes": target.buffer("L1").bytes,

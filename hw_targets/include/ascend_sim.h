@@ -31,7 +31,8 @@
 //   HBM       this core's share of the chip's HBM: bytes / (reuse x QM_HBM_CORE_RATE), where
 //             `reuse` (set by the launch, qm_l2_reuse) is how many tiles read each element
 //             of the argument from L2 after its one fetch from HBM.
-// Every move charges the whole transfer to its pipe(s). A stage (one double-buffered
+// Every move (DataCopy, LoadData, Fixpipe, DataCopyPad) charges QM_DMA_ISSUE_CYCLES plus
+// its whole transfer to its pipe(s); a CrossCoreWaitFlag charges QM_FLAG_CYCLES to V. A stage (one double-buffered
 // iteration) ends where the next AllocTensor of a depth-2 input queue (A1, B1, VECIN)
 // begins the next iteration, or where a finished C tile is handed over (EnQue on CO1). UB data moves in blocks of QM_UB_ALIGN (32) bytes:
 // DataCopyPad pitches and vector strides count them.
@@ -164,6 +165,7 @@ inline void CrossCoreWaitFlag(std::uint16_t flagId) {
     hang("CrossCoreWaitFlag(" + std::to_string(flagId) + ")",
          qmsim::tracker().engine("AIC FIX"), engine(pipes[0]));
   for (Pipe p : pipes) qmsim::tracker().join(engine(p), seen);
+  qmsim::charge(PIPE_V, QM_FLAG_CYCLES);  // the round trip through the flag's scheduler
 }
 
 // ---------------------------------------------------------------- on-chip memories
@@ -318,12 +320,12 @@ struct GlobalTensor {
 };
 
 inline void charge_gm_read(long long bytes, std::uint32_t reuse) {
-  qmsim::charge(gm_in_pipe(), cdiv(bytes, QM_L2_RATE));
+  qmsim::charge(gm_in_pipe(), QM_DMA_ISSUE_CYCLES + cdiv(bytes, QM_L2_RATE));
   qmsim::charge(PIPE_HBM, cdiv(bytes, static_cast<long long>(reuse) * QM_HBM_CORE_RATE));
 }
 
 inline void charge_gm_write(long long bytes) {
-  qmsim::charge(PIPE_MTE3, cdiv(bytes, QM_UB_TO_DDR_RATE));
+  qmsim::charge(PIPE_MTE3, QM_DMA_ISSUE_CYCLES + cdiv(bytes, QM_UB_TO_DDR_RATE));
   qmsim::charge(PIPE_HBM, cdiv(bytes, QM_HBM_CORE_RATE));
 }
 
@@ -507,7 +509,8 @@ inline void LoadData(const LocalTensor<half>& dst, const LocalTensor<half>& src,
         d[i * kEdge + j] = p.ifTranspose ? s[j * kEdge + i] : s[i * kEdge + j];
   }
   const int rate = dst.pos == TPosition::A2 ? QM_L1_TO_L0A_RATE : QM_L1_TO_L0B_RATE;
-  qmsim::charge(PIPE_MTE1, cdiv(static_cast<long long>(sizeof(half)) * kFractal * p.repeatTimes, rate));
+  qmsim::charge(PIPE_MTE1, QM_DMA_ISSUE_CYCLES +
+                               cdiv(static_cast<long long>(sizeof(half)) * kFractal * p.repeatTimes, rate));
 }
 
 // ---------------------------------------------------------------- M: the cube
@@ -586,7 +589,8 @@ inline void Fixpipe(const GlobalTensor<T>& dst, const LocalTensor<U>& src,
     for (long long c = 0; c < cols; ++c)
       row[c] = static_cast<T>(src.data[(c / kEdge) * rp * kEdge + r * kEdge + c % kEdge]);
   }
-  qmsim::charge(PIPE_FIX, cdiv(static_cast<long long>(sizeof(U)) * kFractal * cdiv(rows, kEdge) * nf,
+  qmsim::charge(PIPE_FIX, QM_DMA_ISSUE_CYCLES +
+                              cdiv(static_cast<long long>(sizeof(U)) * kFractal * cdiv(rows, kEdge) * nf,
                                QM_L0C_OUT_RATE));
   qmsim::charge(PIPE_HBM, cdiv(static_cast<long long>(sizeof(T)) * rows * cols, QM_HBM_CORE_RATE));
 }

@@ -13,6 +13,7 @@
 //             leaves a partial unit also reads it: read-modify-write), at the chip's DRAM
 //             bandwidth shared by the taskDim active cores, capped at one core's DMA rate.
 //   Move-DMA  NRAM->WRAM and NRAM->NRAM: bytes / QM_MOVE_BYTES_PER_CYCLE.
+//   (every __memcpy call also charges QM_DMA_ISSUE_CYCLES to its engine)
 //   TFU       __bang_matmul: M x K x N MACs (K a multiple of QM_K_ALIGN, N of QM_N_ALIGN)
 //             / QM_MACS_PER_CYCLE.
 //   VFU       vector ops: ceil(bytes / QM_VECTOR_BYTES); lengths must be multiples of it.
@@ -177,15 +178,17 @@ inline void memcpy_2d(void* dst, const void* src, long long size, mluMemcpyDirec
   }
   switch (dir) {
     case GDRAM2NRAM:
-      qmsim::charge(IO, io_cycles(segments * round_up(size, QM_GDRAM_UNIT)));
+      qmsim::charge(IO, QM_DMA_ISSUE_CYCLES + io_cycles(segments * round_up(size, QM_GDRAM_UNIT)));
       break;
     case NRAM2GDRAM: {
       const long long rmw = size % QM_GDRAM_UNIT ? QM_GDRAM_UNIT : 0;
-      qmsim::charge(IO, io_cycles(segments * (round_up(size, QM_GDRAM_UNIT) + rmw)));
+      qmsim::charge(IO, QM_DMA_ISSUE_CYCLES +
+                            io_cycles(segments * (round_up(size, QM_GDRAM_UNIT) + rmw)));
       break;
     }
     default:
-      qmsim::charge(MOVE, qmsim::ceil_div(segments * size, QM_MOVE_BYTES_PER_CYCLE));
+      qmsim::charge(MOVE, QM_DMA_ISSUE_CYCLES +
+                              qmsim::ceil_div(segments * size, QM_MOVE_BYTES_PER_CYCLE));
   }
 }
 

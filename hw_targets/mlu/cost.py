@@ -17,10 +17,11 @@ a stage; a core with ``S`` steps runs ``S + 4`` of them, plus a first one that z
 charged). Pipes (V): ALU, VFU, TFU,
 IO-DMA, Move-DMA. Charges, per call, in integer cycles::
 
-    IO-DMA   ceil(bytes' / min(dram_bytes_per_cycle / taskDim, core_dram_bytes_per_cycle)),
+    IO-DMA   dma_issue_cycles per call + ceil(bytes' / min(dram_bytes_per_cycle / taskDim,
+             core_dram_bytes_per_cycle)),
              bytes' = segments x size rounded up to 64 B units; a store leaving a partial
              unit adds one (RMW)
-    Move     ceil(bytes / move_bytes_per_cycle)
+    Move     dma_issue_cycles + ceil(bytes / move_bytes_per_cycle)
     TFU      ceil(rows x round_up(k, 32) x round_up(n, 64) / macs_per_cycle)
     VFU      bytes / 128 (transpose, reshape, accumulate, bias, zeroing of padded chunks)
     stage    max over pipes + sync_cycles (the barrier at the end of every iteration)
@@ -92,6 +93,7 @@ class Rates:
 
     millibytes: int
     core_millibytes: int
+    issue: int
     tasks: int
     macs: int
     move: int
@@ -106,8 +108,8 @@ class Rates:
     @classmethod
     def of(cls, target: Target, tasks: int) -> Rates:
         d = defines(target)
-        return cls(d["dram_millibytes_per_cycle"], d["core_dram_millibytes_per_cycle"], tasks,
-                   d["macs_per_cycle"],
+        return cls(d["dram_millibytes_per_cycle"], d["core_dram_millibytes_per_cycle"],
+                   d["dma_issue_cycles"], tasks, d["macs_per_cycle"],
                    d["move_bytes_per_cycle"], d["sync_cycles"], d["gdram_unit"],
                    d["vector_bytes"], d["k_align"], d["n_align"], d["nram_align"],
                    target.in_bytes)
@@ -126,11 +128,12 @@ class Rates:
         return -(-nbytes * 1000 // self.core_rate)
 
     def load(self, segments: np.ndarray, size: np.ndarray) -> np.ndarray:
-        return self.io(segments * (-(-size // self.unit) * self.unit))
+        """One GDRAM2NRAM call: its issue cost and its whole units."""
+        return self.issue + self.io(segments * (-(-size // self.unit) * self.unit))
 
     def store(self, segments: np.ndarray, size: np.ndarray) -> np.ndarray:
         rmw = np.where(size % self.unit != 0, self.unit, 0)
-        return self.io(segments * (-(-size // self.unit) * self.unit + rmw))
+        return self.issue + self.io(segments * (-(-size // self.unit) * self.unit + rmw))
 
     def vec(self, nbytes: np.ndarray) -> np.ndarray:
         return -(-nbytes // self.vector)
@@ -269,7 +272,7 @@ def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
     zero_vfu = np.where(padded_k, r.vec(e * (-(-rows * kp // r.line) * r.line))
                         + r.vec(e * kp * np_), 0)
     layout_vfu = 2 * r.vec(e * kp * np_)  # transpose, then reshape_filter
-    move = -(-e * kp * np_ // r.move)
+    move = r.issue + -(-e * kp * np_ // r.move)
     tfu = -(-rows * kp * np_ // r.macs)
     comp_vfu = np.where(chunk > 0, r.vec(OUT_BYTES * rows * np_), 0)
     if spec.bias == "col":

@@ -73,6 +73,8 @@ TARGET = Target(
         "n_align": Param(64, "channels", "V", "output channels padded to 64 (WRAM lanes)"),
         "move_bytes_per_cycle": Param(128, "B/cycle", "U",
                                       "NRAM2WRAM/NRAM2NRAM rate, assumed one vector line"),
+        "dma_issue_cycles": Param(32, "cycles", "U",
+                                  "fixed cost of one __memcpy call; not published"),
         "sync_cycles": Param(64, "cycles", "U", "barrier at the end of a pipeline iteration"),
         # Not read by the cost model: the paper's claim, printed beside the c_conv the
         # model implies (bench/targets.py, part D).
@@ -85,6 +87,7 @@ TARGET = Target(
 def defines(target: Target) -> dict[str, int]:
     """The header's constants (``QM_<NAME>``), every one read from ``target``."""
     return {
+        "dma_issue_cycles": int(target.param("dma_issue_cycles")),
         "launch_cycles": int(target.param("launch_cycles")),
         "nram_bytes": target.buffer("NRAM").bytes,
         "wram_bytes": target.buffer("WRAM").bytes,
