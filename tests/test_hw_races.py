@@ -59,10 +59,10 @@ def _small_target(name: str) -> hw_targets.Target:
     return dataclasses.replace(target, cores=two)
 
 
-#: Small tiles of the matmul (40 x 100 x 70) and of the conv's GEMM (4 x 27 x 100): several
+#: Small tiles of the matmul (40 x 100 x 70) and of the conv's GEMM (4 x 72 x 100): several
 #: tiles per core and several k-steps per tile.
 TILINGS = {"ascend": (Tiling(32, 32, 32, 2), Tiling(16, 32, 16, 2)),
-           "mlu": (Tiling(16, 64, 32, 2), Tiling(16, 64, 32, 1)),
+           "mlu": (Tiling(16, 64, 32, 2), Tiling(16, 64, 48, 1)),
            "kunlunxin": (Tiling(8, 32, 32, 2), Tiling(4, 32, 32, 2))}
 
 
@@ -74,13 +74,13 @@ def _lowerings(name: str) -> tuple[list[hw_targets.Lowering], list[dict[str, np.
     mm_tiling, conv_tiling = TILINGS[name]
     mm = hw_targets.lower_matmul(module, target, "mm", 40, 100, 70, True)
     mm = dataclasses.replace(mm, tilings=(mm_tiling,))
-    conv = hw_targets.lower_conv(module, target, "cv", (1, 3, 10, 10), 4, (3, 3), (1, 1),
+    conv = hw_targets.lower_conv(module, target, "cv", (1, 8, 10, 10), 4, (3, 3), (1, 1),
                                  (1, 1, 1, 1))
     conv = dataclasses.replace(conv, tilings=(None, conv_tiling))
     feeds = [
         {"a": rng.standard_normal((40, 100)), "b": rng.standard_normal((100, 70)),
          "bias": rng.standard_normal(70)},
-        {"a": rng.standard_normal((4, 3, 3, 3)), "x": rng.standard_normal((1, 3, 10, 10)),
+        {"a": rng.standard_normal((4, 8, 3, 3)), "x": rng.standard_normal((1, 8, 10, 10)),
          "bias": rng.standard_normal(4)},
     ]
     return [mm, conv], feeds

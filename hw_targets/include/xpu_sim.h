@@ -16,7 +16,7 @@
 // exactly what is charged here):
 //   dma     every GM2LM / LM2GM (and _ASYNC) call, both directions sharing the core's
 //           engine and its GDDR6 share: QM_DMA_LATENCY + ceil(bytes / per-core DMA rate)
-//   simd    every 512-bit vector arithmetic instruction (svmac, vvadd, svadd, fp16->fp32
+//   simd    every 512-bit vector arithmetic instruction (svmac, svmul, vvadd, svadd, fp16->fp32
 //           widening): QM_SIMD_OP_CYCLES times the cores with work that share this core's
 //           SIMD unit (QM_SIMD_SHARERS per unit, guide); vector loads/stores to LM and
 //           scalar code are free (they issue beside the vector pipe)
@@ -167,12 +167,6 @@ inline void vstore_lm_float32x16(float* lm, float32x16_t x) {
   std::memcpy(lm, x.v, sizeof x.v);
 }
 
-// cluster2_simd.h (XPU2): zero through vvxor, no arithmetic charged.
-inline float32x16_t vset_zero() {
-  float32x16_t r;
-  for (float& x : r.v) x = 0.0f;
-  return r;
-}
 
 // cluster2_simd.h (XPU2): 32 fp16 of LM widened to two fp32 vectors (lanes 0..15 in vl,
 // 16..31 in vh): one vector load and two conversions (__builtin_xpu2_vfp162float_{l,h}_rn).
@@ -198,6 +192,13 @@ inline float32x16_t svmac_float32x16(float a, float32x16_t b, float32x16_t acc) 
   for (int i = 0; i < 16; ++i) acc.v[i] += a * b.v[i];
   xpu::simd_op();
   return acc;
+}
+
+// a * b, lane by lane (scalar a times vector b).
+inline float32x16_t svmul_float32x16(float a, float32x16_t b) {
+  for (int i = 0; i < 16; ++i) b.v[i] *= a;
+  xpu::simd_op();
+  return b;
 }
 
 inline float32x16_t vvadd_float32x16(float32x16_t a, float32x16_t b) {

@@ -19,8 +19,9 @@ charges:
   stream at once and share the chip's bandwidth evenly;
 * ``simd``: ``simd_op_cycles`` per vector instruction times the busy cores that share
   the core's SIMD unit (``simd_sharers`` per unit); per k-step and 32-column fp16 vector
-  of B two widenings to fp32 plus two ``svmac`` per row, so a partial vector costs a
-  whole one (padding to 32 columns); vector loads/stores and scalar code are free.
+  of B two widenings to fp32 plus two ``svmac`` per row (``svmul`` for the tile's first
+  product, which initialises C), so a partial vector costs a whole one (padding to 32
+  columns); vector loads/stores and scalar code are free.
 
 A stage costs its slowest pipe; the tile's last stage also adds the bias (two vector
 adds per row and vector) and ``LM2GM_ASYNC``s C. LM holds two A and two B slices, C and

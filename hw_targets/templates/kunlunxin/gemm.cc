@@ -49,8 +49,7 @@ ${bias_alloc}  for (long t = cid; t < BATCH * MT * NT; t += ncores) {
     const int kk0 = (int)(KT == 1 ? K : TK);
     gm2lm_2d(ga, K, lm_a[0], TK, rows, kk0);
     gm2lm_2d(gb, N, lm_b[0], TN32, kk0, cols);
-${bias_load}    for (int q = 0; q < TM * TN32; q += VF) vstore_lm_float32x16(lm_c + q, vset_zero());
-    mfence();
+${bias_load}    mfence();
     for (long s = 0; s < KT; ++s) {
       const int kk = (int)(s == KT - 1 ? K - s * TK : TK);
       if (s + 1 < KT) {  // the next slices, into the other buffers
@@ -67,9 +66,14 @@ ${bias_load}    for (int q = 0; q < TM * TN32; q += VF) vstore_lm_float32x16(lm_
           for (int r = 0; r < rows; ++r) {
             float* cr = lm_c + r * TN32 + v;
             const float ar = (float)la[r * TK + p];
-            vstore_lm_float32x16(cr, svmac_float32x16(ar, b_lo, vload_lm_float32x16(cr)));
-            vstore_lm_float32x16(cr + VF,
-                                 svmac_float32x16(ar, b_hi, vload_lm_float32x16(cr + VF)));
+            if (s == 0 && p == 0) {  // the tile's first product initialises C
+              vstore_lm_float32x16(cr, svmul_float32x16(ar, b_lo));
+              vstore_lm_float32x16(cr + VF, svmul_float32x16(ar, b_hi));
+            } else {
+              vstore_lm_float32x16(cr, svmac_float32x16(ar, b_lo, vload_lm_float32x16(cr)));
+              vstore_lm_float32x16(cr + VF,
+                                   svmac_float32x16(ar, b_hi, vload_lm_float32x16(cr + VF)));
+            }
           }
         }
       }
