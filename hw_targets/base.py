@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, TypeVar
 
 import numpy as np
@@ -44,6 +44,8 @@ __all__ = [
     "by_kind",
     "ceil_div",
     "grid_cost",
+    "launch_cycles",
+    "launched",
     "pipe_names",
     "roofline",
     "round_up",
@@ -300,13 +302,16 @@ def grid_cost(
     cores: int,
     tile_cost: Callable[[int, int], TileCost],
     padded_macs: int,
+    core_class: Callable[[int], Callable[[int, int], TileCost]] | None = None,
 ) -> KernelCost:
     """Cost of a GEMM whose output tiles are dealt round-robin to ``cores``.
 
     Tiles are numbered batch-major, then by row block, then by column block
     (``t = (b * mt + i) * nt + j``) and core ``t % cores`` runs tile ``t``; an emitter
     must walk them in that order for the simulation to count what this predicts.
-    ``tile_cost(rows, cols)`` gives one tile's cycles (edge tiles are smaller).
+    ``tile_cost(rows, cols)`` gives one tile's cycles (edge tiles are smaller); with
+    ``core_class``, core ``c`` costs its tiles with ``core_class(c)`` instead (cores that
+    share a unit pay more), evaluated once per distinct function.
     """
     mt, nt = ceil_div(spec.m, tile_m), ceil_div(spec.n, tile_n)
     tiles = spec.batch * mt * nt
@@ -317,22 +322,36 @@ def grid_cost(
     cols = np.where(j == nt - 1, spec.n - (nt - 1) * tile_n, tile_n)
     kinds = {(int(r), int(c)) for r, c in {(rows[0], cols[0]), (rows[-1], cols[-1]),
                                            (rows[0], cols[-1]), (rows[-1], cols[0])}}
-    costs = {kind: tile_cost(*kind) for kind in kinds}
     core = index % cores
+    groups: dict[int, tuple[Callable[[int, int], TileCost], np.ndarray]] = {}
+    if core_class is not None:
+        for c in range(cores):
+            f = core_class(c)
+            groups.setdefault(id(f), (f, np.zeros(cores, dtype=bool)))[1][c] = True
+    if not groups:
+        groups[0] = (tile_cost, np.ones(cores, dtype=bool))
     per_core = np.zeros(cores, dtype=np.int64)
     stages = np.zeros(cores, dtype=np.int64)
-    for (r, c), tc in costs.items():
-        mask = (rows == r) & (cols == c)
-        per_core += np.bincount(core[mask], minlength=cores) * tc.cycles
-        stages += np.bincount(core[mask], minlength=cores) * tc.stages
+    costs_of: list[tuple[np.ndarray, dict[tuple[int, int], TileCost]]] = []
+    for f, owned in groups.values():
+        costs = {kind: f(*kind) for kind in kinds}
+        costs_of.append((owned, costs))
+        for (r, c), tc in costs.items():
+            counts = np.bincount(core[(rows == r) & (cols == c)], minlength=cores) * owned
+            per_core += counts * tc.cycles
+            stages += counts * tc.stages
     slowest = int(np.argmax(per_core))
     pipes: dict[str, int] = {}
     moved = 0
-    for (r, c), tc in costs.items():
+    for (r, c), tc in costs_of[0][1].items():
         moved += int(np.count_nonzero((rows == r) & (cols == c))) * tc.moved
-        count = int(np.count_nonzero((rows == r) & (cols == c) & (core == slowest)))
-        for name, value in tc.pipes.items():
-            pipes[name] = pipes.get(name, 0) + count * value
+    for owned, costs in costs_of:
+        if not owned[slowest]:
+            continue
+        for (r, c), tc in costs.items():
+            count = int(np.count_nonzero((rows == r) & (cols == c) & (core == slowest)))
+            for name, value in tc.pipes.items():
+                pipes[name] = pipes.get(name, 0) + count * value
     return KernelCost(
         cycles=int(per_core[slowest]),
         pipes=pipes,
@@ -341,6 +360,24 @@ def grid_cost(
         padded_macs=padded_macs,
         dram_bytes=moved,
     )
+
+
+def launch_cycles(target: Target) -> int:
+    """Cycles from a kernel's launch until its cores start (``launch_cycles``; 0 if the
+    target declares none). Every core pays them, as a stage of its own, before its work."""
+    param = target.params.get("launch_cycles")
+    return int(param) if param is not None else 0
+
+
+def launched(cost: KernelCost, target: Target, pipe: str) -> KernelCost:
+    """``cost`` with the launch stage (charged to ``pipe``, the first of the target's pipes,
+    as ``qmsim::core_begin`` charges it)."""
+    launch = launch_cycles(target)
+    if not launch:
+        return cost
+    pipes = dict(cost.pipes)
+    pipes[pipe] = pipes.get(pipe, 0) + launch
+    return replace(cost, cycles=cost.cycles + launch, pipes=pipes, stages=cost.stages + 1)
 
 
 def by_kind(

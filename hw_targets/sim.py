@@ -5,7 +5,8 @@ source, and a ``main`` that loads the global-memory arguments (float32 files con
 each argument's dtype), runs the launches in order (each on every simulated core, see
 :meth:`hw_targets.base.TargetModule.launch`), stores the outputs, and prints one JSON
 line of cycle counters per kernel. A fault of the simulation (exit status 3: an on-chip
-buffer overflow or an access outside a global argument) becomes :class:`SimulationFault`.
+buffer overflow, an access outside a global argument, or a race between asynchronous
+engines, see ``qmsim::Tracker``) becomes :class:`SimulationFault`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class CompileError(RuntimeError):
 
 
 class SimulationFault(RuntimeError):
-    """The simulated kernel overflowed an on-chip buffer or left its global arguments."""
+    """The simulated kernel overflowed an on-chip buffer, left its global arguments, or
+    raced: an engine used a buffer before the synchronisation point that orders it after
+    another engine's copy or instruction."""
 
 
 @dataclass(frozen=True)

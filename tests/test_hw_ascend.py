@@ -123,10 +123,17 @@ def test_every_number_is_sourced() -> None:
     assert {b.name for b in TARGET.buffers} == {"L1", "L0A", "L0B", "L0C", "UB"}
 
 
-def test_emitted_kernel_reads_as_ascend_c() -> None:
+def test_emitted_kernel_reads_as_a2_ascend_c() -> None:
     spec = GemmSpec("g", 64, 64, 64, bias="col")
     code = ascend.emit(spec, ascend.tiling(spec, TARGET), TARGET).code
     for name in ('extern "C" __global__ __aicore__ void g_custom(GM_ADDR a', "GetBlockIdx()",
                  "TQue<QuePosition::A1, 2>", "TQue<QuePosition::CO1, 2>", "LoadData(", "Mmad(",
-                 "BLOCK_MODE_MATRIX", "DataCopyPad(", "namespace g {"):
+                 "Fixpipe<float, float, CFG_ROW_MAJOR>(", "KERNEL_TYPE_MIX_AIC_1_1",
+                 "CrossCoreSetFlag<2, PIPE_FIX>(", "CrossCoreWaitFlag(", "DataCopyPad(",
+                 "namespace g {"):
         assert name in code
+    # no L0C -> UB copy (310P only), no qmsim extension in the kernel
+    for name in ("BLOCK_MODE_MATRIX", "SetL2Reuse", "QM_END_STAGE"):
+        assert name not in code
+    plain = ascend.emit(GemmSpec("h", 64, 64, 64), ascend.tiling(spec, TARGET), TARGET).code
+    assert "KERNEL_TYPE_AIC_ONLY" in plain and "CrossCore" not in plain

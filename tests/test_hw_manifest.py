@@ -36,24 +36,15 @@ from qmpass.modelio import load_model
 
 #: today's non-API calls, per target: "callee(arguments)" -> why it is not the vendor API
 KNOWN_VIOLATIONS: dict[str, dict[str, str]] = {
-    "ascend": {
-        ".SetL2Reuse(1)": "no GlobalTensor method of that name in asc-devkit (issue 14)",
-        "QM_END_STAGE(0)": "the simulation's stage marker, not Ascend C (issue 14)",
-        "std::min(2)": "not documented for device code; Ascend C has AscendC::Std::min",
-        "DataCopy(LocalTensor, LocalTensor, DataCopyParams, ?)":
-            "L0C->UB DataCopy with DataCopyEnhancedParams: not supported on A2, whose L0C "
-            "egress is Fixpipe (issue 14)",
-    },
+    "ascend": {},
     "mlu": {
         "__bang_matmul(6)": "no declaration in the public BANG headers found "
                             "(docs/TARGETS.md, API manifests)",
     },
     "kunlunxin": {
-        "lm_malloc(2)": "no such call: local memory is declared as __local__ arrays (issue 14)",
-        "vload_lm_float16x32(1)": "fp16 vectors are XPU3's, not Kunlun 2's (issue 14)",
-        "vfp162float_l(1)": "not a documented Kunlun 2 intrinsic (issue 14)",
-        "vfp162float_h(1)": "not a documented Kunlun 2 intrinsic (issue 14)",
-        "vset_zero(0)": "a helper of a Baidu header, not in the XPU C/C++ guide",
+        "vload2_lm(3)": "fp16 into two float32x16 halves: a helper of Baidu's XPU2 kernel "
+                        "header xpu/kernel/cluster2_simd.h over compiler builtins, not a call "
+                        "the XPU C/C++ guide documents (docs/TARGETS.md)",
     },
     "cpu": {},
 }

@@ -1,4 +1,4 @@
-"""The ascend target: one Da Vinci AI Core of an Ascend 910, programmed in Ascend C style.
+"""The ascend target: one AI Core of an Atlas A2 (Ascend 910B), programmed in Ascend C.
 
 Split in three: :mod:`.target` (the description, as data, and the header's constants),
 :mod:`.cost` (the cost model and the tiling search) and :mod:`.emit` (the emitter, which

@@ -17,24 +17,29 @@ the stage costs its slowest pipe:
   the cube's edge is the waste.
 
 The epilogue of a tile overlaps the core's next tile, since L0C holds two C tiles: in its
-first k-step, L0C -> UB ``DataCopy`` (V, ``l0_c_to_ub_rate``, whole fp32 fractals) and the
-bias (read by MTE2, added by the vector unit at one cycle per repeat); then fractal column
-``fj`` of C goes UB -> GM by ``DataCopyPad`` in k-step ``fj % kt`` (MTE3 at
-``ub_to_ddr_rate``, and HBM). The core's last tile's epilogue is a stage of its own. A
-core costs the sum of its stages, the kernel its slowest core; :func:`cost` predicts
-exactly what ``include/ascend_sim.h`` counts.
+first k-step, ``Fixpipe`` writes C from L0C into GM (FIX, whole fp32 fractals read at
+``fixpipe_rate``; HBM). With a bias the kernel is a MIX kernel (Atlas A2: cube and vector
+are separate cores): after ``CrossCoreSetFlag``/``CrossCoreWaitFlag``, the vector core
+reads the tile and the bias (AIV-MTE2 at ``l2_rate``; HBM), adds them (V, one repeat of
+``vector_bytes_per_repeat`` per row and 64-float chunk) and writes the tile back (MTE3 at
+``ub_to_ddr_rate``; HBM), charged in the same stage (an assumption: the vector core's
+chain is taken to overlap the cube's next k-step, though it waits for the Fixpipe). The
+core's last tile's epilogue is a stage of its own. A core costs the sum of its stages,
+the kernel its slowest core; :func:`cost` predicts exactly what ``include/ascend_sim.h``
+counts.
 
 Tiles are multiples of the cube edge that fit double-buffered: ``2 baseM baseK 2 B <=
 L0A``, ``2 baseK baseN 2 B <= L0B``, ``2 baseM baseN 4 B <= L0C`` (C of the next tile
-accumulates while the previous one drains), the A1/B1 queues twice in L1, CO2 and the
-bias in UB.
+accumulates while the previous one drains), the A1/B1 queues twice in L1; with a bias,
+the vector core's C, result and bias buffers in UB.
 
-im2col kernel. The 910 does img2col in hardware (``Load3D`` from L1 into L0A, fused into
-the convolution), which avoids writing the cols matrix to GM and reading it back. Our
-lowering has a separate im2col kernel, a vector kernel: per (image, channel) stage,
-``DataCopyPad`` the plane GM -> UB (MTE2, HBM), ``Gather`` every tap's row with byte
-offsets computed once per core (taps in the padding read a zeroed slot; the scalar pipe
-is not modelled), and ``DataCopyPad`` the rows UB -> GM (MTE3, HBM).
+im2col kernel. The cube can do img2col in hardware (``Load3D`` from L1 into L0A, fused into
+the convolution), which avoids writing the cols matrix to GM and reading it back; it is
+not emitted. Our lowering has a separate im2col kernel, a vector (AIV-only) kernel: per
+(image, channel) stage, ``DataCopyPad`` the plane GM -> UB (AIV-MTE2, HBM), then per tap
+``Gather`` its row with byte offsets computed once per core (taps in the padding read a
+zeroed slot; the scalar pipe is not modelled) and ``DataCopyPad`` it UB -> GM (MTE3,
+HBM).
 """
 
 from __future__ import annotations
@@ -54,11 +59,13 @@ from hw_targets.base import (
     best_tiling,
     by_kind,
     ceil_div,
+    launched,
     round_up,
 )
 from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
 
-__all__ = ["Model", "check_im2col", "cost", "im2col_buffers", "im2col_shape", "tiling"]
+__all__ = ["Model", "aiv_row", "check_im2col", "cost", "im2col_buffers", "im2col_shape",
+           "tiling"]
 
 #: Tile edges tried for baseM/baseN and for baseK, in multiples of the cube edge: a
 #: search space (not hardware), bounded in practice by what fits L0A/L0B/L0C.
@@ -86,16 +93,24 @@ def _reuse(spec: GemmSpec, mt: int, nt: int, target: Target) -> tuple[int, int, 
     return nt * shared["a"], mt * shared["b"], bias_tiles * shared["bias"]
 
 
+def aiv_row(tn: int, target: Target) -> int:
+    """fp32 elements of a row of C in UB: whole UB blocks."""
+    return round_up(tn, target.buffer("UB").alignment // OUT_BYTES)
+
+
 def _buffers(spec: GemmSpec, tm: int, tn: int, tk: int, target: Target) -> dict[str, int]:
-    """Bytes each memory gives the kernel's queues (A1/B1/A2/B2/CO1 have depth 2)."""
+    """Bytes each memory gives the kernel's queues (A1/B1/A2/B2/CO1 have depth 2; the vector
+    core's C, result and bias buffers, with a bias, depth 1)."""
     e = target.in_bytes
     bias = {"none": 0, "row": tm, "col": tn}[spec.bias] * OUT_BYTES
+    ub = 0 if spec.bias == "none" else (2 * OUT_BYTES * tm * aiv_row(tn, target)
+                                         + round_up(bias, target.buffer("UB").alignment))
     return {
         "L1": 2 * e * (tm * tk + tk * tn),
         "L0A": 2 * e * tm * tk,
         "L0B": 2 * e * tk * tn,
         "L0C": 2 * OUT_BYTES * tm * tn,
-        "UB": OUT_BYTES * tm * tn + round_up(bias, target.buffer("UB").alignment),
+        "UB": ub,
     }
 
 
@@ -117,7 +132,7 @@ class Model:
 
     def _read(self, nbytes: int, reuse: int) -> Pipes:
         d = self.d
-        return {"MTE2": ceil_div(nbytes, d["l2_rate"]),
+        return {"MTE2": d["dma_issue_cycles"] + ceil_div(nbytes, d["l2_rate"]),
                 "HBM": ceil_div(nbytes, reuse * d["hbm_core_rate"])}
 
     def stage(self, rows: int, cols: int, kk: int) -> Pipes:
@@ -125,34 +140,37 @@ class Model:
         d, e = self.d, self.in_bytes
         mf, nf, kf = self.fractals(rows), self.fractals(cols), self.fractals(kk)
         mte1 = (mf * ceil_div(self.in_fractal * kf, d["l1_to_l0a_rate"])
-                + kf * ceil_div(self.in_fractal * nf, d["l1_to_l0b_rate"]))
+                + kf * ceil_div(self.in_fractal * nf, d["l1_to_l0b_rate"])
+                + (mf + kf) * d["dma_issue_cycles"])
         return _add(self._read(e * rows * kk, self.reuse_a),
                     self._read(e * kk * cols, self.reuse_b),
                     {"MTE1": mte1, "M": mf * nf * kf})
 
-    def head(self, rows: int, cols: int) -> Pipes:
-        """Start of an epilogue: L0C -> UB, then the bias read and added by the vector unit."""
+    def epilogue(self, rows: int, cols: int) -> Pipes:
+        """A tile's way out: Fixpipe L0C -> GM; with a bias, the vector core's round trip."""
         d = self.d
         mf, nf = self.fractals(rows), self.fractals(cols)
+        c_bytes = OUT_BYTES * rows * cols
         parts: list[Mapping[str, int]] = [
-            {"V": ceil_div(self.out_fractal * mf * nf, d["l0c_to_ub_rate"])}]
+            {"FIX": d["dma_issue_cycles"] + ceil_div(self.out_fractal * mf * nf,
+                                                     d["l0c_out_rate"]),
+             "HBM": ceil_div(c_bytes, d["hbm_core_rate"])}]
         if self.spec.bias != "none":
             length = cols if self.spec.bias == "col" else rows
-            parts.append(self._read(OUT_BYTES * length, self.reuse_bias))
-            parts.append({"V": rows * nf * d["vector_repeat_cycles"]})
+            chunks = ceil_div(cols, d["vector_bytes"] // OUT_BYTES)
+            parts += [
+                _rename(self._read(c_bytes, 1), "AIV-MTE2"),
+                _rename(self._read(OUT_BYTES * length, self.reuse_bias), "AIV-MTE2"),
+                {"V": d["flag_cycles"] + rows * chunks * d["vector_repeat_cycles"]},
+                {"MTE3": d["dma_issue_cycles"] + ceil_div(c_bytes, d["ub_to_ddr_rate"]),
+                 "HBM": ceil_div(c_bytes, d["hbm_core_rate"])},
+            ]
         return _add(*parts)
 
-    def column(self, rows: int, cols: int, fj: int) -> Pipes:
-        """DataCopyPad of fractal column ``fj`` of C, UB -> GM."""
-        d, edge = self.d, self.edge
-        nf = self.fractals(cols)
-        nbytes = OUT_BYTES * rows * (cols - fj * edge if fj == nf - 1 else edge)
-        return {"MTE3": ceil_div(nbytes, d["ub_to_ddr_rate"]),
-                "HBM": ceil_div(nbytes, d["hbm_core_rate"])}
 
-    def epilogue(self, rows: int, cols: int) -> Pipes:
-        nf = self.fractals(cols)
-        return _add(self.head(rows, cols), *(self.column(rows, cols, fj) for fj in range(nf)))
+def _rename(pipes: Mapping[str, int], mte2: str) -> Pipes:
+    """The same charges with MTE2 read as another core's MTE2."""
+    return {(mte2 if name == "MTE2" else name): value for name, value in pipes.items()}
 
 
 def _pipes_max(p: Mapping[str, int]) -> int:
@@ -173,17 +191,13 @@ def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
 
     def tile(k: int, p: int | None) -> int:
         """Cycles of a tile of kind k; the epilogue of the core's previous tile (kind p)
-        starts in its first k-step and writes fractal column fj in k-step fj % kt."""
-        nf_prev = 0 if p is None else model.fractals(shapes[p][1])
-        explicit = set(range(min(kt, nf_prev))) | {0, kt - 1}
+        runs in its first k-step."""
+        explicit = {0, kt - 1}
         cycles = (kt - len(explicit)) * _pipes_max(full[k])
         for s in explicit:
             parts: list[Mapping[str, int]] = [last[k] if s == kt - 1 else full[k]]
-            if p is not None:
-                rows, cols = shapes[p]
-                if s == 0:
-                    parts.append(model.head(rows, cols))
-                parts += [model.column(rows, cols, fj) for fj in range(s, nf_prev, kt)]
+            if p is not None and s == 0:
+                parts.append(epi[p])
             cycles += _pipes_max(_add(*parts))
         return cycles
 
@@ -253,11 +267,13 @@ def im2col_shape(spec: Im2colSpec, target: Target) -> tuple[int, int, int]:
 
 
 def im2col_buffers(spec: Im2colSpec, target: Target) -> tuple[int, int, int]:
-    """UB bytes of one x buffer, one cols buffer and the offsets (each UB-aligned)."""
+    """UB bytes of one x buffer, one cols buffer (one tap's row) and the offsets (every
+    tap's; each UB-aligned)."""
     _, buffer, cols = im2col_shape(spec, target)
     align, e = target.buffer("UB").alignment, target.in_bytes
     offset_bytes = 4  # uint32 byte offsets of Gather
-    return (round_up(e * buffer, align), round_up(e * cols, align),
+    ho, wo = spec.out_hw
+    return (round_up(e * buffer, align), round_up(e * ho * wo, align),
             round_up(offset_bytes * cols, align))
 
 
@@ -273,15 +289,16 @@ def check_im2col(spec: Im2colSpec, target: Target) -> None:
 def _im2col_cost(spec: Im2colSpec, target: Target) -> KernelCost:
     check_im2col(spec, target)
     d, e = defines(target), target.in_bytes
-    plane, _, cols = im2col_shape(spec, target)
+    plane, _, _ = im2col_shape(spec, target)
+    taps, row = spec.kernel[0] * spec.kernel[1], e * spec.out_hw[0] * spec.out_hw[1]
     vector = (ceil_div(e * cube_edge(target), d["vector_bytes"])
-              + ceil_div(e * cols, d["vector_bytes"]))
+              + taps * ceil_div(row, d["vector_bytes"]))
     stage = _add(
-        {"MTE2": ceil_div(e * plane, d["l2_rate"]),
+        {"AIV-MTE2": d["dma_issue_cycles"] + ceil_div(e * plane, d["l2_rate"]),
          "HBM": ceil_div(e * plane, d["hbm_core_rate"])},
         {"V": vector * d["vector_repeat_cycles"]},
-        {"MTE3": ceil_div(e * cols, d["ub_to_ddr_rate"]),
-         "HBM": ceil_div(e * cols, d["hbm_core_rate"])},
+        {"MTE3": taps * (d["dma_issue_cycles"] + ceil_div(row, d["ub_to_ddr_rate"])),
+         "HBM": taps * ceil_div(row, d["hbm_core_rate"])},
     )
     busiest = ceil_div(spec.images * spec.channels, int(target.cores.value))
     return KernelCost(busiest * max(stage.values()), {n: busiest * v for n, v in stage.items()},
@@ -290,5 +307,5 @@ def _im2col_cost(spec: Im2colSpec, target: Target) -> KernelCost:
 
 def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> KernelCost:
     """Cycles of the kernel, stage by stage, as ``include/ascend_sim.h`` counts them."""
-    return by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
-                   lambda i: _im2col_cost(i, target))
+    return launched(by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
+                            lambda i: _im2col_cost(i, target)), target, PIPES[0])

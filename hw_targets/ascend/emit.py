@@ -9,7 +9,7 @@ what the model predicts) or the target's description (cube edge, fractal size, t
 
 from __future__ import annotations
 
-from hw_targets.ascend.cost import Model, check_im2col, im2col_buffers, im2col_shape
+from hw_targets.ascend.cost import Model, aiv_row, check_im2col, im2col_buffers, im2col_shape
 from hw_targets.ascend.target import PIPES, TARGET, cube_edge
 from hw_targets.base import (
     OUT_BYTES,
@@ -28,16 +28,20 @@ __all__ = ["emit", "launch"]
 
 _MAX_REPEATS = 255  # Ascend C's repeatTimes is a uint8_t: longer vector ops are split
 _BIAS_TEMPLATE = {"col": "bias_col.cc", "row": "bias_row.cc"}
+#: bias kind -> (its length in a tile, its offset in the batch's bias)
+_BIAS_SLICE = {"col": ("cols", "j * BASE_N"), "row": ("rows", "i * BASE_M")}
+_AIV_NOTE = ("\n   Vector (AIV, a MIX kernel): once CrossCoreWaitFlag sees the Fixpipe done, C "
+             "and the bias go GM -> UB\n   (DataCopyPad), the vector unit adds them, "
+             "DataCopyPad UB -> GM.")
 
 
 def _fractal_values(target: Target) -> dict[str, int]:
     """Placeholders of the fractal layout: its edge, its elements, and the UB blocks of one
     fp32 fractal row (a ``DataCopyPad``/vector stride counts 32-byte blocks)."""
     edge, block = cube_edge(target), target.buffer("UB").alignment
-    row_bytes = OUT_BYTES * edge
     return {"edge": edge, "edge_less": edge - 1, "fractal": edge * edge, "block": block,
             "block_floats": block // OUT_BYTES, "block_floats_less": block // OUT_BYTES - 1,
-            "row_bytes": row_bytes, "row_blocks": row_bytes // block}
+            "vector_floats": int(target.param("vector_bytes_per_repeat")) // OUT_BYTES}
 
 
 def emit(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> KernelSource:
@@ -48,7 +52,7 @@ def emit(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> Ke
 
 def _snippet(name: str, **values: object) -> str:
     """An optional part of a kernel, inserted right after the line it extends."""
-    return "\n" + render("ascend", name, **values).rstrip("\n")
+    return render("ascend", name, **values).rstrip("\n")
 
 
 def _emit_gemm(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelSource:
@@ -59,13 +63,23 @@ def _emit_gemm(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelSource:
     model = Model(spec, tm, tn, tk, target)
     sizes = spec.sizes()
     fractal = _fractal_values(target)
-    bias_init = bias_add = bias_decl = ""
+    parts = dict.fromkeys(("aiv_init", "aiv_call", "aiv_tail", "fix_signal", "aiv_decl",
+                           "aiv_methods", "aiv_note"), "")
+    kernel_type = "KERNEL_TYPE_AIC_ONLY"
     if spec.bias != "none":
+        kernel_type = "KERNEL_TYPE_MIX_AIC_1_1"
+        length, offset = _BIAS_SLICE[spec.bias]
         bias_len = tn if spec.bias == "col" else tm
-        bias_bytes = round_up(OUT_BYTES * bias_len, target.buffer("UB").alignment)
-        bias_init = _snippet("bias_init.cc", size_bias=sizes["bias"], bias_bytes=bias_bytes)
-        bias_add = _snippet(_BIAS_TEMPLATE[spec.bias], max_repeats=_MAX_REPEATS, **fractal)
-        bias_decl = "\n  TQue<QuePosition::VECIN, 1> inQueueBias;"
+        bias_add = render("ascend", _BIAS_TEMPLATE[spec.bias], max_repeats=_MAX_REPEATS,
+                          **fractal)
+        parts = {name: _snippet(f"{name}.cc", size_bias=sizes["bias"],
+                                row_floats=aiv_row(tn, target),
+                                bias_bytes=round_up(OUT_BYTES * bias_len,
+                                                    target.buffer("UB").alignment),
+                                bias_len=length, bias_offset=offset, bias_add=bias_add,
+                                **fractal)
+                 for name in parts if name != "aiv_note"}
+        parts["aiv_note"] = _AIV_NOTE
     code = render(
         "ascend", "gemm.cc",
         name=spec.name, plus_bias=" + bias" if spec.bias != "none" else "",
@@ -75,8 +89,8 @@ def _emit_gemm(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelSource:
         pc=spec.c.period, sc=spec.c.stride,
         pbias=spec.bias_operand.period, sbias=spec.bias_operand.stride,
         reuse_a=model.reuse_a, reuse_b=model.reuse_b, reuse_bias=model.reuse_bias,
-        size_a=sizes["a"], size_b=sizes["b"], size_c=sizes["c"],
-        bias_init=bias_init, bias_add=bias_add, bias_decl=bias_decl, **fractal,
+        size_a=sizes["a"], size_b=sizes["b"], size_c=sizes["c"], kernel_type=kernel_type,
+        **parts, **fractal,
     )
     return KernelSource(spec.name, code, ("a", "b", "bias", "c"))
 
@@ -100,7 +114,12 @@ def _emit_im2col(spec: Im2colSpec, target: Target) -> KernelSource:
 
 
 def launch(kernel: KernelSource, args: tuple[str, ...], target: Target = TARGET) -> str:
-    """Every core in turn: reset its memories (``qm_begin_core``), run the kernel."""
+    """Every core in turn: reset its memories (``qm_begin_core``), run the kernel. A GEMM's
+    arguments get the L2 reuse its cost model assumes (what the kernel's REUSE_* say)."""
     pointers = ", ".join(f"(GM_ADDR)({a})" for a in args)
+    reuse = ""
+    if kernel.args == ("a", "b", "bias", "c"):
+        reuse = "".join(f"\nAscendC::qm_l2_reuse({arg}, {kernel.name}::REUSE_{name});"
+                        for arg, name in zip(args, ("A", "B", "BIAS"), strict=False))
     return render("ascend", "launch.cc", pipes=pipe_names(PIPES), cores=int(target.cores.value),
-                  name=kernel.name, pointers=pointers).rstrip("\n")
+                  name=kernel.name, pointers=pointers, reuse=reuse).rstrip("\n")

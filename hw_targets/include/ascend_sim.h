@@ -1,33 +1,50 @@
 // ascend_sim.h: the meaning on the CPU of the Ascend C subset that hw_targets/ascend/
-// emits, with the cycles its cost model charges.
+// emits for the Atlas A2 generation (Ascend 910B, dav-c220), with the cycles its cost
+// model charges.
 //
-// One Da Vinci AI Core is simulated at a time (qmsim runs cores one after the other). Its
-// on-chip memories are bounds-checked arenas of the declared sizes: L1, L0A, L0B, L0C and
-// the Unified Buffer (UB). TPipe::InitBuffer carves queue buffers out of them, so a tile
-// that does not fit faults there, naming the memory; every access of an intrinsic is
-// checked against its tensor and arena, every global access with qmsim::gm_check.
+// One AI Core is simulated at a time (qmsim runs cores one after the other): its cube core
+// (AIC: L1, L0A, L0B, L0C) and, in a MIX kernel (KERNEL_TYPE_MIX_AIC_1_1), its vector core
+// (AIV: the Unified Buffer, UB). A MIX kernel is one source whose `if ASCEND_IS_AIC` and
+// `if ASCEND_IS_AIV` parts run on the two cores; the simulation runs both parts in one pass,
+// in the order the source gives (one legal interleaving), and the cross-core flags must
+// order what the AIV reads after what the AIC writes. Memories are bounds-checked arenas of
+// the declared sizes; TPipe::InitBuffer carves queue buffers out of them, so a tile that
+// does not fit faults there, naming the memory; every access of an intrinsic is checked
+// against its tensor and arena, every global access with qmsim::gm_check.
 //
 // Layouts (Ascend C `Mmad` doc): a fractal is E x E elements, E = QM_CUBE_EDGE = 16 (512 B
-// of fp16). A tile in
-// L1 is "NZ" (fractal columns one after the other, rows inside a fractal contiguous); A in
-// L0A is "zZ" (fractals row-major, each row-major), B in L0B is "zN" (fractals row-major,
-// each column-major), C in L0C is "NZ" in fp32. Partial fractals are zero-padded, and the
-// cube computes whole fractals: padding to E is paid for.
+// of fp16). A tile in L1 is "NZ" (fractal columns one after the other, rows inside a
+// fractal contiguous); A in L0A is "zZ" (fractals row-major, each row-major), B in L0B is
+// "zN" (fractals row-major, each column-major), C in L0C is "NZ" in fp32. Partial fractals
+// are zero-padded, and the cube computes whole fractals: padding to E is paid for. C leaves
+// L0C through `Fixpipe` (NZ -> ND into GM).
 //
 // Pipes and what is charged to them (constants QM_* come from hw_targets/ascend/target.py):
-//   MTE2  GM -> L1/UB: bytes / QM_L2_RATE (reads are served by the chip's L2)
-//   MTE1  L1 -> L0A/L0B: one fp16 fractal's bytes per fractal / QM_L1_TO_L0A_RATE or
-//         QM_L1_TO_L0B_RATE
-//   M     the cube: ceil(m/E) ceil(n/E) ceil(k/E) cycles per Mmad
-//   V     vector unit: QM_VECTOR_REPEAT_CYCLES per repeat (<= QM_VECTOR_BYTES);
-//         L0C -> UB moves at QM_L0C_TO_UB_RATE
-//   MTE3  UB -> GM: bytes / QM_UB_TO_DDR_RATE
-//   HBM   this core's share of the chip's HBM: bytes / (reuse x QM_HBM_CORE_RATE), where
-//         `reuse` (set with the qmsim extension GlobalTensor::SetL2Reuse) is how many tiles
-//         read each element of the tensor from L2 after its one fetch from HBM.
-// Every move charges the whole transfer to its pipe(s); QM_END_STAGE() closes a stage.
-// UB data moves in blocks of QM_UB_ALIGN (32) bytes: DataCopyPad pitches and vector
-// strides count them.
+//   MTE2      AIC: GM -> L1, bytes / QM_L2_RATE (reads are served by the chip's L2)
+//   MTE1      L1 -> L0A/L0B: one fp16 fractal's bytes per fractal / QM_L1_TO_L0A_RATE or
+//             QM_L1_TO_L0B_RATE
+//   M         the cube: ceil(m/E) ceil(n/E) ceil(k/E) cycles per Mmad
+//   FIX       Fixpipe L0C -> GM: the fp32 fractals read / QM_L0C_OUT_RATE
+//   AIV-MTE2  AIV: GM -> UB, bytes / QM_L2_RATE
+//   V         vector unit: QM_VECTOR_REPEAT_CYCLES per repeat (<= QM_VECTOR_BYTES)
+//   MTE3      UB -> GM: bytes / QM_UB_TO_DDR_RATE
+//   HBM       this core's share of the chip's HBM: bytes / (reuse x QM_HBM_CORE_RATE), where
+//             `reuse` (set by the launch, qm_l2_reuse) is how many tiles read each element
+//             of the argument from L2 after its one fetch from HBM.
+// Every move (DataCopy, LoadData, Fixpipe, DataCopyPad) charges QM_DMA_ISSUE_CYCLES plus
+// its whole transfer to its pipe(s); a CrossCoreWaitFlag charges QM_FLAG_CYCLES to V. A stage (one double-buffered
+// iteration) ends where the next AllocTensor of a depth-2 input queue (A1, B1, VECIN)
+// begins the next iteration, or where a finished C tile is handed over (EnQue on CO1). UB data moves in blocks of QM_UB_ALIGN (32) bytes:
+// DataCopyPad pitches and vector strides count them.
+//
+// Synchronisation (qmsim::Tracker): each pipe of each core is an engine. A queue's EnQue
+// signals from its producer pipe and DeQue waits in its consumer pipe (A1/B1: MTE2 -> MTE1,
+// A2/B2: MTE1 -> M, CO1: M -> FIX, VECIN: MTE2 -> V, VECOUT: V -> MTE3); FreeTensor
+// signals back and AllocTensor waits. SetFlag/WaitFlag<HardEvent::X_Y> order pipe X before
+// pipe Y; CrossCoreSetFlag<2, pipe> / CrossCoreWaitFlag order the AIC's pipe before every
+// pipe of the AIV (A2 blocks all of them). A read of what another pipe still writes, or a
+// write of what it still reads, is a race (exit 3); a DeQue or wait that no EnQue or set
+// precedes would hang the core and is reported as the race it guards.
 #pragma once
 
 #include <cstdint>
@@ -38,7 +55,9 @@
 #define __global__
 #define __aicore__
 #define __gm__
-#define QM_END_STAGE() qmsim::end_stage()
+#define ASCEND_IS_AIC (AscendC::qm_on(AscendC::AIC))
+#define ASCEND_IS_AIV (AscendC::qm_on(AscendC::AIV))
+#define KERNEL_TASK_TYPE_DEFAULT(type) AscendC::qm_kernel_type(type)
 
 using GM_ADDR = std::uint8_t*;
 
@@ -54,7 +73,100 @@ enum class TPosition { GM, A1, A2, B1, B2, CO1, CO2, VECIN, VECOUT, VECCALC };
 using QuePosition = TPosition;
 
 // The order of the names in begin_kernel (hw_targets/ascend/target.py PIPES).
-enum Pipe { PIPE_MTE2 = 0, PIPE_MTE1 = 1, PIPE_M = 2, PIPE_V = 3, PIPE_MTE3 = 4, PIPE_HBM = 5 };
+enum Pipe {
+  PIPE_MTE2 = 0, PIPE_MTE1 = 1, PIPE_M = 2, PIPE_FIX = 3, PIPE_AIV_MTE2 = 4, PIPE_V = 5,
+  PIPE_MTE3 = 6, PIPE_HBM = 7, PIPE_S = 8
+};
+
+// ---------------------------------------------------------------- cores and engines
+enum CoreType { AIC = 0, AIV = 1 };
+enum KernelType { KERNEL_TYPE_AIC_ONLY, KERNEL_TYPE_AIV_ONLY, KERNEL_TYPE_MIX_AIC_1_1 };
+
+inline CoreType& current_core() {
+  static CoreType c = AIC;
+  return c;
+}
+
+// `if ASCEND_IS_AIC` / `if ASCEND_IS_AIV`: the part that follows runs on that core.
+inline bool qm_on(CoreType c) {
+  current_core() = c;
+  return true;
+}
+
+inline void qm_kernel_type(KernelType t) { current_core() = t == KERNEL_TYPE_AIV_ONLY ? AIV : AIC; }
+
+// The engine of `pipe` on the running core (the AIC's GM -> L1 and the AIV's GM -> UB are
+// different MTE2s).
+inline int engine(Pipe pipe) {
+  static const char* aic[] = {"MTE2", "MTE1", "M", "FIX", "MTE2", "V", "MTE3", "HBM", "S"};
+  const bool aiv = current_core() == AIV;
+  const std::string name = std::string(aiv ? "AIV " : "AIC ") + aic[pipe];
+  return qmsim::tracker().engine(name, pipe == PIPE_S);
+}
+
+inline Pipe gm_in_pipe() { return current_core() == AIV ? PIPE_AIV_MTE2 : PIPE_MTE2; }
+
+enum class HardEvent { MTE2_MTE1, MTE1_M, M_FIX, MTE2_V, V_MTE3, MTE2_S, S_V, S_MTE2, V_S, MTE3_S };
+using event_t = int;
+constexpr event_t EVENT_ID0 = 0, EVENT_ID1 = 1;
+
+inline void event_pipes(HardEvent e, Pipe& from, Pipe& to) {
+  static const Pipe table[][2] = {
+      {PIPE_MTE2, PIPE_MTE1}, {PIPE_MTE1, PIPE_M}, {PIPE_M, PIPE_FIX}, {PIPE_MTE2, PIPE_V},
+      {PIPE_V, PIPE_MTE3},    {PIPE_MTE2, PIPE_S}, {PIPE_S, PIPE_V},   {PIPE_S, PIPE_MTE2},
+      {PIPE_V, PIPE_S},       {PIPE_MTE3, PIPE_S}};
+  from = table[static_cast<int>(e)][0];
+  to = table[static_cast<int>(e)][1];
+  if (from == PIPE_MTE2) from = gm_in_pipe();
+  if (to == PIPE_MTE2) to = gm_in_pipe();
+}
+
+inline long long flag_key(int kind, int a, int b, int id) {
+  return ((static_cast<long long>(kind) * 64 + a) * 64 + b) * 64 + id;
+}
+
+[[noreturn]] inline void hang(const std::string& what, int from, int to) {
+  const qmsim::Tracker& t = qmsim::tracker();
+  qmsim::fault("race: " + what + " waits for a signal that never comes: nothing orders " +
+               t.names[from] + " before " + t.names[to] + " (the core would hang)");
+}
+
+template <HardEvent E>
+inline void SetFlag(event_t id) {
+  Pipe from, to;
+  event_pipes(E, from, to);
+  qmsim::tracker().signal(flag_key(1, engine(from), engine(to), id), engine(from));
+}
+
+template <HardEvent E>
+inline void WaitFlag(event_t id) {
+  Pipe from, to;
+  event_pipes(E, from, to);
+  if (!qmsim::tracker().wait(flag_key(1, engine(from), engine(to), id), engine(to)))
+    hang("WaitFlag", engine(from), engine(to));
+}
+
+// Mode 2: the AIC's `pipe` before every pipe of the AIV (or the reverse).
+template <int MODE, Pipe PIPE>
+inline void CrossCoreSetFlag(std::uint16_t flagId) {
+  static_assert(MODE == 2, "only mode 2 (AIC <-> AIV of one AI Core) is simulated");
+  qmsim::tracker().signal(flag_key(2, 0, 0, flagId), engine(PIPE));
+}
+
+// A2/A3: blocks every pipe of the waiting core until the flag is set.
+inline void CrossCoreWaitFlag(std::uint16_t flagId) {
+  const std::vector<Pipe> pipes = current_core() == AIV
+      ? std::vector<Pipe>{PIPE_AIV_MTE2, PIPE_V, PIPE_MTE3, PIPE_S}
+      : std::vector<Pipe>{PIPE_MTE2, PIPE_MTE1, PIPE_M, PIPE_FIX, PIPE_S};
+  std::vector<long long> seen;
+  for (const auto& entry : qmsim::tracker().signals)
+    if (entry.first == flag_key(2, 0, 0, flagId)) seen = entry.second;
+  if (!qmsim::tracker().wait(flag_key(2, 0, 0, flagId), engine(pipes[0])))
+    hang("CrossCoreWaitFlag(" + std::to_string(flagId) + ")",
+         qmsim::tracker().engine("AIC FIX"), engine(pipes[0]));
+  for (Pipe p : pipes) qmsim::tracker().join(engine(p), seen);
+  qmsim::charge(PIPE_V, QM_FLAG_CYCLES);  // the round trip through the flag's scheduler
+}
 
 // ---------------------------------------------------------------- on-chip memories
 inline qmsim::Arena& l1() {
@@ -112,6 +224,25 @@ inline Block& block() {
 inline void qm_begin_core(int idx, int num) {
   for (qmsim::Arena* a : {&l1(), &l0a(), &l0b(), &l0c(), &ub()}) a->reset();
   block() = {idx, num};
+  current_core() = AIC;
+}
+
+// L2 reuse of a global argument (the launch sets it from the cost model; not a kernel call):
+// tiles that read each element from L2 after its one fetch from HBM.
+inline std::vector<std::pair<const void*, std::uint32_t>>& l2_reuse() {
+  static std::vector<std::pair<const void*, std::uint32_t>> table;
+  return table;
+}
+
+inline void qm_l2_reuse(const void* base, std::uint32_t reuse) {
+  l2_reuse().emplace_back(base, reuse < 1 ? 1 : reuse);
+}
+
+inline std::uint32_t reuse_of(const void* base) {
+  std::uint32_t found = 1;
+  for (const auto& entry : l2_reuse())
+    if (entry.first == base) found = entry.second;
+  return found;
 }
 
 inline std::int64_t GetBlockIdx() { return block().idx; }
@@ -148,12 +279,18 @@ struct LocalTensor {
     if (count < 0 || count > static_cast<long long>(size)) overflow(op, pos, count, size);
     arena_check(pos, data, sizeof(T) * count, op);
   }
+  qmsim::Span bytes(long long first, long long count) const {
+    return qmsim::span(data + first, sizeof(T) * count, arena_of(pos).name);
+  }
+  // The scalar unit reads or writes one element (S is in order with itself only).
   T GetValue(std::uint32_t i) const {
     check(i + 1, "GetValue");
+    qmsim::tracker().access(engine(PIPE_S), {}, {bytes(i, 1)}, false);
     return data[i];
   }
   void SetValue(std::uint32_t i, T v) {
     check(i + 1, "SetValue");
+    qmsim::tracker().access(engine(PIPE_S), bytes(i, 1), {}, true);
     data[i] = v;
   }
   template <class U>
@@ -172,10 +309,8 @@ struct GlobalTensor {
   void SetGlobalBuffer(__gm__ T* p, std::uint64_t n) {
     base = p;
     size = n;
+    reuse = reuse_of(p);
   }
-  // qmsim extension (no Ascend C API): tiles that read each element from L2 after its one
-  // fetch from HBM; a read charges HBM for 1/reuse of its bytes.
-  void SetL2Reuse(std::uint32_t n) { reuse = n < 1 ? 1 : n; }
   GlobalTensor operator[](std::uint64_t offset) const {
     GlobalTensor g = *this;
     g.base = base + offset;
@@ -185,19 +320,32 @@ struct GlobalTensor {
 };
 
 inline void charge_gm_read(long long bytes, std::uint32_t reuse) {
-  qmsim::charge(PIPE_MTE2, cdiv(bytes, QM_L2_RATE));
+  qmsim::charge(gm_in_pipe(), QM_DMA_ISSUE_CYCLES + cdiv(bytes, QM_L2_RATE));
   qmsim::charge(PIPE_HBM, cdiv(bytes, static_cast<long long>(reuse) * QM_HBM_CORE_RATE));
 }
 
 inline void charge_gm_write(long long bytes) {
-  qmsim::charge(PIPE_MTE3, cdiv(bytes, QM_UB_TO_DDR_RATE));
+  qmsim::charge(PIPE_MTE3, QM_DMA_ISSUE_CYCLES + cdiv(bytes, QM_UB_TO_DDR_RATE));
   qmsim::charge(PIPE_HBM, cdiv(bytes, QM_HBM_CORE_RATE));
 }
 
 // ---------------------------------------------------------------- queues
 // A queue owns `depth` equal buffers in the memory of its position; depth 2 is double
 // buffering. AllocTensor takes a free buffer, EnQue/DeQue pass it on in order, FreeTensor
-// gives it back.
+// gives it back; each hand-over is a signal between the producer and consumer pipes.
+inline void queue_pipes(TPosition p, Pipe& producer, Pipe& consumer) {
+  switch (p) {
+    case TPosition::A1:
+    case TPosition::B1: producer = PIPE_MTE2; consumer = PIPE_MTE1; return;
+    case TPosition::A2:
+    case TPosition::B2: producer = PIPE_MTE1; consumer = PIPE_M; return;
+    case TPosition::CO1: producer = PIPE_M; consumer = PIPE_FIX; return;
+    case TPosition::VECIN: producer = PIPE_AIV_MTE2; consumer = PIPE_V; return;
+    case TPosition::VECOUT: producer = PIPE_V; consumer = PIPE_MTE3; return;
+    default: qmsim::fault(std::string("no queue at position ") + position_name(p));
+  }
+}
+
 template <TPosition P, int DEPTH>
 struct TQue {
   static constexpr TPosition position = P;
@@ -206,11 +354,20 @@ struct TQue {
   std::deque<unsigned char*> queued;
   std::uint32_t len = 0;
 
+  static long long key(const void* slot, int kind) {
+    return (static_cast<long long>(reinterpret_cast<std::uintptr_t>(slot)) << 2) | kind;
+  }
   template <class T>
   LocalTensor<T> AllocTensor() {
+    Pipe producer, consumer;
+    queue_pipes(P, producer, consumer);
+    // A double-buffered input queue's next buffer begins the next pipeline iteration.
+    if (DEPTH == 2 && (P == TPosition::A1 || P == TPosition::B1 || P == TPosition::VECIN))
+      qmsim::end_stage();
     for (std::size_t i = 0; i < slots.size(); ++i) {
       if (!busy[i]) {
         busy[i] = true;
+        qmsim::tracker().wait(key(slots[i], 1), engine(producer));  // its FreeTensor, if any
         return {reinterpret_cast<T*>(slots[i]), static_cast<std::uint32_t>(len / sizeof(T)), P};
       }
     }
@@ -219,19 +376,42 @@ struct TQue {
   }
   template <class T>
   void EnQue(const LocalTensor<T>& t) {
+    Pipe producer, consumer;
+    queue_pipes(P, producer, consumer);
     queued.push_back(reinterpret_cast<unsigned char*>(t.data));
+    qmsim::tracker().signal(key(t.data, 0), engine(producer));
+    if (P == TPosition::CO1) qmsim::end_stage();  // a finished C tile ends the k-step
   }
   template <class T>
   LocalTensor<T> DeQue() {
-    if (queued.empty()) qmsim::fault(std::string("DeQue on an empty ") + position_name(P) + " queue");
+    Pipe producer, consumer;
+    queue_pipes(P, producer, consumer);
+    if (queued.empty()) {
+      hang(std::string("DeQue of the ") + position_name(P) + " queue", engine(producer),
+           engine(consumer));
+    }
     unsigned char* p = queued.front();
     queued.pop_front();
+    qmsim::tracker().wait(key(p, 0), engine(consumer));
     return {reinterpret_cast<T*>(p), static_cast<std::uint32_t>(len / sizeof(T)), P};
   }
   template <class T>
   void FreeTensor(LocalTensor<T>& t) {
+    Pipe producer, consumer;
+    queue_pipes(P, producer, consumer);
+    for (unsigned char* q : queued) {
+      if (q == reinterpret_cast<unsigned char*>(t.data)) {  // EnQue'd, never DeQue'd
+        const qmsim::Tracker& tr = qmsim::tracker();
+        qmsim::fault(std::string("race: a ") + position_name(P) +
+                     " buffer is freed while still queued (no DeQue): nothing ordered " +
+                     tr.names[engine(producer)] + " before " + tr.names[engine(consumer)]);
+      }
+    }
     for (std::size_t i = 0; i < slots.size(); ++i) {
-      if (slots[i] == reinterpret_cast<unsigned char*>(t.data)) busy[i] = false;
+      if (slots[i] == reinterpret_cast<unsigned char*>(t.data)) {
+        busy[i] = false;
+        qmsim::tracker().signal(key(slots[i], 1), engine(consumer));
+      }
     }
   }
 };
@@ -267,6 +447,11 @@ struct TPipe {
   }
 };
 
+// An asynchronous instruction of `pipe` on the running core.
+inline void track(Pipe pipe, const qmsim::Span& dst, std::initializer_list<qmsim::Span> srcs) {
+  qmsim::tracker().access(engine(pipe), dst, srcs, true);
+}
+
 // ---------------------------------------------------------------- MTE2: GM -> L1 (ND -> NZ)
 struct Nd2NzParams {
   std::uint16_t ndNum = 1;
@@ -286,6 +471,8 @@ inline void DataCopy(const LocalTensor<half>& dst, const GlobalTensor<half>& src
   if (rp % kEdge != 0 || rp < rows) qmsim::fault("DataCopy Nd2Nz: dstNzC0Stride must be a multiple of the cube edge >= nValue");
   const long long cp = cdiv(cols, kEdge) * kEdge;
   dst.check(rp * cp, "DataCopy(Nd2Nz)");
+  track(gm_in_pipe(), dst.bytes(0, rp * cp),
+        {qmsim::strided(src.base, sizeof(half) * cols, sizeof(half) * p.srcDValue, rows, "GM")});
   std::memset(dst.data, 0, sizeof(half) * rp * cp);
   for (int r = 0; r < rows; ++r) {
     const half* row = src.base + static_cast<long long>(r) * p.srcDValue;
@@ -313,6 +500,7 @@ inline void LoadData(const LocalTensor<half>& dst, const LocalTensor<half>& src,
   const long long last_dst = (static_cast<long long>(p.repeatTimes - 1) * (1 + p.dstGap) + 1) * kFractal;
   src.check(last_src, "LoadData source");
   dst.check(last_dst, "LoadData destination");
+  track(PIPE_MTE1, dst.bytes(0, last_dst), {src.bytes(0, last_src)});
   for (int r = 0; r < p.repeatTimes; ++r) {
     const half* s = src.data + (p.startIndex + static_cast<long long>(r) * p.srcStride) * kFractal;
     half* d = dst.data + static_cast<long long>(r) * (1 + p.dstGap) * kFractal;
@@ -321,7 +509,8 @@ inline void LoadData(const LocalTensor<half>& dst, const LocalTensor<half>& src,
         d[i * kEdge + j] = p.ifTranspose ? s[j * kEdge + i] : s[i * kEdge + j];
   }
   const int rate = dst.pos == TPosition::A2 ? QM_L1_TO_L0A_RATE : QM_L1_TO_L0B_RATE;
-  qmsim::charge(PIPE_MTE1, cdiv(static_cast<long long>(sizeof(half)) * kFractal * p.repeatTimes, rate));
+  qmsim::charge(PIPE_MTE1, QM_DMA_ISSUE_CYCLES +
+                               cdiv(static_cast<long long>(sizeof(half)) * kFractal * p.repeatTimes, rate));
 }
 
 // ---------------------------------------------------------------- M: the cube
@@ -342,6 +531,8 @@ inline void Mmad(const LocalTensor<float>& c, const LocalTensor<half>& a,
   a.check(mf * kf * kFractal, "Mmad A");
   b.check(kf * nf * kFractal, "Mmad B");
   c.check(mf * nf * kFractal, "Mmad C");
+  track(PIPE_M, c.bytes(0, mf * nf * kFractal),
+        {a.bytes(0, mf * kf * kFractal), b.bytes(0, kf * nf * kFractal)});
   if (p.cmatrixInitVal) std::memset(c.data, 0, sizeof(float) * mf * nf * kFractal);
   for (long long fi = 0; fi < mf; ++fi) {
     for (long long fj = 0; fj < nf; ++fj) {
@@ -361,30 +552,50 @@ inline void Mmad(const LocalTensor<float>& c, const LocalTensor<half>& a,
   qmsim::charge(PIPE_M, mf * nf * kf);
 }
 
-// ---------------------------------------------------------------- V: L0C -> UB, vector ops
-struct DataCopyParams {
-  std::uint16_t blockCount = 1;
-  std::uint16_t blockLen = 0;  // fractals in BLOCK_MODE_MATRIX
-  std::uint16_t srcStride = 0;
-  std::uint16_t dstStride = 0;
+// ---------------------------------------------------------------- FIX: L0C -> GM
+struct FixpipeParamsV220 {
+  std::uint16_t nSize = 0;      // columns written
+  std::uint16_t mSize = 0;      // rows written
+  std::uint16_t srcStride = 0;  // rows of the NZ tile in L0C (a multiple of the cube edge)
+  std::uint32_t dstStride = 0;  // ND: elements from one row of dst to the next
+  std::uint16_t ndNum = 1;
+  std::uint16_t srcNdStride = 0;
+  std::uint16_t dstNdStride = 0;
+  bool reluEn = false;
+  std::uint8_t unitFlag = 0;
 };
-enum class BlockMode { BLOCK_MODE_NORMAL, BLOCK_MODE_MATRIX };
-struct DataCopyEnhancedParams {
-  BlockMode blockMode = BlockMode::BLOCK_MODE_NORMAL;
+enum class CO2Layout { NZ, ROW_MAJOR, COLUMN_MAJOR };
+struct FixpipeConfig {
+  CO2Layout format;
 };
+constexpr FixpipeConfig CFG_ROW_MAJOR = {CO2Layout::ROW_MAJOR};
 
-// CO1 (L0C) -> CO2 (UB), whole fp32 fractals (1 KB each at E = 16), layout kept.
-inline void DataCopy(const LocalTensor<float>& dst, const LocalTensor<float>& src,
-                     const DataCopyParams& p, const DataCopyEnhancedParams& e) {
-  if (src.pos != TPosition::CO1 || e.blockMode != BlockMode::BLOCK_MODE_MATRIX)
-    qmsim::fault("DataCopy(CO2, CO1) copies matrix blocks out of L0C");
-  const long long count = static_cast<long long>(kFractal) * p.blockCount * p.blockLen;
-  src.check(count, "DataCopy(CO2, CO1) source");
-  dst.check(count, "DataCopy(CO2, CO1) destination");
-  std::memcpy(dst.data, src.data, sizeof(float) * count);
-  qmsim::charge(PIPE_V, cdiv(static_cast<long long>(sizeof(float)) * count, QM_L0C_TO_UB_RATE));
+// dst (GM, ND, row pitch dstStride) = src (L0C, NZ fp32, srcStride rows), mSize x nSize.
+template <class T, class U, const FixpipeConfig& CONFIG>
+inline void Fixpipe(const GlobalTensor<T>& dst, const LocalTensor<U>& src,
+                    const FixpipeParamsV220& p) {
+  static_assert(CONFIG.format == CO2Layout::ROW_MAJOR, "only NZ -> ND is simulated");
+  if (src.pos != TPosition::CO1) qmsim::fault("Fixpipe: source is not L0C");
+  const long long rows = p.mSize, cols = p.nSize, rp = p.srcStride;
+  if (rp % kEdge != 0 || rp < rows) qmsim::fault("Fixpipe: srcStride must be a multiple of the cube edge >= mSize");
+  const long long nf = cdiv(cols, kEdge);
+  src.check(rp * nf * kEdge, "Fixpipe source");
+  track(PIPE_FIX,
+        qmsim::strided(dst.base, sizeof(T) * cols, sizeof(T) * p.dstStride, rows, "GM"),
+        {src.bytes(0, rp * nf * kEdge)});
+  for (long long r = 0; r < rows; ++r) {
+    T* row = dst.base + r * p.dstStride;
+    qmsim::gm_check(row, sizeof(T) * cols, "Fixpipe");
+    for (long long c = 0; c < cols; ++c)
+      row[c] = static_cast<T>(src.data[(c / kEdge) * rp * kEdge + r * kEdge + c % kEdge]);
+  }
+  qmsim::charge(PIPE_FIX, QM_DMA_ISSUE_CYCLES +
+                              cdiv(static_cast<long long>(sizeof(U)) * kFractal * cdiv(rows, kEdge) * nf,
+                               QM_L0C_OUT_RATE));
+  qmsim::charge(PIPE_HBM, cdiv(static_cast<long long>(sizeof(T)) * rows * cols, QM_HBM_CORE_RATE));
 }
 
+// ---------------------------------------------------------------- V: vector ops
 struct BinaryRepeatParams {
   std::uint8_t dstBlkStride = 1, src0BlkStride = 1, src1BlkStride = 1;
   std::uint8_t dstRepStride = 8, src0RepStride = 8, src1RepStride = 8;
@@ -408,6 +619,7 @@ template <class T>
 inline void Add(const LocalTensor<T>& dst, const LocalTensor<T>& src0, const LocalTensor<T>& src1,
                 std::uint64_t mask, std::uint8_t repeatTimes, const BinaryRepeatParams& p) {
   if (mask > QM_VECTOR_BYTES / sizeof(T)) qmsim::fault("Add: mask wider than one repeat");
+  long long hi_d = 0, hi_0 = 0, hi_1 = 0;  // extents touched (elements), for the tracker
   for (int r = 0; r < repeatTimes; ++r) {
     for (int e = 0; e < static_cast<int>(mask); ++e) {
       const long long d = vec_index<T>(r, e, p.dstBlkStride, p.dstRepStride);
@@ -417,8 +629,12 @@ inline void Add(const LocalTensor<T>& dst, const LocalTensor<T>& src0, const Loc
       src0.check(s0 + 1, "Add src0");
       src1.check(s1 + 1, "Add src1");
       dst.data[d] = src0.data[s0] + src1.data[s1];
+      hi_d = std::max(hi_d, d + 1);
+      hi_0 = std::max(hi_0, s0 + 1);
+      hi_1 = std::max(hi_1, s1 + 1);
     }
   }
+  track(PIPE_V, dst.bytes(0, hi_d), {src0.bytes(0, hi_0), src1.bytes(0, hi_1)});
   qmsim::charge(PIPE_V, static_cast<long long>(repeatTimes) * QM_VECTOR_REPEAT_CYCLES);
 }
 
@@ -427,6 +643,7 @@ template <class T>
 inline void Adds(const LocalTensor<T>& dst, const LocalTensor<T>& src, T scalar, std::uint64_t mask,
                  std::uint8_t repeatTimes, const UnaryRepeatParams& p) {
   if (mask > QM_VECTOR_BYTES / sizeof(T)) qmsim::fault("Adds: mask wider than one repeat");
+  long long hi_d = 0, hi_s = 0;
   for (int r = 0; r < repeatTimes; ++r) {
     for (int e = 0; e < static_cast<int>(mask); ++e) {
       const long long d = vec_index<T>(r, e, p.dstBlkStride, p.dstRepStride);
@@ -434,8 +651,11 @@ inline void Adds(const LocalTensor<T>& dst, const LocalTensor<T>& src, T scalar,
       dst.check(d + 1, "Adds dst");
       src.check(s + 1, "Adds src");
       dst.data[d] = src.data[s] + scalar;
+      hi_d = std::max(hi_d, d + 1);
+      hi_s = std::max(hi_s, s + 1);
     }
   }
+  track(PIPE_V, dst.bytes(0, hi_d), {src.bytes(0, hi_s)});
   qmsim::charge(PIPE_V, static_cast<long long>(repeatTimes) * QM_VECTOR_REPEAT_CYCLES);
 }
 
@@ -443,6 +663,7 @@ inline void Adds(const LocalTensor<T>& dst, const LocalTensor<T>& src, T scalar,
 template <class T>
 inline void Duplicate(const LocalTensor<T>& dst, T value, std::int32_t count) {
   dst.check(count, "Duplicate");
+  track(PIPE_V, dst.bytes(0, count), {});
   for (int i = 0; i < count; ++i) dst.data[i] = value;
   qmsim::charge(PIPE_V, cdiv(static_cast<long long>(sizeof(T)) * count, QM_VECTOR_BYTES) *
                             QM_VECTOR_REPEAT_CYCLES);
@@ -455,6 +676,7 @@ inline void Gather(const LocalTensor<T>& dst, const LocalTensor<T>& src,
                    std::uint32_t count) {
   dst.check(count, "Gather dst");
   srcOffset.check(count, "Gather offsets");
+  track(PIPE_V, dst.bytes(0, count), {srcOffset.bytes(0, count), src.bytes(0, src.size)});
   for (std::uint32_t i = 0; i < count; ++i) {
     const long long s = (srcBaseAddr + srcOffset.data[i]) / sizeof(T);
     src.check(s + 1, "Gather src");
@@ -490,6 +712,8 @@ inline void DataCopyPad(const LocalTensor<T>& dst, const GlobalTensor<T>& src,
                         const DataCopyExtParams& p, const DataCopyPadExtParams<T>&) {
   const long long pitch = ub_pitch(p, p.dstStride);
   dst.check((pitch * (p.blockCount - 1) + p.blockLen) / sizeof(T), "DataCopyPad(UB, GM)");
+  track(gm_in_pipe(), qmsim::strided(dst.data, p.blockLen, pitch, p.blockCount, arena_of(dst.pos).name),
+        {qmsim::strided(src.base, p.blockLen, p.blockLen + p.srcStride, p.blockCount, "GM")});
   const auto* s = reinterpret_cast<const unsigned char*>(src.base);
   auto* d = reinterpret_cast<unsigned char*>(dst.data);
   for (int i = 0; i < p.blockCount; ++i) {
@@ -506,6 +730,8 @@ inline void DataCopyPad(const GlobalTensor<T>& dst, const LocalTensor<T>& src,
                         const DataCopyExtParams& p) {
   const long long pitch = ub_pitch(p, p.srcStride);
   src.check((pitch * (p.blockCount - 1) + p.blockLen) / sizeof(T), "DataCopyPad(GM, UB)");
+  track(PIPE_MTE3, qmsim::strided(dst.base, p.blockLen, p.blockLen + p.dstStride, p.blockCount, "GM"),
+        {qmsim::strided(src.data, p.blockLen, pitch, p.blockCount, arena_of(src.pos).name)});
   auto* d = reinterpret_cast<unsigned char*>(dst.base);
   const auto* s = reinterpret_cast<const unsigned char*>(src.data);
   for (int i = 0; i < p.blockCount; ++i) {

@@ -1,22 +1,30 @@
 // xpu_sim.h: the meaning of the XPU C/C++ names the kunlunxin kernels use, on the CPU.
 //
-// A Kunlun 2 (R200) style device: QM_CLUSTERS clusters of QM_CORES_PER_CLUSTER cores;
-// each core owns QM_LM_BYTES of local memory (LM), a bounds-checked arena here. The
-// harness runs the cores one after the other (`kernel<<<QM_CLUSTERS,
-// QM_CORES_PER_CLUSTER>>>` becomes a loop that calls xpu::enter before each core).
+// A Kunlun 2 (R200, XPU2) device: QM_CLUSTERS clusters of QM_CORES_PER_CLUSTER cores;
+// each core owns QM_LM_BYTES of local memory (LM). Kernels declare LM as fixed `__local__`
+// arrays (here: arrays aligned to QM_LM_ALIGN; the launch checks that a kernel's arrays fit
+// LM, as the XPU compiler does) and global pointers as `__global_ptr__`. The harness runs
+// the cores one after the other (`kernel<<<QM_CLUSTERS, QM_CORES_PER_CLUSTER>>>` becomes a
+// loop that calls xpu::enter before each core).
+//
+// Asynchronous engines (qmsim::Tracker): the core's DMA engine runs GM2LM_ASYNC and
+// LM2GM_ASYNC; they complete for the core only at the next `mfence()`. The core (scalar
+// unit and SIMD) is in order with itself: GM2LM/LM2GM are synchronous. A vector load of
+// LM a DMA still writes, or a store to LM a DMA still reads, is a race (exit 3).
 //
 // Cost (constants QM_* come from hw_targets/kunlunxin/target.py; its cost model predicts
 // exactly what is charged here):
 //   dma     every GM2LM / LM2GM (and _ASYNC) call, both directions sharing the core's
 //           engine and its GDDR6 share: QM_DMA_LATENCY + ceil(bytes / per-core DMA rate)
-//   simd    every 512-bit vector arithmetic instruction (svmac, vvadd, svadd, fp16->fp32
-//           widening): QM_SIMD_OP_CYCLES; vector loads/stores to LM and scalar code
-//           are free (they issue beside the vector pipe)
+//   simd    every 512-bit vector arithmetic instruction (svmac, svmul, vvadd, svadd, fp16->fp32
+//           widening): QM_SIMD_OP_CYCLES times the cores with work that share this core's
+//           SIMD unit (QM_SIMD_SHARERS per unit, guide); vector loads/stores to LM and
+//           scalar code are free (they issue beside the vector pipe)
 // The per-core DMA rate is the chip's GDDR6 bandwidth split evenly over the cores that
 // have work (the launch sets xpu::active_cores()), capped at one core's DMA engine
 // (QM_CORE_DMA_BYTES_PER_KCYCLE); rates are bytes per 1000 cycles so that the clock may
 // be any value.
-// `mfence()` waits for the stage's DMAs: a double-buffered stage ends there.
+// `mfence()` waits for the core's DMAs: a double-buffered stage ends there.
 #pragma once
 
 #include "qmsim.h"
@@ -25,7 +33,8 @@ using float16 = qmsim::half;
 
 #define __global__
 #define __device__
-#define __local__
+#define __global_ptr__
+#define __local__ alignas(QM_LM_ALIGN)
 
 // The emitted kernels use the 512-bit vector types (float32x16_t, float16x32_t); a target
 // described with other vectors costs them in the model but cannot be simulated here.
@@ -48,10 +57,7 @@ inline Ids& ids() {
 // Which core of which cluster runs next (the launch loop sets it).
 inline void enter(int cluster, int core) { ids() = Ids{cluster, core}; }
 
-inline qmsim::Arena& lm() {
-  static qmsim::Arena arena("LM", QM_LM_BYTES, QM_LM_ALIGN);
-  return arena;
-}
+inline int flat_core() { return ids().cluster * QM_CORES_PER_CLUSTER + ids().core; }
 
 // Cores that have work in the running kernel: they share the GDDR6 bandwidth.
 inline long long& active_cores() {
@@ -69,6 +75,50 @@ inline long long dma_cycles(long long bytes) {
   return QM_DMA_LATENCY + qmsim::ceil_div(bytes * 1000LL, dma_rate());
 }
 
+// Cores with work (the first active_cores() of the grid) sharing this core's SIMD unit.
+inline long long simd_sharers() {
+  const long long group = flat_core() / QM_SIMD_SHARERS * QM_SIMD_SHARERS;
+  return std::max(1LL, std::min<long long>(QM_SIMD_SHARERS, active_cores() - group));
+}
+
+inline void simd_op() { qmsim::charge(SIMD, QM_SIMD_OP_CYCLES * simd_sharers()); }
+
+inline int dma_engine() { return qmsim::tracker().engine("DMA"); }
+inline int core_engine() { return qmsim::tracker().engine("core"); }
+
+// A kernel's `__local__` arrays must fit LM (the launch passes their total, as laid out).
+inline void check_lm(long long bytes, const char* kernel) {
+  if (bytes > QM_LM_BYTES) {
+    qmsim::fault(std::string(kernel) + ": __local__ arrays need " + std::to_string(bytes) +
+                 " bytes of LM, past its " + std::to_string(QM_LM_BYTES) + " bytes");
+  }
+}
+
+// The core reads (or writes) LM: a race with a DMA still in flight is a fault.
+inline void lm_access(const void* lm, long long bytes, bool write, const char* op) {
+  if (reinterpret_cast<std::uintptr_t>(lm) % 4 != 0) qmsim::fault(std::string(op) + ": unaligned LM access");
+  const qmsim::Span s = qmsim::span(lm, bytes, "LM");
+  if (write) qmsim::tracker().access(core_engine(), s, {}, false);
+  else qmsim::tracker().access(core_engine(), {}, {s}, false);
+}
+
+inline void vector_access(const void* lm, long long bytes, bool write, const char* op) {
+  if (reinterpret_cast<std::uintptr_t>(lm) % QM_VECTOR_ALIGN != 0) {
+    qmsim::fault(std::string(op) + ": LM address not " + std::to_string(QM_VECTOR_ALIGN) +
+                 "-byte aligned");
+  }
+  lm_access(lm, bytes, write, op);
+}
+
+inline void dma(const void* src, void* dst, int bytes, bool to_lm, bool async, const char* op) {
+  qmsim::gm_check(to_lm ? src : dst, bytes, op);
+  const qmsim::Span d = qmsim::span(dst, bytes, "LM");
+  const qmsim::Span s = qmsim::span(src, bytes, "LM");
+  qmsim::tracker().access(dma_engine(), d, {s}, async);
+  std::memcpy(dst, src, bytes);
+  qmsim::charge(DMA, dma_cycles(bytes));
+}
+
 }  // namespace xpu
 
 inline int core_id() { return xpu::ids().core; }
@@ -76,100 +126,89 @@ inline int core_num() { return QM_CORES_PER_CLUSTER; }
 inline int cluster_id() { return xpu::ids().cluster; }
 inline int cluster_num() { return QM_CLUSTERS; }
 
-// Places a `__local__ T name[count]` array in the core's LM. On the device the compiler
-// lays LM out statically; here the layout is an arena of the declared size, so a tile
-// that does not fit faults with the name of the array.
-template <class T>
-inline T* lm_malloc(long count, const char* what) {
-  return static_cast<T*>(xpu::lm().alloc(sizeof(T) * count, what));
-}
-
 // ---------------------------------------------------------------- DMA
 inline void GM2LM(const void* gm, void* lm, int bytes) {
-  qmsim::gm_check(gm, bytes, "GM2LM");
-  xpu::lm().check(lm, bytes, "GM2LM");
-  std::memcpy(lm, gm, bytes);
-  qmsim::charge(xpu::DMA, xpu::dma_cycles(bytes));
+  xpu::dma(gm, lm, bytes, true, false, "GM2LM");
 }
 
 inline void LM2GM(const void* lm, void* gm, int bytes) {
-  xpu::lm().check(lm, bytes, "LM2GM");
-  qmsim::gm_check(gm, bytes, "LM2GM");
-  std::memcpy(gm, lm, bytes);
-  qmsim::charge(xpu::DMA, xpu::dma_cycles(bytes));
+  xpu::dma(lm, gm, bytes, false, false, "LM2GM");
 }
 
-// The asynchronous variants complete at once here; their overlap with the vector pipe
-// is what the stage accounting (max over pipes) stands for.
-inline void GM2LM_ASYNC(const void* gm, void* lm, int bytes) { GM2LM(gm, lm, bytes); }
-inline void LM2GM_ASYNC(const void* lm, void* gm, int bytes) { LM2GM(lm, gm, bytes); }
+// Queued on the core's DMA engine: complete for the core at the next mfence().
+inline void GM2LM_ASYNC(const void* gm, void* lm, int bytes) {
+  xpu::dma(gm, lm, bytes, true, true, "GM2LM_ASYNC");
+}
 
-inline void mfence() { qmsim::end_stage(); }
+inline void LM2GM_ASYNC(const void* lm, void* gm, int bytes) {
+  xpu::dma(lm, gm, bytes, false, true, "LM2GM_ASYNC");
+}
+
+// Waits for the core's DMAs; ends a stage.
+inline void mfence() {
+  qmsim::tracker().order(xpu::dma_engine(), xpu::core_engine());
+  qmsim::end_stage();
+}
 
 // ---------------------------------------------------------------- 512-bit SIMD
 struct float32x16_t {
   float v[16];
 };
 
-struct float16x32_t {
-  float16 v[32];
-};
-
 inline float32x16_t vload_lm_float32x16(const float* lm) {
-  xpu::lm().check(lm, sizeof(float32x16_t), "vload_lm_float32x16");
+  xpu::vector_access(lm, sizeof(float32x16_t), false, "vload_lm_float32x16");
   float32x16_t r;
   std::memcpy(r.v, lm, sizeof r.v);
   return r;
 }
 
 inline void vstore_lm_float32x16(float* lm, float32x16_t x) {
-  xpu::lm().check(lm, sizeof(float32x16_t), "vstore_lm_float32x16");
+  xpu::vector_access(lm, sizeof(float32x16_t), true, "vstore_lm_float32x16");
   std::memcpy(lm, x.v, sizeof x.v);
 }
 
-inline float16x32_t vload_lm_float16x32(const float16* lm) {
-  xpu::lm().check(lm, sizeof(float16x32_t), "vload_lm_float16x32");
-  float16x32_t r;
-  std::memcpy(r.v, lm, sizeof r.v);
-  return r;
+
+// cluster2_simd.h (XPU2): 32 fp16 of LM widened to two fp32 vectors (lanes 0..15 in vl,
+// 16..31 in vh): one vector load and two conversions (__builtin_xpu2_vfp162float_{l,h}_rn).
+inline void vload2_lm(const float16* lm, float32x16_t& vl, float32x16_t& vh) {
+  xpu::vector_access(lm, 64, false, "vload2_lm");
+  for (int i = 0; i < 16; ++i) {
+    vl.v[i] = static_cast<float>(lm[i]);
+    vh.v[i] = static_cast<float>(lm[16 + i]);
+  }
+  xpu::simd_op();
+  xpu::simd_op();
 }
 
-inline float32x16_t vset_zero() {
-  float32x16_t r;
-  for (float& x : r.v) x = 0.0f;
-  return r;
-}
-
-// Lanes 0..15 (l) or 16..31 (h) of an fp16 vector, widened to fp32 (exact).
-inline float32x16_t vfp162float_l(float16x32_t x) {
-  float32x16_t r;
-  for (int i = 0; i < 16; ++i) r.v[i] = static_cast<float>(x.v[i]);
-  qmsim::charge(xpu::SIMD, QM_SIMD_OP_CYCLES);
-  return r;
-}
-
-inline float32x16_t vfp162float_h(float16x32_t x) {
-  float32x16_t r;
-  for (int i = 0; i < 16; ++i) r.v[i] = static_cast<float>(x.v[16 + i]);
-  qmsim::charge(xpu::SIMD, QM_SIMD_OP_CYCLES);
-  return r;
+// A scalar of LM, read by the core (checked against DMAs in flight).
+template <class T>
+inline T lm_read(const T* lm) {
+  xpu::lm_access(lm, sizeof(T), false, "LM read");
+  return *lm;
 }
 
 // acc + a * b, lane by lane (scalar a times vector b, accumulated in fp32).
 inline float32x16_t svmac_float32x16(float a, float32x16_t b, float32x16_t acc) {
   for (int i = 0; i < 16; ++i) acc.v[i] += a * b.v[i];
-  qmsim::charge(xpu::SIMD, QM_SIMD_OP_CYCLES);
+  xpu::simd_op();
   return acc;
+}
+
+// a * b, lane by lane (scalar a times vector b).
+inline float32x16_t svmul_float32x16(float a, float32x16_t b) {
+  for (int i = 0; i < 16; ++i) b.v[i] *= a;
+  xpu::simd_op();
+  return b;
 }
 
 inline float32x16_t vvadd_float32x16(float32x16_t a, float32x16_t b) {
   for (int i = 0; i < 16; ++i) a.v[i] += b.v[i];
-  qmsim::charge(xpu::SIMD, QM_SIMD_OP_CYCLES);
+  xpu::simd_op();
   return a;
 }
 
 inline float32x16_t svadd_float32x16(float a, float32x16_t b) {
   for (int i = 0; i < 16; ++i) b.v[i] += a;
-  qmsim::charge(xpu::SIMD, QM_SIMD_OP_CYCLES);
+  xpu::simd_op();
   return b;
 }

@@ -1,4 +1,4 @@
-"""The kunlunxin target: a Kunlun 2 (R200) style XPU programmed in XPU C/C++.
+"""The kunlunxin target: a Kunlun 2 (R200, XPU2) programmed in XPU C/C++.
 
 Split in three: :mod:`.target` (the description, as data, and the header's constants),
 :mod:`.cost` (the cost model, the tiling search and the vendor-library estimate) and

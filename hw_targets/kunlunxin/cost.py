@@ -6,25 +6,30 @@ kernels launched ``<<<cluster_num, core_num>>>``, output tiles dealt round-robin
 512 cores (tile ``t`` to core ``cluster_id * core_num + core_id == t % 512``, as
 :func:`hw_targets.base.grid_cost`).
 
-A GEMM tile (``TM x TN`` of C, fp32, in LM) walks K in steps of ``TK``; a *stage* is one
-step: ``GM2LM_ASYNC`` the A slice (``rows`` calls of ``kk`` fp16, one call when the
-slice is contiguous) and the B slice (``kk`` calls of ``cols`` fp16) into the other half
-of a double buffer, and run the SIMD on this half. Pipes and their charges:
+A GEMM tile (``TM x TN`` of C, fp32, in LM) walks K in steps of ``TK``. Its first *stage*
+loads slice 0 (and the bias) and waits (``mfence``); stage ``s`` then issues
+``GM2LM_ASYNC`` of slice ``s + 1`` (the A slice in ``rows`` calls of ``kk`` fp16, one call
+when it is contiguous; the B slice in ``kk`` calls of ``cols`` fp16) into the other half
+of a double buffer, runs the SIMD on slice ``s`` and ends with ``mfence``. Pipes and their
+charges:
 
 * ``dma``: every GM2LM and LM2GM call (both directions share the core's engine and its
   bandwidth), ``dma_latency + ceil(bytes / rate)`` with
   ``rate = min(core_dma_bytes_per_cycle, GDDR6 / active)``: the cores that have work
   stream at once and share the chip's bandwidth evenly;
-* ``simd``: one cycle per vector instruction; per k-step and 32-column fp16 vector of B
-  two widenings to fp32 plus two ``svmac`` per row, so a partial vector costs a whole
-  one (padding to 32 columns); vector loads/stores and scalar code are free.
+* ``simd``: ``simd_op_cycles`` per vector instruction times the busy cores that share
+  the core's SIMD unit (``simd_sharers`` per unit); per k-step and 32-column fp16 vector
+  of B two widenings to fp32 plus two ``svmac`` per row (``svmul`` for the tile's first
+  product, which initialises C), so a partial vector costs a whole one (padding to 32
+  columns); vector loads/stores and scalar code are free.
 
-A stage costs its slowest pipe; the tile's last stage also loads the bias slice, adds it
-(two vector adds per row and vector) and ``LM2GM``s C. LM holds two A and two B slices,
-C and the bias slice, ``2 (2 TM TK + 2 TK TN32) + 4 TM TN32 + 4 |bias|`` bytes, with
-``TN32`` = TN rounded up to 32 and ``TK`` a multiple of 16 (32-byte aligned fp16 rows).
-An im2col row (one channel and kernel tap) is a stage: ``GM2LM`` of each input row it
-reads, a scalar gather in LM, and ``LM2GM`` of output-row chunks that fit LM.
+A stage costs its slowest pipe; the tile's last stage also adds the bias (two vector
+adds per row and vector) and ``LM2GM_ASYNC``s C. LM holds two A and two B slices, C and
+the bias slice as fixed ``__local__`` arrays, each starting LM-aligned, with ``TN32`` =
+TN rounded up to 32 and ``TK`` a multiple of 32 (64-byte aligned fp16 rows). An im2col
+is one stage per core of synchronous copies: ``GM2LM`` of each input row a (channel,
+tap) row of cols reads, a scalar gather in LM, and ``LM2GM`` of output-row chunks that
+fit LM.
 
 Not modelled, on purpose: cluster shared memory (SM) is declared but unused (staging B
 in SM would cut its GDDR6 traffic up to 64-fold, but its bandwidth is unpublished and the
@@ -35,6 +40,7 @@ path, an fc call on the SDNN at peak x efficiency, as a number beside the simula
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Mapping
@@ -52,12 +58,14 @@ from hw_targets.base import (
     by_kind,
     ceil_div,
     grid_cost,
+    launched,
     round_up,
 )
 from hw_targets.kunlunxin.target import PIPES, TARGET, defines, lanes, row_unit
 from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
 
-__all__ = ["active", "cost", "im2col_chunk", "library_cost", "lm_bytes", "tiling"]
+__all__ = ["active", "cost", "im2col_chunk", "im2col_lm_bytes", "library_cost", "lm_bytes",
+           "sharers", "tiling"]
 
 #: Tile edges tried (a search space, not hardware): M in rows, N in whole fp16 vectors,
 #: K in LM alignment units (16 fp16 = 32 B); bounded in practice by what fits LM.
@@ -89,9 +97,9 @@ def active(spec: GemmSpec, tm: int, tn: int, cores: int) -> int:
 
 
 def lm_bytes(spec: GemmSpec, tm: int, tn: int, tk: int, target: Target) -> int:
-    """LM a tiling needs, allocated in the emitted order with the LM alignment."""
+    """LM a tiling's ``__local__`` arrays need, each starting LM-aligned, in emitted order."""
     e, tnp = target.in_bytes, round_up(tn, lanes(target)[1])
-    sizes = [e * tm * tk] * 2 + [e * tk * tnp] * 2 + [OUT_BYTES * tm * tnp]
+    sizes = [2 * e * tm * tk, 2 * e * tk * tnp, OUT_BYTES * tm * tnp]
     if spec.bias != "none":
         sizes.append(OUT_BYTES * (tm if spec.bias == "row" else tnp))
     align, used = target.buffer("LM").alignment, 0
@@ -128,8 +136,14 @@ def tiling(spec: GemmSpec, target: Target = TARGET) -> Tiling:
 
 def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> KernelCost:
     """Cycles of the kernel, stage by stage, as ``include/xpu_sim.h`` counts them."""
-    return by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
-                   lambda i: _im2col_cost(i, target))
+    return launched(by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
+                            lambda i: _im2col_cost(i, target)), target, PIPES[0])
+
+
+def sharers(d: Mapping[str, int], busy: int, core: int) -> int:
+    """Busy cores (the first ``busy`` of the grid) that share ``core``'s SIMD unit."""
+    group = core // d["simd_sharers"] * d["simd_sharers"]
+    return max(1, min(d["simd_sharers"], busy - group))
 
 
 def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
@@ -139,42 +153,42 @@ def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
     e = target.in_bytes
     tm, tn, tk = tiling.tile_m, tiling.tile_n, tiling.tile_k
     tnp = round_up(tn, h_lanes)
-    op = d["simd_op_cycles"]
     kt = ceil_div(spec.k, tk)
-    rate = _rate(d, active(spec, tm, tn, d["cores"]))
+    busy = active(spec, tm, tn, d["cores"])
+    rate = _rate(d, busy)
     bias = 0 if spec.bias == "none" else OUT_BYTES
+    last_k = spec.k - (kt - 1) * tk
 
-    def moved(rows: int, cols: int, kk: int, last: bool) -> int:
-        total = e * (rows * kk + kk * cols)
-        if last:
-            total += OUT_BYTES * rows * cols + bias * (rows if spec.bias == "row" else cols)
-        return total
+    def load(rows: int, cols: int, kk: int) -> int:
+        return (_copy2d(rows, kk, spec.k, tk, e, d, rate)
+                + _copy2d(kk, cols, spec.n, tnp, e, d, rate))
 
-    def stage(rows: int, cols: int, kk: int, last: bool) -> dict[str, int]:
+    def tile_of(share: int, rows: int, cols: int) -> TileCost:
+        op = d["simd_op_cycles"] * share
         vectors = ceil_div(cols, h_lanes)
-        pipes = {
-            "dma": _copy2d(rows, kk, spec.k, tk, e, d, rate)
-            + _copy2d(kk, cols, spec.n, tnp, e, d, rate),
-            "simd": vectors * kk * (halves + halves * rows) * op,
-        }
-        if last:
-            if spec.bias != "none":
-                pipes["dma"] += _dma(bias * (rows if spec.bias == "row" else cols), d, rate)
-                pipes["simd"] += halves * rows * vectors * op
-            pipes["dma"] += _copy2d(rows, cols, spec.n, tnp, OUT_BYTES, d, rate)
-        return pipes
+        head = load(rows, cols, tk if kt > 1 else last_k)
+        if spec.bias != "none":
+            head += _dma(bias * (rows if spec.bias == "row" else cols), d, rate)
+        stages: list[dict[str, int]] = [{"dma": head, "simd": 0}]
+        for s in range(kt):
+            kk = last_k if s == kt - 1 else tk
+            nxt = 0 if s == kt - 1 else load(rows, cols, last_k if s + 2 == kt else tk)
+            pipes = {"dma": nxt, "simd": vectors * kk * (halves + halves * rows) * op}
+            if s == kt - 1:
+                if spec.bias != "none":
+                    pipes["simd"] += halves * rows * vectors * op
+                pipes["dma"] += _copy2d(rows, cols, spec.n, tnp, OUT_BYTES, d, rate)
+            stages.append(pipes)
+        total = sum(max(p.values()) for p in stages)
+        pipes = {name: sum(p[name] for p in stages) for name in PIPES}
+        moved = (e * (rows * spec.k + spec.k * cols) + OUT_BYTES * rows * cols
+                 + bias * (rows if spec.bias == "row" else cols))
+        return TileCost(total, kt + 1, pipes, moved)
 
-    def tile(rows: int, cols: int) -> TileCost:
-        stages = [(stage(rows, cols, tk, False), kt - 1),
-                  (stage(rows, cols, spec.k - (kt - 1) * tk, True), 1)]
-        total = sum(max(s.values()) * count for s, count in stages)
-        pipes = {name: sum(s[name] * count for s, count in stages) for name in PIPES}
-        last = spec.k - (kt - 1) * tk
-        return TileCost(total, kt, pipes,
-                        (kt - 1) * moved(rows, cols, tk, False) + moved(rows, cols, last, True))
-
+    by_share = {s: functools.partial(tile_of, s) for s in range(1, d["simd_sharers"] + 1)}
     padded = spec.batch * spec.m * round_up(spec.n, h_lanes) * spec.k
-    return grid_cost(spec, tm, tn, int(target.cores.value), tile, padded)
+    return grid_cost(spec, tm, tn, d["cores"], by_share[1], padded,
+                     core_class=lambda core: by_share[sharers(d, busy, core)])
 
 
 def library_cost(spec: GemmSpec, target: Target = TARGET) -> int:
@@ -204,6 +218,13 @@ def im2col_chunk(spec: Im2colSpec, target: Target) -> tuple[int, int]:
     return row, chunk
 
 
+def im2col_lm_bytes(spec: Im2colSpec, target: Target) -> int:
+    """LM of an im2col's two ``__local__`` arrays (input row, output chunk), each aligned."""
+    row, chunk = im2col_chunk(spec, target)
+    e, align = target.in_bytes, target.buffer("LM").alignment
+    return round_up(e * row, align) + e * chunk * spec.out_hw[1]
+
+
 def _im2col_cost(spec: Im2colSpec, target: Target) -> KernelCost:
     d = defines(target)
     cores = d["cores"]
@@ -231,7 +252,7 @@ def _im2col_cost(spec: Im2colSpec, target: Target) -> KernelCost:
     return KernelCost(
         cycles=int(per_core[slowest]),
         pipes={"dma": int(moved[mine].sum()), "simd": 0},
-        stages=int(np.count_nonzero(mine)),
+        stages=1 if np.any(mine) else 0,
         macs=0,
         padded_macs=0,
         dram_bytes=traffic,

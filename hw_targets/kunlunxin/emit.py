@@ -9,7 +9,7 @@ kind to what fills in its template.
 from __future__ import annotations
 
 from hw_targets.base import KernelSource, Target, Tiling, by_kind, pipe_names, round_up
-from hw_targets.kunlunxin.cost import active, im2col_chunk
+from hw_targets.kunlunxin.cost import active, im2col_chunk, im2col_lm_bytes, lm_bytes
 from hw_targets.kunlunxin.target import PIPES, TARGET, defines, lanes
 from hw_targets.render import render
 from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
@@ -33,13 +33,13 @@ def emit(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> Ke
 def _emit_gemm(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelSource:
     f_lanes, h_lanes = lanes(target)
     tm, tn, tk = tiling.tile_m, tiling.tile_n, tiling.tile_k
-    bias_alloc = bias_add = ""
+    bias_alloc = bias_load = bias_add = ""
     if spec.bias != "none":
         length, offset, extent, operand = _BIAS[spec.bias]
         bias_alloc = render("kunlunxin", "bias_alloc.cc", length=length)
-        bias_add = render("kunlunxin", "bias_add.cc", period=spec.bias_operand.period,
-                          stride=spec.bias_operand.stride, offset=offset, extent=extent,
-                          operand=operand)
+        bias_load = render("kunlunxin", "bias_load.cc", period=spec.bias_operand.period,
+                           stride=spec.bias_operand.stride, offset=offset, extent=extent)
+        bias_add = render("kunlunxin", "bias_add.cc", operand=operand)
     code = render(
         "kunlunxin", "gemm.cc",
         name=spec.name, plus_bias=" + bias" if spec.bias != "none" else "", batch=spec.batch,
@@ -47,7 +47,8 @@ def _emit_gemm(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelSource:
         h_lanes=h_lanes, f_lanes=f_lanes,
         active=active(spec, tm, tn, int(target.cores.value)),
         pa=spec.a.period, sa=spec.a.stride, pb=spec.b.period, sb=spec.b.stride,
-        pc=spec.c.period, sc=spec.c.stride, bias_alloc=bias_alloc, bias_add=bias_add,
+        pc=spec.c.period, sc=spec.c.stride, bias_alloc=bias_alloc, bias_load=bias_load,
+        bias_add=bias_add, lm_used=lm_bytes(spec, tm, tn, tk, target),
     )
     return KernelSource(spec.name, code, ("a", "b", "bias", "c"))
 
@@ -61,7 +62,7 @@ def _emit_im2col(spec: Im2colSpec, target: Target) -> KernelSource:
         name=spec.name, images=spec.images, channels=spec.channels, height=spec.height,
         width=spec.width, kh=kh, kw=kw, groups=spec.groups, k=spec.k, hw=ho * wo,
         chunk=chunk, ho=ho, wo=wo, sh=sh, sw=sw, top=spec.pads[0], left=spec.pads[1],
-        dh=dh, dw=dw, row=row,
+        dh=dh, dw=dw, row=row, lm_used=im2col_lm_bytes(spec, target),
         active=min(int(target.cores.value), spec.images * spec.groups * spec.k),
     )
     return KernelSource(spec.name, code, ("x", "cols"))

@@ -1,7 +1,8 @@
-"""The kunlunxin target's description: a Kunlun 2 (R200) style XPU, as data.
+"""The kunlunxin target's description: a Kunlun 2 (R200, XPU2) XPU, as data.
 
-8 clusters x 64 cores, each core a scalar unit with a 512-bit SIMD unit and a few KB of
-local memory (LM: 32 KB per group of 4 cores, split evenly); a cluster's shared memory
+8 clusters x 64 cores, each core a scalar unit and a few KB of local memory (LM: 32 KB
+per group of 4 cores, split evenly); the 512-bit SIMD unit is shared by the 4 cores of a
+group (guide), so a busy group's cores each get a quarter of it; a cluster's shared memory
 (SM, declared, not modelled) and the chip's GDDR6. The matrix engine (SDNN) is reachable
 only through the vendor's fc/xblas libraries (docs/TARGETS.md), so it appears only in
 :func:`hw_targets.kunlunxin.cost.library_cost`. Not declared because nothing reads them:
@@ -23,6 +24,9 @@ _GUIDE = "Kunlunxin XPU C/C++ developer guide v2.2"
 _CLOCK_HZ = 1.0e9
 _GDDR6 = 512e9
 
+_LAUNCH = ("1 us from a kernel's launch to its cores' start, assumed: no published "
+           "figure (the host-side launch overlaps the previous kernel)")
+
 TARGET = Target(
     name="kunlunxin",
     dialect="XPU C/C++",
@@ -32,7 +36,9 @@ TARGET = Target(
     buffers=(
         Buffer("LM", Param(8192, "bytes", "U",
                            f"32 KB LM per group of 4 cores [{_GUIDE}] split evenly"),
-               Param(32, "bytes", "U", f"Kunlun 1 aligns LM to 32 B [{_GUIDE}], assumed")),
+               Param(64, "bytes", "U",
+                     "one 512-bit vector: Kunlun 2 vector loads/stores of LM take whole "
+                     "64-byte vectors [docs/TARGETS.md, issue 14]; not read in a header")),
         # Declared, not modelled (see hw_targets.kunlunxin.cost).
         Buffer("SM", Param(256 * 1024, "bytes", "V", f"256 KB SM per cluster [{_GUIDE}]"),
                Param(64, "bytes", "U", f"Kunlun 1 aligns SM to 64 B [{_GUIDE}], assumed"),
@@ -40,14 +46,18 @@ TARGET = Target(
     ),
     dram_bytes_per_cycle=Param(_GDDR6 / _CLOCK_HZ, "B/cycle", "U",
                                "GDDR6 512 GB/s [V] at the assumed clock [U]"),
-    macs_per_cycle=Param(16, "MAC/cycle", "U",
-                         "512-bit SIMD [V] = 16 fp32 lanes, one vector MAC per cycle [U]"),
+    macs_per_cycle=Param(4, "MAC/cycle", "U",
+                         "512-bit SIMD [V] = 16 fp32 lanes, one vector MAC per cycle [U], "
+                         "one unit per group of 4 cores [V]: 4 per core"),
     in_dtype="half",
     params={
+        "launch_cycles": Param(1000, "cycles", "U", _LAUNCH),
         "clusters": Param(8, "clusters", "V", _GUIDE),
         "cores_per_cluster": Param(64, "cores", "V", _GUIDE),
         "simd_bits": Param(512, "bits", "V", _GUIDE),
         "simd_op_cycles": Param(1, "cycles", "U", "one 512-bit vector instruction per cycle"),
+        "simd_sharers": Param(4, "cores", "V",
+                              f"one 512-bit SIMD unit per group of 4 cores [{_GUIDE}]"),
         "dma_latency": Param(32, "cycles", "U", "per GM2LM/LM2GM call; not published"),
         "core_dma_bytes_per_cycle": Param(64, "B/cycle", "U",
                                           "one core's DMA engine at most (one 512-bit word)"),
@@ -85,6 +95,7 @@ def defines(target: Target) -> dict[str, int]:
                          f"clusters x cores_per_cluster ({clusters} x {per_cluster})")
     lm = target.buffer("LM")
     return {
+        "launch_cycles": int(target.param("launch_cycles")),
         "lm_bytes": lm.bytes,
         "lm_align": lm.alignment,
         "clusters": clusters,
@@ -95,4 +106,6 @@ def defines(target: Target) -> dict[str, int]:
         "core_dma_bytes_per_kcycle": round(1000 * target.param("core_dma_bytes_per_cycle")),
         "dma_latency": int(target.param("dma_latency")),
         "simd_op_cycles": int(target.param("simd_op_cycles")),
+        "simd_sharers": int(target.param("simd_sharers")),
+        "vector_align": int(target.param("simd_bits")) // 8,
     }

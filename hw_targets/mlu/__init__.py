@@ -1,4 +1,4 @@
-"""The mlu target: a Cambricon MLU370-style chip programmed in BANG C (docs/TARGETS.md).
+"""The mlu target: one Cambricon MLU370 chip programmed in BANG C (docs/TARGETS.md).
 
 Split in three: :mod:`.target` (the description, as data, and the header's constants),
 :mod:`.cost` (the cost model and the tiling search) and :mod:`.emit` (the emitter, which

@@ -3,20 +3,27 @@
 Model. A GEMM's output tiles (``TM x TN``, dealt round-robin to ``taskDim`` cores in the
 order of :func:`hw_targets.base.grid_cost`) are cut into k-chunks of ``TK``; a *step* is one
 (tile, chunk). Each core runs its steps through a software pipeline in the manner of
-mlu-ops ``binary_op_3pipeline.h``, with the right-hand matrix's move to WRAM as an extra
-stage: iteration ``i`` loads step ``i`` (A and B chunks GDRAM2NRAM, plus the tile's bias on
-its first chunk), transposes the B chunk of step ``i-1`` into the layout WRAM expects and
-moves it NRAM2WRAM, multiplies step ``i-2`` on the tensor unit (and adds it to the tile's
-fp32 accumulator, and the bias on the last chunk), and stores the tile whose last step
-was ``i-3``. One iteration is a stage; a core with ``S`` steps runs ``S + 3`` of them
-(the fill and drain of the pipeline are charged). Pipes (V): ALU, VFU, TFU, IO-DMA,
-Move-DMA. Charges, per call, in integer cycles::
+mlu-ops ``binary_op_3pipeline.h`` / the five-stage pipeline of its docs, with the
+right-hand matrix's way to WRAM as two extra stages: iteration ``i`` loads step ``i`` (A
+and B chunks GDRAM2NRAM, plus the tile's bias on its first chunk), lays the B chunk of step
+``i-1`` out for WRAM (``__bang_transpose`` then ``__bang_reshape_filter``, as mlu-ops'
+FFT kernels do before ``__bang_matmul``), moves step ``i-2``'s NRAM2WRAM, multiplies step
+``i-3`` on the tensor unit (and adds it to the tile's fp32 accumulator, and the bias on the
+last chunk), stores the tile whose last step was ``i-4`` and zeroes the K padding of step
+``i+1``'s slots; it ends with ``__sync_io``, ``__sync_move`` and ``__sync_compute``, since
+each engine's results are used by another engine in the next iteration. One iteration is
+a stage; a core with ``S`` steps runs ``S + 4`` of them, plus a first one that zeroes step
+0's padding when a tile's first chunk is padded (the fill and drain of the pipeline are
+charged). Pipes (V): ALU, VFU, TFU,
+IO-DMA, Move-DMA. Charges, per call, in integer cycles::
 
-    IO-DMA   ceil(bytes' * taskDim / dram_bytes_per_cycle), bytes' = segments x size
-             rounded up to 64 B units; a store leaving a partial unit adds one (RMW)
-    Move     ceil(bytes / move_bytes_per_cycle)
+    IO-DMA   dma_issue_cycles per call + ceil(bytes' / min(dram_bytes_per_cycle / taskDim,
+             core_dram_bytes_per_cycle)),
+             bytes' = segments x size rounded up to 64 B units; a store leaving a partial
+             unit adds one (RMW)
+    Move     dma_issue_cycles + ceil(bytes / move_bytes_per_cycle)
     TFU      ceil(rows x round_up(k, 32) x round_up(n, 64) / macs_per_cycle)
-    VFU      bytes / 128 (transpose, accumulate, bias, zeroing of padded chunks)
+    VFU      bytes / 128 (transpose, reshape, accumulate, bias, zeroing of padded chunks)
     stage    max over pipes + sync_cycles (the barrier at the end of every iteration)
 
 A core's cycles are the sum of its stages; a kernel's, its slowest core's. Using fewer
@@ -24,9 +31,10 @@ cores (``Tiling.cores`` = taskDim) gives each a larger share of the DRAM bandwid
 tiling search picks the task count too. SRAM (shared by a cluster) is declared but not
 used: each core reads its own operands from GDRAM.
 
-The im2col kernel writes one row of ``cols`` per stage: VFU zeroes the row in NRAM, IO-DMA
-gathers the valid input pixels of each output row (one segment when the stride is 1, one
-2-byte segment per pixel otherwise, each costing a 64 B unit) and stores the row.
+The im2col kernel writes one row of ``cols`` per stage: IO-DMA gathers the valid input
+pixels of each output row into a zeroed NRAM row (one segment when the stride is 1, one
+2-byte segment per pixel otherwise, each costing a 64 B unit) and stores the row while VFU
+zeroes the other row buffer for the next stage; a first stage zeroes the first buffer.
 """
 
 from __future__ import annotations
@@ -44,17 +52,30 @@ from hw_targets.base import (
     best_tiling,
     by_kind,
     ceil_div,
+    launched,
     round_up,
 )
-from hw_targets.mlu.target import TARGET, defines
+from hw_targets.mlu.target import PIPES, TARGET, defines
 from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
 
-__all__ = ["PIPELINE_DEPTH", "Rates", "bias_len", "cost", "im2col_tasks", "nram_layout",
-           "row_len", "slot", "tiling", "wram_bytes"]
+__all__ = [
+    "PIPELINE_DEPTH",
+    "Rates",
+    "bias_len",
+    "cost",
+    "first_padded",
+    "im2col_tasks",
+    "nram_layout",
+    "row_len",
+    "slot",
+    "tiling",
+    "wram_bytes",
+]
 
-PIPELINE_DEPTH = 3
+PIPELINE_DEPTH = 4
 """Iterations between a step's load and its tile's store: the emitted kernel's software
-pipeline (load, move to WRAM, multiply, store), not a number of the hardware."""
+pipeline (load, lay out for WRAM, move to WRAM, multiply, store), not a number of the
+hardware."""
 
 #: Tile edges and task counts tried (a search space, not hardware): M in rows (the TFU
 #: has no M unit), N in multiples of ``n_align``, K in multiples of ``k_align``, task
@@ -71,6 +92,8 @@ class Rates:
     sizes, with the charges of bang_sim.h (``tasks``: the kernel's taskDim)."""
 
     millibytes: int
+    core_millibytes: int
+    issue: int
     tasks: int
     macs: int
     move: int
@@ -85,7 +108,8 @@ class Rates:
     @classmethod
     def of(cls, target: Target, tasks: int) -> Rates:
         d = defines(target)
-        return cls(d["dram_millibytes_per_cycle"], tasks, d["macs_per_cycle"],
+        return cls(d["dram_millibytes_per_cycle"], d["core_dram_millibytes_per_cycle"],
+                   d["dma_issue_cycles"], tasks, d["macs_per_cycle"],
                    d["move_bytes_per_cycle"], d["sync_cycles"], d["gdram_unit"],
                    d["vector_bytes"], d["k_align"], d["n_align"], d["nram_align"],
                    target.in_bytes)
@@ -95,18 +119,30 @@ class Rates:
         """Input elements of one vector line (what ``__bang_write_zero`` works in)."""
         return self.vector // self.in_bytes
 
+    @property
+    def core_rate(self) -> int:
+        """Bytes per 1000 cycles of one core's GDRAM DMA: its share, at most its cap."""
+        return max(1, min(self.millibytes // self.tasks, self.core_millibytes))
+
     def io(self, nbytes: np.ndarray) -> np.ndarray:
-        return -(-nbytes * self.tasks * 1000 // self.millibytes)
+        return -(-nbytes * 1000 // self.core_rate)
 
     def load(self, segments: np.ndarray, size: np.ndarray) -> np.ndarray:
-        return self.io(segments * (-(-size // self.unit) * self.unit))
+        """One GDRAM2NRAM call: its issue cost and its whole units."""
+        return self.issue + self.io(segments * (-(-size // self.unit) * self.unit))
 
     def store(self, segments: np.ndarray, size: np.ndarray) -> np.ndarray:
         rmw = np.where(size % self.unit != 0, self.unit, 0)
-        return self.io(segments * (-(-size // self.unit) * self.unit + rmw))
+        return self.issue + self.io(segments * (-(-size // self.unit) * self.unit + rmw))
 
     def vec(self, nbytes: np.ndarray) -> np.ndarray:
         return -(-nbytes // self.vector)
+
+
+def first_padded(spec: GemmSpec, tk: int, rates: Rates) -> bool:
+    """Whether a tile's first k-chunk is padded to the TFU's K unit (then the kernel zeroes
+    step 0's slots in a first stage of its own; later steps' in the iteration before)."""
+    return min(tk, spec.k) % rates.k_align != 0
 
 
 def slot(tm: int, tkp: int, rates: Rates) -> int:
@@ -127,9 +163,10 @@ def nram_layout(spec: GemmSpec, tm: int, tn: int, tk: int, rates: Rates) -> dict
     tkp, tnp = round_up(min(tk, spec.k), rates.k_align), round_up(tn, rates.n_align)
     depth = PIPELINE_DEPTH
     sizes = {
-        "a": depth * e * slot(tm, tkp, rates),  # loaded at i, multiplied at i + 2
-        "b_stage": 2 * e * tkp * tnp,  # loaded at i, moved at i + 1
+        "a": depth * e * slot(tm, tkp, rates),  # loaded at i, multiplied at i + 3
+        "b_stage": 2 * e * tkp * tnp,  # loaded at i, laid out at i + 1
         "b_t": e * tnp * tkp,
+        "b_r": 2 * e * tnp * tkp,  # laid out at i + 1, moved at i + 2
         "acc": 2 * OUT_BYTES * tm * tnp,  # one tile accumulates while the last is stored
         "part": OUT_BYTES * tm * tnp,
         # lives from a tile's first load to its end
@@ -165,7 +202,7 @@ def lower_bound(spec: GemmSpec, tm: int, tn: int, tk: int, p: int, rates: Rates)
     k_padded = (kt - 1) * round_up(tk, k_al) + round_up(last_k, k_al)
     n_padded = (nt - 1) * round_up(tn, n_al) + round_up(last_n, n_al)
     tfu = spec.batch * spec.m * k_padded * n_padded / rates.macs / p
-    io = gdram * 1000 / rates.millibytes  # summed over cores: x taskDim, averaged: / taskDim
+    io = gdram * 1000 / min(rates.millibytes, p * rates.core_millibytes)  # averaged over cores
     return max(io, tfu)
 
 
@@ -203,8 +240,8 @@ def tiling(spec: GemmSpec, target: Target = TARGET) -> Tiling:
 
 def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> KernelCost:
     """Cycles of the kernel, stage by stage, as ``include/bang_sim.h`` counts them."""
-    return by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
-                   lambda i: _im2col_cost(i, target))
+    return launched(by_kind(spec, tiling, lambda g, t: _gemm_cost(g, t, target),
+                            lambda i: _im2col_cost(i, target)), target, PIPES[0])
 
 
 def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
@@ -232,10 +269,10 @@ def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
     if has_bias:
         load_io += np.where(first, r.load(np.ones_like(rows), OUT_BYTES * bias_elems), 0)
     padded_k = kk < kp
-    load_vfu = np.where(padded_k, r.vec(e * (-(-rows * kp // r.line) * r.line))
+    zero_vfu = np.where(padded_k, r.vec(e * (-(-rows * kp // r.line) * r.line))
                         + r.vec(e * kp * np_), 0)
-    move_vfu = r.vec(e * kp * np_)
-    move = -(-e * kp * np_ // r.move)
+    layout_vfu = 2 * r.vec(e * kp * np_)  # transpose, then reshape_filter
+    move = r.issue + -(-e * kp * np_ // r.move)
     tfu = -(-rows * kp * np_ // r.macs)
     comp_vfu = np.where(chunk > 0, r.vec(OUT_BYTES * rows * np_), 0)
     if spec.bias == "col":
@@ -244,20 +281,26 @@ def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
         comp_vfu += np.where(last, rows * r.vec(OUT_BYTES * np_), 0)
     store_io = np.where(last, r.store(rows, OUT_BYTES * cols), 0)
 
+    head = 1 if first_padded(spec, tk, r) else 0  # the stage zeroing step 0's padding
+
     def at(x: np.ndarray, delay: int) -> np.ndarray:
-        """The per-step array as charged in iteration ``step + delay``."""
-        return np.pad(x, ((0, 0), (delay, PIPELINE_DEPTH - delay)))
+        """The per-step array as charged in stage ``step + delay + head`` (iteration i of
+        the loop is stage i + head)."""
+        return np.pad(x, ((0, 0), (delay + head, PIPELINE_DEPTH - delay)))
 
     steps = valid.sum(axis=1) * kt
-    iteration = np.arange(steps.max(initial=0) + PIPELINE_DEPTH)[None, :]
-    live = (iteration < (steps + PIPELINE_DEPTH)[:, None]) & (steps > 0)[:, None]
+    iteration = np.arange(steps.max(initial=0) + PIPELINE_DEPTH + head)[None, :]
+    live = (iteration < (steps + PIPELINE_DEPTH + head)[:, None]) & (steps > 0)[:, None]
     sync = np.where(live, r.sync, 0)
+    # step j's padding is zeroed in the iteration before its load (step 0's in the head)
+    zero_at = (at(zero_vfu, -1) if head
+               else np.pad(zero_vfu[:, 1:], ((0, 0), (0, PIPELINE_DEPTH + 1))))
     pipes = {
         "ALU": sync,
-        "VFU": at(load_vfu, 0) + at(move_vfu, 1) + at(comp_vfu, 2) + sync,
-        "TFU": at(tfu, 2) + sync,
-        "IO-DMA": at(load_io, 0) + at(store_io, 3) + sync,
-        "Move-DMA": at(move, 1) + sync,
+        "VFU": zero_at + at(layout_vfu, 1) + at(comp_vfu, 3) + sync,
+        "TFU": at(tfu, 3) + sync,
+        "IO-DMA": at(load_io, 0) + at(store_io, 4) + sync,
+        "Move-DMA": at(move, 2) + sync,
     }
     stage = np.max(np.stack(list(pipes.values())), axis=0)
     per_core_cycles = stage.sum(axis=1)
@@ -310,23 +353,27 @@ def _im2col_cost(spec: Im2colSpec, target: Target) -> KernelCost:
         gather = oh_valid * np.where(ow_valid > 0, r.load(ow_valid, e * np.ones_like(ow_valid)), 0)
     taps = len(oh_valid)
     io = gather + int(r.store(np.array(1), np.array(e * ho * wo))) + r.sync
-    vfu = int(r.vec(np.array(e * row_len(ho * wo, r)))) + r.sync
-    per_tap = np.maximum(np.maximum(io, vfu), r.sync)
+    zero = int(r.vec(np.array(e * row_len(ho * wo, r))))
     rows = spec.images * spec.groups * spec.k
     tap_of_row = np.arange(rows) % taps
     core = np.arange(rows) % p
-    per_core = np.bincount(core, weights=per_tap[tap_of_row], minlength=p).astype(np.int64)
+    # a row's stage: its gathers and store, and the zeroing of the next row's buffer
+    has_next = np.arange(rows) + p < rows
+    per_row = np.maximum(io[tap_of_row], np.where(has_next, zero, 0) + r.sync)
+    per_core = np.bincount(core, weights=per_row, minlength=p).astype(np.int64)
+    per_core += np.where(np.bincount(core, minlength=p) > 0, zero + r.sync, 0)  # first stage
     slowest = int(np.argmax(per_core))
-    mine = tap_of_row[core == slowest]
-    count = len(mine)
+    mine = core == slowest
+    count = int(np.count_nonzero(mine))
+    stages = count + 1
     pipes = {
-        "ALU": r.sync * count,
-        "VFU": vfu * count,
-        "TFU": r.sync * count,
-        "IO-DMA": int(io[mine].sum()),
-        "Move-DMA": r.sync * count,
+        "ALU": r.sync * stages,
+        "VFU": zero * (1 + int(np.count_nonzero(has_next & mine))) + r.sync * stages,
+        "TFU": r.sync * stages,
+        "IO-DMA": int(io[tap_of_row[mine]].sum()) + r.sync,
+        "Move-DMA": r.sync * stages,
     }
-    return KernelCost(int(per_core[slowest]), pipes, count, 0, 0, spec.compulsory_bytes(e))
+    return KernelCost(int(per_core[slowest]), pipes, stages, 0, 0, spec.compulsory_bytes(e))
 
 
 def row_len(hw: int, rates: Rates) -> int:

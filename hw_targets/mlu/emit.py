@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from hw_targets.base import KernelSource, Target, Tiling, by_kind, pipe_names, round_up
 from hw_targets.mlu.cost import (
+    PIPELINE_DEPTH,
     Rates,
     bias_len,
+    first_padded,
     im2col_tasks,
     nram_layout,
     row_len,
@@ -41,7 +43,10 @@ def _emit_gemm(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelSource:
     r = Rates.of(target, tiling.cores)
     tm, tn, tk = tiling.tile_m, tiling.tile_n, min(tiling.tile_k, spec.k)
     layout = nram_layout(spec, tm, tn, tk, r)
-    load_bias = add_bias = ""
+    load_bias = add_bias = zero_first = zero_note = ""
+    if first_padded(spec, tk, r):
+        zero_first = render("mlu", "zero_first.cc", line=r.line, line_less=r.line - 1)
+        zero_note = " A first iteration zeroes step 0's padding."
     if spec.bias != "none":
         load_name, add_name = _BIAS_TEMPLATES[spec.bias]
         load_bias, add_bias = render("mlu", load_name), render("mlu", add_name)
@@ -57,7 +62,8 @@ def _emit_gemm(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelSource:
         pa=spec.a.period, sa=spec.a.stride, pb=spec.b.period, sb=spec.b.stride,
         pc=spec.c.period, sc=spec.c.stride,
         pbias=spec.bias_operand.period, sbias=spec.bias_operand.stride,
-        load_bias=load_bias, add_bias=add_bias,
+        load_bias=load_bias, add_bias=add_bias, depth=PIPELINE_DEPTH,
+        zero_first=zero_first, zero_note=zero_note,
         **{f"off_{region}": offset for region, offset in layout.items()},
     )
     return KernelSource(spec.name, code, ("a", "b", "bias", "c"))

@@ -1,9 +1,9 @@
-/* ${name}: C[b] = A[b] @ B[b]${plus_bias} for b < ${batch}, M x K x N = ${m} x ${k} x ${n}; Ascend C for the Da Vinci AI Core.
-   A, B fp16 in GM, C and bias fp32. baseM x baseN x baseK = ${tm} x ${tn} x ${tk} (${mt} x ${nt} tiles x ${kt} k-steps, on ${cores} cores round-robin).
-   Per k-step: DataCopy GM -> L1 (A1/B1, ND -> NZ), LoadData L1 -> L0A zZ / L0B zN (A2/B2),
-   Mmad into L0C (CO1); depth-2 queues double-buffer every level. A tile's epilogue (CO1 ->
-   CO2 in UB and the bias on the vector unit, then DataCopyPad to GM of fractal column fj in
-   k-step fj % KT) overlaps the core's next tile. */
+/* ${name}: C[b] = A[b] @ B[b]${plus_bias} for b < ${batch}, M x K x N = ${m} x ${k} x ${n}; Ascend C for the Atlas A2 (910B) AI Core,
+   ${kernel_type}. A, B fp16 in GM, C and bias fp32. baseM x baseN x baseK = ${tm} x ${tn} x ${tk}
+   (${mt} x ${nt} tiles x ${kt} k-steps, on ${cores} cores round-robin).
+   Cube (AIC), per k-step: DataCopy GM -> L1 (A1/B1, ND -> NZ), LoadData L1 -> L0A zZ / L0B zN
+   (A2/B2), Mmad into L0C (CO1); depth-2 queues double-buffer every level. A tile's C leaves
+   L0C by Fixpipe (NZ -> ND into GM) in the first k-step of the core's next tile.${aiv_note} */
 namespace ${name} {
 using namespace AscendC;
 
@@ -12,7 +12,8 @@ constexpr int32_t BASE_M = ${tm}, BASE_N = ${tn}, BASE_K = ${tk};
 constexpr int32_t MT = ${mt}, NT = ${nt}, KT = ${kt}, TILES = BATCH * MT * NT;
 constexpr int64_t PA = ${pa}, SA = ${sa}, PB = ${pb}, SB = ${sb};
 constexpr int64_t PC = ${pc}, SC = ${sc}, PBIAS = ${pbias}, SBIAS = ${sbias};
-constexpr uint32_t REUSE_A = ${reuse_a}, REUSE_B = ${reuse_b}, REUSE_BIAS = ${reuse_bias};  // tiles per L2 line
+// Tiles that read each element of A, B and bias from L2 (for the launch; see the cost model).
+constexpr uint32_t REUSE_A = ${reuse_a}, REUSE_B = ${reuse_b}, REUSE_BIAS = ${reuse_bias};
 
 __aicore__ inline int32_t Fractals(int32_t x) { return (x + ${edge_less}) / ${edge}; }
 
@@ -20,16 +21,13 @@ class KernelMatmul {
  public:
   __aicore__ inline void Init(GM_ADDR a, GM_ADDR b, GM_ADDR bias, GM_ADDR c) {
     aGM.SetGlobalBuffer((__gm__ half*)a, ${size_a});
-    aGM.SetL2Reuse(REUSE_A);
     bGM.SetGlobalBuffer((__gm__ half*)b, ${size_b});
-    bGM.SetL2Reuse(REUSE_B);
     cGM.SetGlobalBuffer((__gm__ float*)c, ${size_c});
     pipe.InitBuffer(inQueueA1, 2, BASE_M * BASE_K * sizeof(half));
     pipe.InitBuffer(inQueueB1, 2, BASE_K * BASE_N * sizeof(half));
     pipe.InitBuffer(inQueueA2, 2, BASE_M * BASE_K * sizeof(half));
     pipe.InitBuffer(inQueueB2, 2, BASE_K * BASE_N * sizeof(half));
-    pipe.InitBuffer(outQueueCO1, 2, BASE_M * BASE_N * sizeof(float));
-    pipe.InitBuffer(outQueueCO2, 1, BASE_M * BASE_N * sizeof(float));${bias_init}
+    pipe.InitBuffer(outQueueCO1, 2, BASE_M * BASE_N * sizeof(float));${aiv_init}
   }
 
   __aicore__ inline void Process() {
@@ -38,28 +36,29 @@ class KernelMatmul {
       const int32_t bb = t / (MT * NT), i = (t / NT) % MT, j = t % NT;
       const int32_t rows = i == MT - 1 ? M - i * BASE_M : BASE_M;
       const int32_t cols = j == NT - 1 ? N - j * BASE_N : BASE_N;
-      LocalTensor<float> c1Local = outQueueCO1.AllocTensor<float>();
+      LocalTensor<float> c1Local;
+      if ASCEND_IS_AIC {
+        c1Local = outQueueCO1.AllocTensor<float>();
+      }
       for (int32_t s = 0; s < KT; ++s) {
         const int32_t kk = s == KT - 1 ? K - s * BASE_K : BASE_K;
-        CopyIn(bb, i, j, s, rows, cols, kk);
-        SplitA(rows, kk);
-        SplitB(kk, cols);
-        Compute(c1Local, rows, cols, kk, s == 0);
-        if (pending >= 0) {  // the previous tile drains while this one computes
-          if (s == 0) Aggregate(pending);
-          CopyOut(pending, s, KT);
-          if (s == KT - 1) outQueueCO2.FreeTensor(c2Local);
-        }
-        QM_END_STAGE();
+        if ASCEND_IS_AIC {
+          CopyIn(bb, i, j, s, rows, cols, kk);
+          SplitA(rows, kk);
+          SplitB(kk, cols);
+          Compute(c1Local, rows, cols, kk, s == 0);
+          if (pending >= 0 && s == 0) CopyOut(pending);  // the previous tile drains meanwhile
+        }${aiv_call}
       }
-      outQueueCO1.EnQue(c1Local);
+      if ASCEND_IS_AIC {
+        outQueueCO1.EnQue(c1Local);
+      }
       pending = t;
     }
     if (pending >= 0) {
-      Aggregate(pending);
-      CopyOut(pending, 0, 1);
-      outQueueCO2.FreeTensor(c2Local);
-      QM_END_STAGE();
+      if ASCEND_IS_AIC {
+        CopyOut(pending);
+      }${aiv_tail}
     }
   }
 
@@ -132,54 +131,36 @@ class KernelMatmul {
     inQueueB2.FreeTensor(b2Local);
   }
 
-  // L0C -> UB (NZ kept: fractal column fj is rows x ${edge} floats), then the bias.
-  __aicore__ inline void Aggregate(int32_t t) {
+  // L0C -> GM: Fixpipe writes tile t row-major (NZ -> ND) into C.
+  __aicore__ inline void CopyOut(int32_t t) {
     const int32_t bb = t / (MT * NT), i = (t / NT) % MT, j = t % NT;
     const int32_t rows = i == MT - 1 ? M - i * BASE_M : BASE_M;
     const int32_t cols = j == NT - 1 ? N - j * BASE_N : BASE_N;
-    const int32_t mf = Fractals(rows), nf = Fractals(cols);
     LocalTensor<float> c1Local = outQueueCO1.DeQue<float>();
-    c2Local = outQueueCO2.AllocTensor<float>();
-    DataCopyParams dp;
-    dp.blockLen = mf * nf;
-    DataCopyEnhancedParams ep;
-    ep.blockMode = BlockMode::BLOCK_MODE_MATRIX;
-    DataCopy(c2Local, c1Local, dp, ep);
-    outQueueCO1.FreeTensor(c1Local);${bias_add}
+    FixpipeParamsV220 fp;
+    fp.nSize = cols;
+    fp.mSize = rows;
+    fp.srcStride = Fractals(rows) * ${edge};
+    fp.dstStride = N;
+    fp.ndNum = 1;
+    Fixpipe<float, float, CFG_ROW_MAJOR>(cGM[(bb % PC) * SC + (int64_t)i * BASE_M * N + j * BASE_N],
+                                         c1Local, fp);
+    outQueueCO1.FreeTensor(c1Local);${fix_signal}
   }
-
-  // UB -> GM row-major: fractal columns first, first + step, ... of tile t.
-  __aicore__ inline void CopyOut(int32_t t, int32_t first, int32_t step) {
-    const int32_t bb = t / (MT * NT), i = (t / NT) % MT, j = t % NT;
-    const int32_t rows = i == MT - 1 ? M - i * BASE_M : BASE_M;
-    const int32_t cols = j == NT - 1 ? N - j * BASE_N : BASE_N;
-    const int32_t mf = Fractals(rows), nf = Fractals(cols);
-    for (int32_t fj = first; fj < nf; fj += step) {
-      const int32_t width = fj == nf - 1 ? cols - fj * ${edge} : ${edge};
-      DataCopyExtParams op;
-      op.blockCount = rows;
-      op.blockLen = width * sizeof(float);
-      op.srcStride = ${row_blocks} - (width + ${block_floats_less}) / ${block_floats};  // ${block}-byte blocks left in the ${row_bytes}-byte UB row
-      op.dstStride = (N - width) * sizeof(float);
-      DataCopyPad(cGM[(bb % PC) * SC + (int64_t)i * BASE_M * N + j * BASE_N + fj * ${edge}],
-                  c2Local[fj * mf * ${fractal}], op);
-    }
-  }
-
+${aiv_methods}
   TPipe pipe;
   TQue<QuePosition::A1, 2> inQueueA1;
   TQue<QuePosition::B1, 2> inQueueB1;
   TQue<QuePosition::A2, 2> inQueueA2;
   TQue<QuePosition::B2, 2> inQueueB2;
-  TQue<QuePosition::CO1, 2> outQueueCO1;
-  TQue<QuePosition::CO2, 1> outQueueCO2;${bias_decl}
+  TQue<QuePosition::CO1, 2> outQueueCO1;${aiv_decl}
   GlobalTensor<half> aGM, bGM;
   GlobalTensor<float> biasGM, cGM;
-  LocalTensor<float> c2Local;  // C of the tile being written back
 };
 
 extern "C" __global__ __aicore__ void ${name}_custom(GM_ADDR a, GM_ADDR b, GM_ADDR bias,
                                                    GM_ADDR c) {
+  KERNEL_TASK_TYPE_DEFAULT(${kernel_type});
   KernelMatmul op;
   op.Init(a, b, bias, c);
   op.Process();

@@ -1,6 +1,6 @@
 /* ${name}: im2col of x ${images} x ${channels} x ${height} x ${width} (NCHW, fp16) for a ${kh} x ${kw} kernel, stride ${sh} x ${sw}, pads top/left ${top}/${left}, ${groups} group(s): cols[img][g] is ${k} x ${hw}.
-   A vector kernel: per (image, channel), DataCopyPad the plane GM -> UB, Gather the ${taps} rows of its taps (offsets computed once; taps in the padding read a zero slot),
-   DataCopyPad them UB -> GM. On the 910 a fused Load3D (L1 -> L0A) avoids this GM round trip. */
+   A vector (AIV-only) kernel: per (image, channel), DataCopyPad the plane GM -> UB, Gather the row of each of its ${taps} taps (offsets computed once by the
+   scalar unit; taps in the padding read a zero slot) and DataCopyPad it UB -> GM. A fused Load3D (L1 -> L0A img2col in the cube) would avoid this GM round trip; it is not emitted. */
 namespace ${name} {
 using namespace AscendC;
 
@@ -27,14 +27,19 @@ class KernelIm2col {
         }
       }
     }
+    SetFlag<HardEvent::S_V>(EVENT_ID0);  // the offsets, written by the scalar unit, before Gather
+    WaitFlag<HardEvent::S_V>(EVENT_ID0);
   }
 
   __aicore__ inline void Process() {
     for (int32_t t = GetBlockIdx(); t < IMAGES * C; t += GetBlockNum()) {
       CopyIn(t);
-      Compute();
-      CopyOut(t);
-      QM_END_STAGE();
+      LocalTensor<half> xLocal = inQueueX.DeQue<half>();
+      for (int32_t tap = 0; tap < KH * KW; ++tap) {
+        Compute(xLocal, tap);
+        CopyOut(t, tap);
+      }
+      inQueueX.FreeTensor(xLocal);
     }
   }
 
@@ -48,21 +53,20 @@ class KernelIm2col {
     inQueueX.EnQue(xLocal);
   }
 
-  __aicore__ inline void Compute() {
-    LocalTensor<half> xLocal = inQueueX.DeQue<half>();
+  // The row of cols of one tap: HO * WO gathered values.
+  __aicore__ inline void Compute(LocalTensor<half>& xLocal, int32_t tap) {
     LocalTensor<half> colsLocal = outQueueCols.AllocTensor<half>();
-    Gather(colsLocal, xLocal, offsetBuf.Get<uint32_t>(), 0, ROWS);
+    Gather(colsLocal, xLocal, offsetBuf.Get<uint32_t>()[tap * HO * WO], 0, HO * WO);
     outQueueCols.EnQue(colsLocal);
-    inQueueX.FreeTensor(xLocal);
   }
 
   // Channel t of image img is rows [ch_in_group * KH * KW, ...) of cols[img][group]: the
-  // block at t * ROWS.
-  __aicore__ inline void CopyOut(int32_t t) {
+  // block at t * ROWS, the tap's row at tap * HO * WO in it.
+  __aicore__ inline void CopyOut(int32_t t, int32_t tap) {
     LocalTensor<half> colsLocal = outQueueCols.DeQue<half>();
     DataCopyExtParams p;
-    p.blockLen = ROWS * sizeof(half);
-    DataCopyPad(colsGM[(int64_t)t * ROWS], colsLocal, p);
+    p.blockLen = HO * WO * sizeof(half);
+    DataCopyPad(colsGM[(int64_t)t * ROWS + tap * HO * WO], colsLocal, p);
     outQueueCols.FreeTensor(colsLocal);
   }
 
@@ -74,6 +78,7 @@ class KernelIm2col {
 };
 
 extern "C" __global__ __aicore__ void ${name}_custom(GM_ADDR x, GM_ADDR cols) {
+  KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_AIV_ONLY);
   KernelIm2col op;
   op.Init(x, cols);
   op.Process();

@@ -1,4 +1,5 @@
 qmsim::begin_kernel({${pipes}});
+AscendC::l2_reuse().clear();${reuse}
 for (int core = 0; core < ${cores}; ++core) {
   AscendC::qm_begin_core(core, ${cores});
   qmsim::core_begin(core);

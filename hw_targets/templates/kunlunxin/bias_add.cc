@@ -1,4 +1,3 @@
-        GM2LM_ASYNC(bias + (bb % ${period}) * ${stride}L + ${offset}, lm_bias, ${extent} * (int)sizeof(float));
         for (int v = 0; v < cols; v += VH)
           for (int r = 0; r < rows; ++r)
             for (int h = 0; h < VH; h += VF) {

@@ -1,1 +1,1 @@
-  __local__ float* lm_bias = lm_malloc<float>(${length}, "bias");
+  __local__ float lm_bias[${length}];

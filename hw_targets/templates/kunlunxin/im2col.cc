@@ -1,24 +1,24 @@
 /* ${name}: im2col of ${images}x${channels}x${height}x${width} (fp16) for a ${kh}x${kw} kernel, ${groups} group(s): cols[img][g] is K x (Ho*Wo) =
-   ${k} x ${hw}. One cols row (channel, tap) per stage, rows dealt round-robin over
-   all cores: GM2LM each input row the tap reads, gather in LM, LM2GM ${chunk} output row(s)
-   at a time. */
+   ${k} x ${hw}. One cols row (channel, tap) at a time, rows dealt round-robin over all
+   cores: GM2LM each input row the tap reads, gather in LM, LM2GM ${chunk} output row(s) at a
+   time. Every copy is synchronous (nothing to overlap: the core only moves data). */
 namespace ${name} {
 enum : long { C = ${channels}, H = ${height}, W = ${width}, HO = ${ho}, WO = ${wo},
               G = ${groups}, CPG = C / G, KH = ${kh}, KW = ${kw}, SH = ${sh}, SW = ${sw},
               PT = ${top}, PL = ${left}, DH = ${dh}, DW = ${dw}, CHUNK = ${chunk},
               KR = CPG * KH * KW, ROWS = ${images} * G * KR,
-              ACTIVE = ${active} };
+              ACTIVE = ${active}, LM_USED = ${lm_used} };
 
-__global__ void kernel(const float16* x, float16* cols) {
+__global__ void kernel(__global_ptr__ const float16* x, __global_ptr__ float16* cols) {
   const int ncores = cluster_num() * core_num();
   const int cid = cluster_id() * core_num() + core_id();
-  __local__ float16* lm_in = lm_malloc<float16>(${row}, "input row");
-  __local__ float16* lm_out = lm_malloc<float16>(CHUNK * WO, "cols chunk");
+  __local__ float16 lm_in[${row}];
+  __local__ float16 lm_out[CHUNK * WO];
   for (long t = cid; t < ROWS; t += ncores) {
     const long img = t / (G * KR), g = (t / KR) % G, r = t % KR;
     const long ch = g * CPG + r / (KH * KW);
     const int tap_h = (int)((r / KW) % KH), tap_w = (int)(r % KW);
-    const float16* plane = x + (img * C + ch) * H * W;
+    __global_ptr__ const float16* plane = x + (img * C + ch) * H * W;
     for (int oc = 0; oc < HO; oc += CHUNK) {
       const int n = (int)(HO - oc < CHUNK ? HO - oc : CHUNK);
       for (int oh = oc; oh < oc + n; ++oh) {
@@ -36,7 +36,6 @@ __global__ void kernel(const float16* x, float16* cols) {
       }
       LM2GM(lm_out, cols + t * HO * WO + oc * WO, n * WO * (int)sizeof(float16));
     }
-    mfence();
   }
 }
 }  // namespace ${name}

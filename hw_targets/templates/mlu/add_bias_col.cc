@@ -1,2 +1,2 @@
       if (st.s == KT - 1)
-        __bang_cycle_add(acc, acc, bias_nram[st.lt % 3], st.rows * st.np, st.np);
+        __bang_cycle_add(acc, acc, bias_nram[st.lt % DEPTH], st.rows * st.np, st.np);

@@ -1,6 +1,8 @@
 /* ${name}: im2col of ${images}x${channels}x${height}x${width} (half) for a ${kh}x${kw} kernel, ${groups} group(s): cols[img][g] is K x (Ho*Wo) = ${k} x ${hw}.
-   One row of cols per iteration, rows dealt round-robin to taskDim cores: zero the row in
-   NRAM, gather the valid pixels of each output row (GDRAM2NRAM on IO-DMA), store it. */
+   One row of cols per iteration, rows dealt round-robin to taskDim cores: gather the valid
+   pixels of each output row into a zeroed NRAM row (GDRAM2NRAM on IO-DMA), store it, and
+   zero the other row buffer for the next iteration (its store ended with the last
+   iteration); a first iteration zeroes the first buffer. */
 namespace ${name} {
 constexpr int kTaskDim = ${tasks};
 constexpr long C = ${channels}, H = ${height}, W = ${width}, HO = ${ho}, WO = ${wo};
@@ -11,12 +13,16 @@ constexpr long SH = ${sh}, SW = ${sw}, DH = ${dh}, DW = ${dw}, PT = ${top}, PL =
 __nram__ int8_t nram_buffer[MAX_NRAM_SIZE];
 
 __mlu_global__ void kernel(half* x, half* cols) {
-  half* row = (half*)nram_buffer;
-  for (long t = taskId; t < ROWS; t += taskDim) {
-    const long img = t / (G * KR), g = (t / KR) % G, q = t % KR;
-    const long ch = g * CPG + q / (KH * KW), ki = (q / KW) % KH, kj = q % KW;
+  half* rows[2] = {(half*)nram_buffer, (half*)nram_buffer + ROW_LEN};
+  if (taskId < ROWS) {
+    __bang_write_zero(rows[0], ROW_LEN);
+    __sync_compute();
+  }
+  for (long t = taskId, q = 0; t < ROWS; t += taskDim, ++q) {
+    half* row = rows[q % 2];
+    const long img = t / (G * KR), g = (t / KR) % G, r = t % KR;
+    const long ch = g * CPG + r / (KH * KW), ki = (r / KW) % KH, kj = r % KW;
     const half* plane = x + (img * C + ch) * H * W;
-    __bang_write_zero(row, ROW_LEN);
     // output columns ow0 <= ow < ow1 read input columns inside the image
     long ow0 = 0, ow1 = WO;
     while (ow0 < WO && ow0 * SW - PL + kj * DW < 0) ++ow0;
@@ -28,6 +34,7 @@ __mlu_global__ void kernel(half* x, half* cols) {
       ${gather}
     }
     __memcpy_async(cols + t * HO * WO, row, HO * WO * 2, NRAM2GDRAM);
+    if (t + taskDim < ROWS) __bang_write_zero(rows[(q + 1) % 2], ROW_LEN);
     __sync_io();
     __sync_compute();
   }

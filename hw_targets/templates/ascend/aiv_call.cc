@@ -1,0 +1,4 @@
+
+        if ASCEND_IS_AIV {
+          if (pending >= 0 && s == 0) AddBias(pending);
+        }

@@ -1,0 +1,4 @@
+
+      if ASCEND_IS_AIV {
+        AddBias(pending);
+      }
