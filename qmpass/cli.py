@@ -19,6 +19,7 @@ from hw_targets import TARGET_NAMES
 from qmpass.analysis import Analysis, AnalysisConfig, analyze
 from qmpass.compress import CompressConfig, Report, compress
 from qmpass.errors import QmpassInputError
+from qmpass.extdata import Payload, data_path, model_payloads
 from qmpass.frg import FRGConfig, graph_to_graphml
 from qmpass.lower import LowerConfig, lower
 from qmpass.modelio import check_outputs, load_model, write_all_atomic, write_atomic
@@ -185,7 +186,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _compress(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
-    check_outputs({"-o": args.output, "--report": args.report},
+    check_outputs({"-o": args.output, "--report": args.report,
+                   "-o (its external data)": data_path(args.output)},
                   [*loaded.files, *([args.calib] if args.calib else [])])
     config = CompressConfig(
         method=args.method,
@@ -203,10 +205,11 @@ def _compress(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         scheduler=args.scheduler,
     )
-    model, report = compress(loaded, config)
+    model, report = compress(loaded, config, keep_external=True)
     document = report.to_dict()
     document["model"] = str(args.model)
-    outputs: list[tuple[Path, bytes | str]] = [(args.output, model.SerializeToString())]
+    # with external data when the input had it or the output passes 2 GB
+    outputs: list[tuple[Path, Payload]] = [*model_payloads(model, args.output, loaded.folder)]
     if args.report is not None:
         outputs.append((args.report, json.dumps(document, indent=1)))
     write_all_atomic(outputs)
