@@ -292,7 +292,7 @@ def model_payloads(
         nonlocal offset
         _point(tensor, data.name, offset, length)
         sources.append((offset, source))
-        offset += length + (-length) % 64  # aligned starts
+        offset += length + (-length) % 4096  # page-aligned: onnxruntime maps them
 
     for tensor in external_tensors(copy):  # before the moved ones become external
         found = _place(tensor, folder)
