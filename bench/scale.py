@@ -197,6 +197,53 @@ def measure(args: list[str], log: Path) -> dict[str, float]:
     return json.loads(lines[-1])
 
 
+def profile(args: list[str], every: float = 0.2) -> list[tuple[str, float, float]]:
+    """Run ``qmpass args`` in this process while a thread samples the resident set and
+    the innermost ``qmpass`` frame of the main thread; per frame, the largest resident set
+    and the seconds it was seen (where memory and time go, without tracemalloc's cost)."""
+    import threading
+
+    sys.path.insert(0, str(ROOT))
+    from qmpass.cli import main as qmpass_main
+
+    main_id = threading.get_ident()
+    peak: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every):
+            frame = sys._current_frames().get(main_id)
+            where = "outside qmpass"
+            while frame is not None:
+                name = frame.f_code.co_filename
+                if "/qmpass/" in name:
+                    where = (f"{Path(name).relative_to(ROOT)}:{frame.f_code.co_name}"
+                             if name.startswith(str(ROOT)) else name)
+                    break
+                frame = frame.f_back
+            rss = _rss()
+            peak[where] = max(peak.get(where, 0.0), rss)
+            seen[where] = seen.get(where, 0.0) + every
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        qmpass_main(args)
+    finally:
+        done.set()
+        thread.join()
+    return sorted(((w, peak[w], seen[w]) for w in peak), key=lambda r: -r[1])
+
+
+def _rss() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) * 1024
+    return 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"],
@@ -208,6 +255,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=16, help="tokens per sequence")
     parser.add_argument("--samples", type=int, default=16, help="calibration sequences")
     parser.add_argument("--dir", type=Path, help="keep the models and logs here")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: run each command in this process and print, per "
+                        "innermost qmpass function, the peak RSS and seconds sampled there")
     options = parser.parse_args()
     sizes = [*options.sizes, *(["tinyllama"] if options.big else [])]
     with tempfile.TemporaryDirectory(prefix="qmpass-scale-") as tmp:
@@ -231,6 +281,11 @@ def main() -> None:
                     command, str(model), "-o", str(folder / f"llama_{size}_c.onnx"),
                     "--keep", "0.75", "--calib", str(calib)]
                 log = folder / f"llama_{size}_{command}.log"
+                if options.profile:
+                    print(f"{size} {command}: peak RSS and seconds by innermost qmpass frame")
+                    for where, rss, seconds in profile(args)[:12]:
+                        print(f"  {rss / 2**30:7.2f}Gi {seconds:8.1f}s  {where}", flush=True)
+                    continue
                 result = measure(args, log)
                 rows.append((size, command, layout.params, weights, result))
                 print(f"{size:<10} {layout.params:>13,} {weights / 2**30:>7.2f}Gi "
