@@ -159,3 +159,19 @@ def test_a_failing_data_writer_leaves_nothing(tmp_path) -> None:
     with pytest.raises(OSError, match="disk full"):
         write_all_atomic([(tmp_path / "m.onnx", b"model"), (tmp_path / "m.onnx.data", broken)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_projections_dropped_and_computed_again_give_the_same_model(monkeypatch) -> None:
+    """With no memory for held projections every unit's factors are computed again when
+    built: the plan and the model are the same."""
+    from qmpass.compress import CompressConfig, compress
+    from qmpass.plan import factors
+
+    model = onnx.load(str(fixture_path(FIXTURE)))
+    with np.load(_calib()) as calib:
+        config = CompressConfig(keep=0.5, calib={k: calib[k] for k in calib.files})
+    held, held_report = compress(model, config)
+    monkeypatch.setattr(factors, "HELD_BYTES", 0)
+    again, report = compress(model, config)
+    assert again.SerializeToString() == held.SerializeToString()
+    assert _without(report.to_dict(), "seconds") == _without(held_report.to_dict(), "seconds")
