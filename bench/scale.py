@@ -191,10 +191,13 @@ def measure(args: list[str], log: Path) -> dict[str, float]:
     with log.open("w") as out:
         done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.PIPE,
                               text=True, check=False)
-    lines = done.stderr.strip().splitlines()
+    lines = done.stderr.strip().splitlines() or [""]
     with log.open("a") as out:
         out.write("\n".join(lines[:-1]))
-    return json.loads(lines[-1])
+    if not lines[-1].startswith("{"):  # the wrapper itself was killed
+        return {"rc": done.returncode, "seconds": float("nan"), "peak": float("nan")}
+    result: dict[str, float] = json.loads(lines[-1])
+    return result
 
 
 def profile(args: list[str], every: float = 0.2) -> list[tuple[str, float, float]]:
