@@ -12,10 +12,11 @@ from tqdm import tqdm
 
 from qmpass.algebra import factored_linear_declines
 from qmpass.errors import QmpassInputError
+from qmpass.extdata import data_folder
 from qmpass.extract import Extraction, Operator, extract_operators
 from qmpass.frg import FRGConfig, build_qmfrg, clusters, graph_to_json
 from qmpass.frg.crosslayer import CrossLayerMerge, crosslayer_graph, crosslayer_merges
-from qmpass.modelio import ModelLike, load_model
+from qmpass.modelio import LoadedModel, ModelLike, load_model
 from qmpass.parallel import Executor, check_parallel, model_file
 from qmpass.spectral import SV_METHODS, SpectralState, SVMethod, spectral_state
 
@@ -123,7 +124,11 @@ def analyze(model: ModelLike, config: AnalysisConfig = AnalysisConfig()) -> Anal
     timer = time.perf_counter()
     loaded = load_model(model)
     seconds: dict[str, float] = {"load": time.perf_counter() - timer}
+    with data_folder(loaded.folder):  # external data: read a tensor at a time from there
+        return _analyze(loaded, config, seconds)
 
+
+def _analyze(loaded: LoadedModel, config: AnalysisConfig, seconds: dict[str, float]) -> Analysis:
     timer = time.perf_counter()
     extraction = extract_operators(loaded.proto, loaded.external)
     seconds["extract"] = time.perf_counter() - timer

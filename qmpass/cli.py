@@ -20,6 +20,7 @@ from hw_targets import TARGET_NAMES
 from qmpass.analysis import Analysis, AnalysisConfig, analyze
 from qmpass.compress import CompressConfig, Report, compress, compress_gated
 from qmpass.errors import QmpassInputError
+from qmpass.extdata import Payload, data_path, model_payloads
 from qmpass.frg import FRGConfig, graph_to_graphml
 from qmpass.lower import LowerConfig, lower
 from qmpass.modelio import (
@@ -208,7 +209,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _compress(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
-    check_outputs({"-o": args.output, "--report": args.report},
+    check_outputs({"-o": args.output, "--report": args.report,
+                   "-o (its external data)": data_path(args.output)},
                   [*loaded.files, *([args.calib] if args.calib else [])])
     config = CompressConfig(
         method=args.method,
@@ -231,18 +233,19 @@ def _compress(args: argparse.Namespace) -> int:
     )
     if config.budgets is not None:
         return _compress_gated(args, loaded, config)
-    model, report = compress(loaded, config)
-    _write_compressed(args, model, report.to_dict())
+    model, report = compress(loaded, config, keep_external=True)
+    _write_compressed(args, loaded, model, report.to_dict())
     _print_compress_summary(report)
     print(f"wrote {args.output}")
     return 0
 
 
-def _write_compressed(args: argparse.Namespace, model: onnx.ModelProto,
+def _write_compressed(args: argparse.Namespace, loaded: LoadedModel, model: onnx.ModelProto,
                       document: dict[str, Any]) -> None:
     """``-o`` and ``--report``, together and atomically."""
     document["model"] = str(args.model)
-    outputs: list[tuple[Path, bytes | str]] = [(args.output, model.SerializeToString())]
+    # with external data when the input had it or the output passes 2 GB
+    outputs: list[tuple[Path, Payload]] = [*model_payloads(model, args.output, loaded.folder)]
     if args.report is not None:
         outputs.append((args.report, json.dumps(document, indent=1)))
     write_all_atomic(outputs)
@@ -264,7 +267,7 @@ def _compress_gated(args: argparse.Namespace, loaded: LoadedModel,
                     config: CompressConfig) -> int:
     model, report = compress_gated(loaded, config)
     document = report.to_dict()
-    _write_compressed(args, model, document)
+    _write_compressed(args, loaded, model, document)
     print(report.table())
     print(f"stored parameters {report.params[0]:,} -> {report.params[1]:,} (every level's "
           f"factors and biases, and the weights of operators dense at some level)")

@@ -31,9 +31,10 @@ import onnx
 import hw_targets
 from qmpass.algebra import conv_kernel, row_linear_declines, subgraph_declines
 from qmpass.errors import QmpassInputError
+from qmpass.extdata import data_folder
 from qmpass.extract import Operator, extract_operators
 from qmpass.extract.shapes import infer_types
-from qmpass.modelio import ModelLike, load_model
+from qmpass.modelio import LoadedModel, ModelLike, load_model
 from qmpass.rewrite.base import name_nodes
 from qmpass.rewrite.gated_lowrank import refuse_gated
 from qmpass.verify import check_feeds, synthesize_inputs
@@ -106,8 +107,15 @@ def lower(
     started = time.perf_counter()
     if out_dir is not None:
         _check_out_dir(Path(out_dir))  # before any work
-    module = hw_targets.get_target(config.target)  # LowerConfig checked the name
     loaded = load_model(model)
+    with data_folder(loaded.folder):  # external data: read a tensor at a time from there
+        return _lower(loaded, config, out_dir, started)
+
+
+def _lower(
+    loaded: LoadedModel, config: LowerConfig, out_dir: str | Path | None, started: float
+) -> LoweringReport:
+    module = hw_targets.get_target(config.target)  # LowerConfig checked the name
     proto = loaded.proto
     refuse_gated(proto, "lower")
     extraction = extract_operators(proto, loaded.external)

@@ -16,20 +16,29 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import numpy_helper
 
 from qmpass.errors import QmpassInputError
+from qmpass.extdata import (
+    Payload,
+    check_external,
+    current_folder,
+    external_tensors,
+    is_external,
+    tensor_array,
+    without_external,
+)
 
 __all__ = [
     "LoadedModel",
     "ModelLike",
+    "StoredValues",
     "caller_form",
     "check_outputs",
     "load_model",
@@ -42,13 +51,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model with its external data in memory, and which tensors came from external files
-    (loading rewrites their location, so it is recorded before)."""
+    """A model, and which of its initializers are in external files. Their data is not in
+    ``proto`` (it keeps the references, relative to ``folder``): :mod:`qmpass.extdata`
+    reads a tensor at a time, within ``data_folder(folder)``."""
 
     proto: onnx.ModelProto
     external: frozenset[str] = frozenset()
-    files: tuple[Path, ...] = ()  # the model file and the external data files it read
+    files: tuple[Path, ...] = ()  # the model file and the external data files it reads
     name: str = "model"  # the path it was read from, or the graph's name
+    folder: Path | None = None  # where external data locations point (None: in memory)
 
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto | LoadedModel
@@ -63,8 +74,14 @@ def load_model(model: ModelLike) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, onnx.ModelProto):
+        if external_tensors(model) and current_folder() is None:
+            raise QmpassInputError(
+                "the model refers to external data files but was given in memory; give its "
+                "path so that they can be found.")
         validate(model, "the model")
-        return LoadedModel(model, name=model.graph.name or "model")
+        external = frozenset(t.name for t in model.graph.initializer if is_external(t))
+        return LoadedModel(model, external, name=model.graph.name or "model",
+                           folder=current_folder() if external else None)
     path = Path(model)
     if not path.is_file():
         raise QmpassInputError(f"{path}: no such file.")
@@ -76,23 +93,12 @@ def load_model(model: ModelLike) -> LoadedModel:
         # protobuf happily parses many byte strings (an empty file, a truncated header) as
         # an empty message: a model without a single node is not one we were meant to read.
         raise QmpassInputError(f"{path}: not an ONNX model (it holds no graph).")
-    external = frozenset(
-        t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-    )
-    files = (path, *sorted({
-        path.parent / entry.value
-        for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-        for entry in t.external_data if entry.key == "location"
-    }))
-    try:
-        onnx.load_external_data_for_model(proto, str(path.parent))
-    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-        raise QmpassInputError(
-            f"{path}: external data could not be read ({_first_line(exc)}); keep the data "
-            "files beside the model."
-        ) from exc
+    external = frozenset(t.name for t in proto.graph.initializer if is_external(t))
+    # external data stays in its files (read a tensor at a time, see qmpass.extdata): the
+    # locations must stay in the model's folder and every tensor's bytes must be there
+    files = (path, *check_external(proto, path.parent.resolve(), str(path)))
     validate(proto, str(path), path)  # the checker reads the file itself: any size
-    return LoadedModel(proto, external, files, str(path))
+    return LoadedModel(proto, external, files, str(path), path.parent.resolve())
 
 
 def validate(model: onnx.ModelProto, source: str, path: Path | None = None) -> None:
@@ -108,7 +114,8 @@ def validate(model: onnx.ModelProto, source: str, path: Path | None = None) -> N
     if path is None and model.ByteSize() >= _PROTOBUF_LIMIT:  # in memory with its weights:
         return  # the checker cannot take a message protobuf cannot serialise
     try:
-        onnx.checker.check_model(model if path is None else str(path), full_check=True)
+        onnx.checker.check_model(without_external(model) if path is None else str(path),
+                                 full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         # the checker's messages run over several lines (a node dump): one line, cut short
         text = " ".join(str(exc).split())
@@ -176,19 +183,22 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
     write_all_atomic([(path, data)])
 
 
-def write_all_atomic(files: Sequence[tuple[str | os.PathLike[str], bytes | str]]) -> None:
+def write_all_atomic(files: Sequence[tuple[str | os.PathLike[str], Payload]]) -> None:
     """Write every file through a temporary file beside it, then rename them all: a failure
-    while writing leaves none of them."""
+    while writing leaves none of them. A payload is bytes, text, or a function that writes
+    into the open (binary) file, for data too large to hold in memory."""
     written: list[tuple[str, Path]] = []
     try:
         for path, data in files:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
-            payload = data.encode() if isinstance(data, str) else data
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
             written.append((tmp, target))
             with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
+                if callable(data):
+                    data(handle)
+                else:
+                    handle.write(data.encode() if isinstance(data, str) else data)
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         for tmp, target in written:
             os.replace(tmp, target)
@@ -198,16 +208,35 @@ def write_all_atomic(files: Sequence[tuple[str | os.PathLike[str], bytes | str]]
         raise
 
 
-def stored_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def stored_values(model: onnx.ModelProto) -> Mapping[str, np.ndarray]:
     """Initializers and ``Constant`` node values of the main graph, by tensor name (the
-    names channel groups give for weights)."""
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
+    names channel groups give for weights). Read when looked up (external data through a
+    memory map, from the folder of :func:`qmpass.extdata.data_folder` when it was made),
+    so holding the mapping holds no weight."""
+    return StoredValues(model, current_folder())
+
+
+class StoredValues(Mapping[str, np.ndarray]):
+    """The mapping of :func:`stored_values`: each lookup reads the tensor again."""
+
+    def __init__(self, model: onnx.ModelProto, folder: Path | None) -> None:
+        self._folder = folder
+        self._tensors: dict[str, onnx.TensorProto] = {
+            t.name: t for t in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        self._tensors[node.output[0]] = attr.t
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return tensor_array(self._tensors[name], self._folder)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 _PROTOBUF_LIMIT = 2**31  # bytes of one serialised protobuf message

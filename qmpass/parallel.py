@@ -223,6 +223,7 @@ _CACHE_FILES = 2  # model versions a worker keeps
 def _operators(path: str) -> dict[str, Operator]:
     """The operators of the model file at ``path``, extracted once per worker process
     (keyed by the file's modification time and size, so a rewritten file is read again)."""
+    from qmpass.extdata import data_folder
     from qmpass.extract import extract_operators
     from qmpass.modelio import load_model
 
@@ -231,7 +232,8 @@ def _operators(path: str) -> dict[str, Operator]:
     with _CACHE_LOCK:  # one extraction per file even when the worker runs tasks on threads
         if key not in _CACHE:
             loaded = load_model(path)
-            extraction = extract_operators(loaded.proto, loaded.external)
+            with data_folder(loaded.folder):
+                extraction = extract_operators(loaded.proto, loaded.external)
             while len(_CACHE) >= _CACHE_FILES:
                 _CACHE.pop(next(iter(_CACHE)))
             _CACHE[key] = {op.name: op for op in extraction.operators}

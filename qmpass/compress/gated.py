@@ -27,9 +27,10 @@ from qmpass.algebra.gated import GatedFactors, gated_declines
 from qmpass.compress.calibration import Split, calibration_stats, split_feeds
 from qmpass.compress.config import DEFAULT_ALIGN, CompressConfig
 from qmpass.compress.gated_report import GatedReport, LevelRow, stored_params
-from qmpass.compress.pipeline import _PROTOBUF_LIMIT, BUDGET_SLACK, compress
+from qmpass.compress.pipeline import BUDGET_SLACK, compress
 from qmpass.compress.report import operator_flops, operator_params
 from qmpass.errors import QmpassInputError
+from qmpass.extdata import embedded, external_tensors
 from qmpass.extract import Operator, extract_operators
 from qmpass.extract.channels import channel_groups
 from qmpass.extract.shapes import infer_shapes
@@ -78,9 +79,11 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
     timer = time.perf_counter()
     loaded = load_model(model)
     refuse_gated(loaded.proto, "compress")
-    if loaded.proto.ByteSize() >= _PROTOBUF_LIMIT:  # verification serialises the model
+    # the gated rewrite holds every level's factors in the proto: external data read in
+    whole = embedded(loaded.proto, loaded.folder)
+    if external_tensors(whole):  # embedded() leaves models of 2 GB or more as they are
         raise QmpassInputError("--budgets does not support models of 2 GB or more yet.")
-    original = name_nodes(caller_form(loaded.proto))
+    original = name_nodes(caller_form(whole))
     extraction = extract_operators(original, loaded.external)
     ops = {op.name: op for op in extraction.operators}
     groups = channel_groups(original)

@@ -22,10 +22,11 @@ from qmpass.compress.report import (
 from qmpass.compress.rollback import Tried, apply_all, apply_verified
 from qmpass.compress.sensitivity import Gain, measure_gains
 from qmpass.errors import QmpassInputError
+from qmpass.extdata import data_folder, embedded
 from qmpass.extract import extract_operators
 from qmpass.extract.channels import channel_groups
 from qmpass.extract.shapes import infer_shapes
-from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
+from qmpass.modelio import LoadedModel, ModelLike, caller_form, load_model, stored_values
 from qmpass.parallel import Executor, model_file
 from qmpass.plan.planner import Planned, make_plan
 from qmpass.plan.resource import PARAMS, Cycles
@@ -42,7 +43,6 @@ __all__ = ["BUDGET_SLACK", "SEARCH_STEPS", "compress"]
 
 #: a plan and what tells it from the other plans of one budget (``alternatives``)
 Alternative = tuple[str, Planned]
-_PROTOBUF_LIMIT = 2**31 - 1  # bytes of one protobuf message
 #: how far below --keep the kept fraction may end before the report says so
 BUDGET_SLACK = 0.03
 #: bisection steps of the search over --keep when only --tolerance is given
@@ -54,30 +54,31 @@ _SYNTHESISED = ("no --calib: the rewrites were verified on synthesised inputs, w
 
 
 def compress(
-    model: ModelLike, config: CompressConfig | None = None
+    model: ModelLike, config: CompressConfig | None = None, *, keep_external: bool = False
 ) -> tuple[onnx.ModelProto, Report]:
     """Compress ``model`` (a path or ModelProto, not modified) as ``config`` says (the
-    defaults of :class:`CompressConfig` when None)."""
+    defaults of :class:`CompressConfig` when None).
+
+    Weights in external data files are read from them a tensor at a time. The returned
+    model holds them whole when it stays under 2 GB (``keep_external`` False); with
+    ``keep_external``, or past 2 GB, it refers to the input's files instead (write it with
+    :func:`qmpass.extdata.model_payloads`, which copies them into the output's own)."""
     config = CompressConfig() if config is None else config
     if config.budgets is not None:
         raise QmpassInputError("CompressConfig(budgets=...) makes a gated model: call "
                                "qmpass.compress.compress_gated.")
-    with Executor(config.jobs, config.scheduler) as executor:
-        return _compress(model, config, executor)
-
-
-def _compress(
-    model: ModelLike, config: CompressConfig, executor: Executor
-) -> tuple[onnx.ModelProto, Report]:
-    seconds: dict[str, float] = {}
     timer = time.perf_counter()
     loaded = load_model(model)
     refuse_gated(loaded.proto, "compress")
-    if loaded.proto.ByteSize() >= _PROTOBUF_LIMIT:
-        raise QmpassInputError(
-            "the model is 2 GB or larger; protobuf cannot hold it in one message, and "
-            "compress does not support such models yet."
-        )
+    with Executor(config.jobs, config.scheduler) as executor, data_folder(loaded.folder):
+        result, report = _compress(loaded, config, executor, timer)
+        return (result if keep_external else embedded(result)), report
+
+
+def _compress(
+    loaded: LoadedModel, config: CompressConfig, executor: Executor, timer: float
+) -> tuple[onnx.ModelProto, Report]:
+    seconds: dict[str, float] = {}
     original = name_nodes(caller_form(loaded.proto))
     extraction = extract_operators(original, loaded.external)
     groups = channel_groups(original)

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from qmpass.errors import QmpassInputError
+from qmpass.extdata import is_external, tensor_array
 
 __all__ = ["ConstantScope"]
 
@@ -65,6 +65,8 @@ class ConstantScope:
 
     def source(self, name: str) -> str | None:
         """``initializer``, ``external_data``, ``constant_node``, ``folded(Op)`` or None."""
+        if self.stored_external(name) is not None:
+            return "external_data"  # without reading it again
         found = self._resolve(name)
         return None if found is None else found[1]
 
@@ -78,9 +80,25 @@ class ConstantScope:
             scope = scope._parent
         return None
 
+    def stored_external(self, name: str) -> onnx.TensorProto | None:
+        """The initializer ``name`` (of this graph or an enclosing one) if its data is in an
+        external file, else None."""
+        scope: ConstantScope | None = self
+        while scope is not None:
+            if name in scope._initializers:
+                tensor = scope._initializers[name]
+                return tensor if is_external(tensor) else None
+            if name in scope._producers:
+                return None
+            scope = scope._parent
+        return None
+
     def _resolve(self, name: str) -> tuple[np.ndarray, str] | None:
         if not name:
             return None
+        if name in self._initializers and is_external(self._initializers[name]):
+            # read each time, never kept: holding every weight is what external data avoids
+            return self._resolve_uncached(name)
         if name in self._cache:
             return self._cache[name]
         self._cache[name] = None  # cycles in a malformed graph resolve to "not constant"
@@ -93,7 +111,7 @@ class ConstantScope:
             tensor = self._initializers[name]
             external = name in self._external or tensor.data_location == onnx.TensorProto.EXTERNAL
             try:
-                array = numpy_helper.to_array(tensor)
+                array = tensor_array(tensor)
             except (ValueError, OSError) as exc:
                 raise QmpassInputError(
                     f"initializer '{name}' cannot be read ({exc}); is its external data missing?"

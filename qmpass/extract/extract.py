@@ -23,6 +23,7 @@ from onnx import helper
 
 from qmpass.algebra.fold import fold_batchnorm
 from qmpass.errors import QmpassInputError
+from qmpass.extdata import LazyArray, current_folder
 from qmpass.extract.constants import ConstantScope
 from qmpass.extract.operator import ConvGeometry, Operator, Skipped
 from qmpass.extract.shapes import Shape, infer_shapes
@@ -199,7 +200,7 @@ class _Match:
         return self.shapes.get(tensor)
 
     def _operator(self, **fields: object) -> Operator:
-        for array in (fields["weight"], fields["bias"]):
+        for array in (fields["weight"], fields["bias"]):  # (a LazyArray loads read-only)
             if isinstance(array, np.ndarray):
                 array.setflags(write=False)
         return Operator(
@@ -297,12 +298,17 @@ class _Match:
             if bias is not None:
                 bias_source, bias_params = "Add", d_out
         flops = 2 * d_out * d_in * self._vectors(x, side)
+        stored, folder = self.scope.stored_external(weight_in), current_folder()
         return self._operator(
             input=x,
             output=output,
             weight_name=weight_in,
             weight_source=self.scope.source(weight_in) or "unknown",
-            weight=np.ascontiguousarray(w),
+            # an external weight is read again when used (the same arrays, computed the
+            # same way), so that extraction never holds every weight
+            weight=np.ascontiguousarray(w) if stored is None or folder is None else LazyArray(
+                stored, folder, transpose=(not trans_b) if side == "right" else trans_a,
+                scale=alpha),
             bias=bias,
             bias_source=bias_source,
             flops=flops,

@@ -12,6 +12,7 @@ the kept pairs leave it, so memory stays bounded for tens of thousands of operat
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -106,6 +107,10 @@ def spectral_edges(
     return low[unique], high[unique], distances
 
 
+#: bytes of Bures input factors kept between pairs
+FACTOR_BYTES = 512 * 2**20
+
+
 def _gram_work(rows: int, cols: int) -> float:
     """Rough floating-point work of a Gram matrix and its eigenvalues (a spectral state)."""
     small, large = min(rows, cols), max(rows, cols)
@@ -162,7 +167,9 @@ def _add_bures(
     order = order[width[rows[order]] == width[cols[order]]]
     spectra = sum(_gram_work(op.shape[0] + 1, op.shape[1] + 1) for op in operators)
     budget = max(config.bures_work * spectra, config.bures_min_flops)
-    factors: dict[int, np.ndarray] = {}
+    # the input factors are d_in x d_in: kept for the next pairs within FACTOR_BYTES, and
+    # computed again past that (a model's weights are never all held)
+    factors: OrderedDict[int, np.ndarray] = OrderedDict()
     spent, done = 0.0, 0
     for i, j in zip(rows[order].tolist(), cols[order].tolist(), strict=True):
         ra, rb = (min(operators[k].shape) + 1 for k in (i, j))
@@ -174,6 +181,12 @@ def _add_bures(
             if k not in factors:
                 op = operators[k]
                 factors[k] = input_factor(augmented_matrix(op.weight, op.bias))
+            factors.move_to_end(k)
+        while len(factors) > 2 and sum(f.nbytes for f in factors.values()) > FACTOR_BYTES:
+            oldest = next(iter(factors))
+            if oldest in (i, j):
+                break
+            factors.popitem(last=False)
         graph.edges[operators[i].name, operators[j].name]["d_bures"] = bures_angle_of_factors(
             factors[i], factors[j]
         )

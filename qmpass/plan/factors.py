@@ -38,7 +38,9 @@ constant part (``shift``) into its weights and bias.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -52,6 +54,7 @@ if TYPE_CHECKING:  # the units import this module
 __all__ = [
     "ASVD_ALPHA",
     "ActivationScaled",
+    "HeldProjection",
     "Projection",
     "compensation",
     "greedy_channel_order",
@@ -172,6 +175,51 @@ def projection(weights: Sequence[np.ndarray], cov: np.ndarray | None) -> Project
         energy=energy,
         member_rows=tuple(w.shape[0] for w in weights),
     )
+
+
+class HeldProjection:
+    """A :class:`Projection` kept while the projections held stay within
+    ``HELD_BYTES`` (least recently used dropped first), and computed again by ``compute``
+    when asked for after that: a plan holds a unit per operator, and holding every
+    operator's weight and basis is holding the model twice over. Recomputation is the
+    same computation on the same arrays, so the factors are the same."""
+
+    def __init__(self, proj: Projection, compute: Callable[[], Projection]) -> None:
+        self._compute = compute
+        self._key = object()
+        _hold(self._key, proj)
+
+    def get(self) -> Projection:
+        with _HELD_LOCK:
+            proj = _HELD.get(self._key)
+            if proj is not None:
+                _HELD.move_to_end(self._key)
+                return proj
+        proj = self._compute()
+        _hold(self._key, proj)
+        return proj
+
+    def __getstate__(self) -> dict[str, object]:  # pickled: the key is this process's
+        return {"_compute": self._compute}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._key = object()
+
+
+#: bytes of weights and bases of the projections held (:class:`HeldProjection`)
+HELD_BYTES = 1 << 30
+_HELD: OrderedDict[object, Projection] = OrderedDict()
+_HELD_LOCK = threading.Lock()
+
+
+def _hold(key: object, proj: Projection) -> None:
+    with _HELD_LOCK:
+        _HELD[key] = proj
+        _HELD.move_to_end(key)
+        while len(_HELD) > 1 and sum(
+                p.weight.nbytes + p.basis.nbytes for p in _HELD.values()) > HELD_BYTES:
+            _HELD.popitem(last=False)
 
 
 def _member_scale(row_energy: np.ndarray, bounds: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from qmpass.extdata import is_external, tensor_array, without_external
 from qmpass.extract import Extraction, Operator
 from qmpass.extract.channels import ChannelGroup
 from qmpass.plan.plan import Step
@@ -111,6 +112,7 @@ class Applier:
         self, steps: Sequence[tuple[Step, Mapping[str, np.ndarray]]]
     ) -> tuple[onnx.ModelProto, dict[int, str]]:
         graph = gs.import_onnx(self.model)
+        _read_external(graph)
         declined: dict[int, str] = {}
         for index, (step, arrays) in enumerate(steps):
             rewrite = self.rewrite_for(step)
@@ -122,9 +124,26 @@ class Applier:
                 continue
             rewrite.apply(graph, step, self.ops, arrays)
         model = export_like(graph, self.model)
-        onnx.checker.check_model(model, full_check=True)
+        # external tensors stay references into the input's files: checked as inputs
+        onnx.checker.check_model(without_external(model), full_check=True)
         _check_interface(self.model, model)
         return model, declined
+
+
+class _ExternalValues(gs.ir.tensor.LazyValues):  # type: ignore[misc]
+    """onnx-graphsurgeon's lazy values of an external tensor, read from the model's folder
+    (its own reader looks in the working directory); exported as the same reference."""
+
+    def load(self) -> np.ndarray:
+        return np.array(tensor_array(self.tensor))
+
+
+def _read_external(graph: gs.Graph) -> None:
+    """Let the rewrites read the values of external-data constants (slicing a weight)."""
+    for tensor in graph.tensors().values():
+        values = getattr(tensor, "_values", None)
+        if isinstance(values, gs.ir.tensor.LazyValues) and is_external(values.tensor):
+            tensor._values = _ExternalValues(values.tensor)
 
 
 def _check_interface(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:

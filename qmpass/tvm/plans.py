@@ -24,6 +24,7 @@ import onnx
 
 from qmpass.compress import CompressConfig, calibration_stats
 from qmpass.compress.calibration import split_feeds
+from qmpass.extdata import embedded
 from qmpass.extract import Extraction, extract_operators
 from qmpass.extract.channels import ChannelGroup, channel_groups
 from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
@@ -75,7 +76,8 @@ def plan_onnx(
     config = config if config is not None else CompressConfig()
     loaded = load_model(model)
     refuse_gated(loaded.proto, "the Relax pass")
-    named = name_nodes(caller_form(loaded.proto))
+    # the plan is rewritten later, outside any data folder: external data read in here
+    named = name_nodes(caller_form(embedded(loaded.proto, loaded.folder)))
     extraction = extract_operators(named, loaded.external)
     groups = channel_groups(named)
     stats = None

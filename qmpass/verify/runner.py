@@ -1,8 +1,10 @@
 """Running models in onnxruntime: the only place qmpass talks to it.
 
 Models are serialised in memory and handed to onnxruntime as bytes; nothing is written.
-Protobuf cannot serialise a message over 2 GB, so models larger than that (weights
-included) are out of scope for verification.
+Tensors in external files stay there: onnxruntime reads them from the folder of
+:func:`qmpass.extdata.data_folder` (the model's). Protobuf cannot serialise a message over
+2 GB, so a model whose embedded tensors pass ``_IN_MEMORY_LIMIT`` is handed over without
+its large initializers, which go to onnxruntime as arrays (``add_external_initializers``).
 
 Batched runs split the feeds along axis 0 when every graph input has a dynamic first
 dimension and all feeds agree on its length: that is the batch of an exported inference
@@ -19,8 +21,9 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
+from qmpass.extdata import current_folder, embedded_bytes, large_embedded, skeleton
 from qmpass.extract.shapes import infer_types
 
 __all__ = [
@@ -46,21 +49,53 @@ DEFAULT_BATCH = 64
 def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
     """A CPU session for ``model`` (serialised in memory; nothing is written);
     ``threads``: onnxruntime's intra-op threads (None: its default, every core)."""
-    return session_from_bytes(model.SerializeToString(), threads=threads)
+    return _session(model, b"", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, threads)
 
 
 def session_from_bytes(
     data: bytes, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    arrays: Mapping[str, np.ndarray] | None = None,
     threads: int | None = None,
 ) -> ort.InferenceSession:
-    """A CPU session for a serialised model, with all graph optimisations by default."""
+    """A CPU session for a serialised model, with all graph optimisations by default;
+    ``arrays`` are initializers handed over in memory (the model holds them as
+    placeholders). External data is read from :func:`qmpass.extdata.current_folder`."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a refusal is one line of ours on stderr
     options.graph_optimization_level = level
     if threads is not None:  # timing: one thread measures work, not scheduling
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    folder = current_folder()
+    if folder is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(folder))
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (arrays or {}).values()]
+    if values:
+        options.add_external_initializers(list(arrays or {}), values)
+    sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    sess._qmpass_arrays = values  # type: ignore[attr-defined]  # alive as long as it is
+    return sess
+
+
+def _session(model: onnx.ModelProto, extra: bytes, level: ort.GraphOptimizationLevel,
+             threads: int | None = None) -> ort.InferenceSession:
+    """``model`` (followed by the serialised ``extra``, merged into it) in a session; a
+    model too large for one protobuf message hands its large initializers over as arrays."""
+    if embedded_bytes(model) < _IN_MEMORY_LIMIT:
+        return session_from_bytes(model.SerializeToString() + extra, level, threads=threads)
+    copy, moved = skeleton(model, large_embedded)
+    arrays = {}
+    for placeholder, original in moved:
+        arrays[original.name] = numpy_helper.to_array(original)
+        placeholder.data_location = TensorProto.EXTERNAL
+        placeholder.external_data.add(key="location", value="qmpass-in-memory")
+        placeholder.external_data.add(key="length", value=str(arrays[original.name].nbytes))
+    return session_from_bytes(copy.SerializeToString() + extra, level, arrays, threads)
+
+
+#: serialised size past which large initializers go to onnxruntime as arrays
+_IN_MEMORY_LIMIT = 2**30
 
 
 def session_with_tensors(model: onnx.ModelProto, names: Sequence[str]) -> ort.InferenceSession:
@@ -76,8 +111,8 @@ def session_with_tensors(model: onnx.ModelProto, names: Sequence[str]) -> ort.In
     ]))
     # basic optimisations only (constant folding): the tensors must be what the graph
     # says, not what a fused kernel makes of them (QDQ fusion quantizes the activations)
-    return session_from_bytes(model.SerializeToString() + addition.SerializeToString(),
-                              ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    return _session(model, addition.SerializeToString(),
+                    ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
 
 
 def run_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

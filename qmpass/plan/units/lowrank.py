@@ -18,7 +18,7 @@ import numpy as np
 
 from qmpass.extract import Operator
 from qmpass.plan.budget import lower_hull
-from qmpass.plan.factors import projection
+from qmpass.plan.factors import HeldProjection, projection
 from qmpass.plan.plan import Cost, Step, StepKind
 from qmpass.plan.resource import PARAMS, Resource, lowrank_cost
 from qmpass.plan.units.common import Built, Candidate, StatsLike, Variant, unchanged
@@ -52,13 +52,17 @@ def lowrank_candidate(
     basis for operators that read one tensor (``fused=True``). None if no rank saves
     parameters and FLOPs (ranks that save them but cost more of ``resource`` stay: the
     allocation never picks them)."""
-    proj = projection([op.weight for op in members], None if stats is None else stats.cov)
+    cov = None if stats is None else stats.cov
+    proj = projection([op.weight for op in members], cov)
+    # built later (the chosen rank only): held within a memory budget, else recomputed
+    held = HeldProjection(proj, lambda: projection([op.weight for op in members], cov))
     before = Cost.of(members)
     full = min(members[0].shape[1], sum(op.shape[0] for op in members))
     names = tuple(op.name for op in members)
     kind: StepKind = "shared_basis" if fused else "lowrank"
 
     def build(rank: int) -> Built:
+        proj = held.get()
         first, second = proj.factors(rank)
         approx = second @ first
         original = _biases(members)

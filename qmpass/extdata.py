@@ -1,0 +1,380 @@
+"""External data: weights read one tensor at a time, never all resident.
+
+A model read from a file keeps its external-data tensors as references
+(``data_location = EXTERNAL``, a ``location`` relative to the model's folder, an offset
+and a length): nothing loads them into the ``ModelProto``, so the proto stays small (any
+model size serialises) and copying it copies no weights. Who needs a value reads it here:
+
+* :func:`tensor_array` reads one tensor through a memory map of its file (the pages are
+  the file's, dropped when the array is);
+* :class:`LazyArray` names a tensor (file, offset, shape) and a transpose/scale of it,
+  read when used, so an operator can hold its weight without holding the memory;
+* :func:`data_folder` says, for the duration of a ``with`` block, which folder the
+  relative locations are in (``analyze``, ``compress`` and ``lower`` set it to the model's
+  folder); onnxruntime sessions are told the same folder (:mod:`qmpass.verify.runner`);
+* :func:`model_payloads` writes a model with its external data: a ``<model>.data`` file
+  beside it, streamed tensor by tensor from the input's files, written atomically with it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qmpass.errors import QmpassInputError
+
+__all__ = [
+    "LazyArray",
+    "current_folder",
+    "data_folder",
+    "external_entries",
+    "external_tensors",
+    "is_external",
+    "model_payloads",
+    "tensor_array",
+]
+
+_FOLDER: ContextVar[Path | None] = ContextVar("qmpass_data_folder", default=None)
+#: tensors at least this large (bytes) go to the ``.data`` file when one is written
+EXTERNAL_THRESHOLD = 1024
+#: bytes of one serialised protobuf message
+PROTOBUF_LIMIT = 2**31
+
+
+@contextmanager
+def data_folder(folder: Path | None) -> Iterator[None]:
+    """Within the block, external-data locations are relative to ``folder``."""
+    token = _FOLDER.set(None if folder is None else Path(folder).resolve())
+    try:
+        yield
+    finally:
+        _FOLDER.reset(token)
+
+
+def current_folder() -> Path | None:
+    return _FOLDER.get()
+
+
+def is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def external_entries(tensor: TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def external_tensors(model: onnx.ModelProto) -> list[TensorProto]:
+    """Every tensor of the model (initializers, Constant values, subgraphs) stored in an
+    external file."""
+    return [t for t in _all_tensors(model) if is_external(t)]
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    def graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    yield from graph_tensors(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        yield from graph_tensors(sub)
+    yield from graph_tensors(model.graph)
+
+
+@dataclass(frozen=True)
+class _Place:
+    path: Path
+    offset: int
+    length: int
+
+
+def _place(tensor: TensorProto, folder: Path | None) -> _Place:
+    entries = external_entries(tensor)
+    location = entries.get("location", "")
+    if folder is None:
+        raise QmpassInputError(
+            f"tensor '{tensor.name}' is stored in the external file '{location}', but the "
+            "model was not read from a file; give its path instead.")
+    try:
+        offset = int(entries.get("offset", "0"))
+        length = int(entries["length"]) if "length" in entries else -1
+    except ValueError as exc:
+        raise QmpassInputError(
+            f"tensor '{tensor.name}': its external data offset or length is not a number."
+        ) from exc
+    return _Place(folder / location, offset, length)
+
+
+def check_external(model: onnx.ModelProto, folder: Path, source: str) -> tuple[Path, ...]:
+    """The data files of ``model`` (in ``folder``), after checking that each external
+    tensor's location stays in the folder and its bytes are all there."""
+    files: dict[Path, int] = {}
+    for tensor in external_tensors(model):
+        location = external_entries(tensor).get("location", "")
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+            raise QmpassInputError(
+                f"{source}: tensor '{tensor.name}' has the external data location "
+                f"'{location}', which is not a file name relative to the model's folder.")
+        place = _place(tensor, folder)
+        if place.path not in files:
+            if not place.path.is_file():
+                raise QmpassInputError(
+                    f"{source}: the external data file {place.path} of tensor "
+                    f"'{tensor.name}' is missing; keep the data files beside the model.")
+            files[place.path] = place.path.stat().st_size
+        need = _nbytes(tensor)
+        length = need if place.length < 0 else place.length
+        if need is not None and length != need:
+            raise QmpassInputError(
+                f"{source}: tensor '{tensor.name}' needs {need} bytes but its external "
+                f"data length is {length}.")
+        if length is None or place.offset < 0 or place.offset + length > files[place.path]:
+            raise QmpassInputError(
+                f"{source}: the external data file {place.path} is too short for tensor "
+                f"'{tensor.name}' (truncated?).")
+    return tuple(sorted(files))
+
+
+def _nbytes(tensor: TensorProto) -> int | None:
+    """Bytes of a tensor's raw data, or None for a type without a fixed size."""
+    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return (count * 4 + 7) // 8
+    return count * np.dtype(dtype).itemsize
+
+
+def tensor_array(tensor: TensorProto, folder: Path | None = None) -> np.ndarray:
+    """The value of ``tensor``; an external one read from ``folder`` (default: the folder
+    of :func:`data_folder`) through a memory map, without touching ``tensor``."""
+    if not is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    place = _place(tensor, folder if folder is not None else current_folder())
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    simple = np.dtype(dtype).kind in "biuf" and np.dtype(dtype).byteorder in "=<|"
+    if not simple or tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return numpy_helper.to_array(tensor, str(place.path.parent))
+    shape = tuple(int(d) for d in tensor.dims)
+    try:
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(place.path, dtype=dtype, mode="r", offset=place.offset, shape=shape)
+    except (OSError, ValueError) as exc:
+        raise QmpassInputError(
+            f"tensor '{tensor.name}' cannot be read from {place.path} ({exc}).") from exc
+
+
+class LazyArray:
+    """A float64 view of one external tensor, read when :meth:`load` is called:
+    ``tensor.astype(float64)``, transposed if ``transpose``, times ``scale``, contiguous
+    and read-only (exactly what extraction computes for a weight held in memory). A few
+    recent loads are kept (``_CACHE_BYTES``) so repeated uses do not read again."""
+
+    def __init__(self, tensor: TensorProto, folder: Path, transpose: bool,
+                 scale: float) -> None:
+        place = _place(tensor, folder)
+        self.path, self.offset = str(place.path.resolve()), place.offset
+        self.dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).str
+        self.stored = tuple(int(d) for d in tensor.dims)
+        self.transpose, self.scale = transpose, scale
+        self.shape = self.stored[::-1] if transpose else self.stored
+
+    @property
+    def _key(self) -> tuple[object, ...]:
+        return (self.path, self.offset, self.dtype, self.stored, self.transpose, self.scale)
+
+    def load(self) -> np.ndarray:
+        key = self._key
+        with _CACHE_LOCK:
+            if key in _CACHE:
+                _CACHE.move_to_end(key)
+                return _CACHE[key]
+        value = np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", offset=self.offset,
+                          shape=self.stored).astype(np.float64)
+        array = np.ascontiguousarray((value.T if self.transpose else value) * self.scale)
+        array.setflags(write=False)
+        with _CACHE_LOCK:
+            _CACHE[key] = array
+            while len(_CACHE) > 1 and sum(a.nbytes for a in _CACHE.values()) > _CACHE_BYTES:
+                _CACHE.popitem(last=False)
+        return array
+
+
+_CACHE: OrderedDict[tuple[object, ...], np.ndarray] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_BYTES = 256 * 2**20
+
+
+Payload = bytes | str | Callable[[BinaryIO], None]
+
+
+def skeleton(
+    model: onnx.ModelProto, take: Callable[[TensorProto], bool]
+) -> tuple[onnx.ModelProto, list[tuple[TensorProto, TensorProto]]]:
+    """A copy of ``model`` in which the main graph's initializers that ``take`` selects
+    are copied without their data (name, type and dims only), with the pairs (copy,
+    original) of those: the data is read from the original when it is needed, so no
+    tensor is ever held twice."""
+    copy = onnx.ModelProto()
+    graph = model.graph
+    inits = list(graph.initializer)
+    # everything but the initializers: copy the graph minus them, a field at a time
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            if field.is_repeated:
+                getattr(copy, field.name).extend(value)
+            elif field.message_type is not None:
+                getattr(copy, field.name).CopyFrom(value)
+            else:
+                setattr(copy, field.name, value)
+    for field, value in graph.ListFields():
+        if field.name == "initializer":
+            continue
+        if field.is_repeated:
+            getattr(copy.graph, field.name).extend(value)
+        else:
+            setattr(copy.graph, field.name, value)
+    moved: list[tuple[TensorProto, TensorProto]] = []
+    for tensor in inits:
+        new = copy.graph.initializer.add()
+        if take(tensor):
+            new.name, new.data_type = tensor.name, tensor.data_type
+            new.dims.extend(tensor.dims)
+            new.doc_string = tensor.doc_string
+            moved.append((new, tensor))
+        else:
+            new.CopyFrom(tensor)
+    return copy, moved
+
+
+def _point(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.data_location = TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)),
+                       ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+
+
+def model_payloads(
+    model: onnx.ModelProto, path: Path, folder: Path | None = None
+) -> list[tuple[Path, Payload]]:
+    """What to write for ``model`` at ``path`` (for :func:`qmpass.modelio.write_all_atomic`):
+    the model alone when it holds all its tensors and is under 2 GB; else the model and
+    :func:`data_path` beside it, holding every external tensor (read from ``folder``,
+    default :func:`current_folder`) and every initializer of ``EXTERNAL_THRESHOLD`` bytes
+    or more, streamed into the file one tensor at a time. ``model`` is not changed."""
+    folder = folder if folder is not None else current_folder()
+    if not external_tensors(model) and embedded_bytes(model) < PROTOBUF_LIMIT // 2:
+        return [(path, model.SerializeToString())]
+    data = data_path(path)
+    copy, moved = skeleton(model, large_embedded)
+    sources: list[tuple[int, _Place | TensorProto]] = []
+    offset = 0
+
+    def place(tensor: TensorProto, source: _Place | TensorProto, length: int) -> None:
+        nonlocal offset
+        _point(tensor, data.name, offset, length)
+        sources.append((offset, source))
+        offset += length + (-length) % 4096  # page-aligned: onnxruntime maps them
+
+    for tensor in external_tensors(copy):  # before the moved ones become external
+        found = _place(tensor, folder)
+        length = found.length if found.length >= 0 else (_nbytes(tensor) or 0)
+        place(tensor, _Place(found.path, found.offset, length), length)
+    for new, original in moved:
+        place(new, original, _nbytes(original) or 0)
+
+    def write(handle: BinaryIO) -> None:
+        for start, source in sources:
+            handle.seek(start)
+            if isinstance(source, TensorProto):
+                handle.write(_raw_bytes(source))
+                continue
+            with source.path.open("rb") as stream:
+                stream.seek(source.offset)
+                left = source.length
+                while left > 0:
+                    chunk = stream.read(min(left, 64 * 2**20))
+                    if not chunk:
+                        raise OSError(f"{source.path} ended early while copying from it")
+                    handle.write(chunk)
+                    left -= len(chunk)
+        handle.truncate(offset)
+
+    return [(path, copy.SerializeToString()), (data, write)]
+
+
+def _raw_bytes(tensor: TensorProto) -> bytes:
+    """The raw little-endian bytes of an embedded tensor (``raw_data`` or typed fields)."""
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+
+
+def embedded_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the tensor data the proto itself holds (from types and shapes:
+    ``ByteSize`` wraps around past 4 GB)."""
+    return sum(_nbytes(t) or 0 for t in _all_tensors(model) if not is_external(t))
+
+
+def large_embedded(tensor: TensorProto) -> bool:
+    """An initializer held in the proto, of ``EXTERNAL_THRESHOLD`` bytes or more."""
+    return not is_external(tensor) and (_nbytes(tensor) or 0) >= EXTERNAL_THRESHOLD
+
+
+def embedded(model: onnx.ModelProto, folder: Path | None = None) -> onnx.ModelProto:
+    """``model`` with its external tensors read into it (from ``folder``, default
+    :func:`current_folder`) when the whole stays under 2 GB; else ``model`` itself."""
+    external = external_tensors(model)
+    if not external:
+        return model
+    size = embedded_bytes(model) + sum(_nbytes(t) or 0 for t in external)
+    if size >= PROTOBUF_LIMIT // 2:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in external_tensors(copy):
+        tensor.raw_data = np.ascontiguousarray(tensor_array(tensor, folder)).tobytes()
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+    return copy
+
+
+def data_path(path: Path) -> Path:
+    """Where :func:`model_payloads` puts the external data of a model written at ``path``."""
+    return path.with_name(path.name + ".data")
+
+
+def without_external(model: onnx.ModelProto) -> onnx.ModelProto:
+    """For ``onnx.checker`` in memory: ``model`` itself if it has no external tensor, else
+    a copy whose external initializers are graph inputs of the same type and shape (the
+    checker would look for their files in the working directory)."""
+    external = {t.name for t in model.graph.initializer if is_external(t)}
+    if not external:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept = [t for t in copy.graph.initializer if t.name not in external]
+    moved = [t for t in copy.graph.initializer if t.name in external]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
+    copy.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved)
+    return copy
