@@ -6,10 +6,15 @@ extraction tests run on matrices with real spectra, written the way exporters wr
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
+# One BLAS thread for the suite and the CLI runs it starts: its matrices are small, and on
+# a 2-core machine OpenBLAS's threads fought each other (a 13 s test took 111 s).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # after the thread count it reads
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper

@@ -27,12 +27,14 @@ def calibration_stats(
     groups: Sequence[ChannelGroup],
     method: Method,
     feeds: Mapping[str, np.ndarray],
+    shrink: bool = True,
 ) -> dict[str, TensorStats]:
     """The calibration statistics a data-aware plan of ``method`` reads
     (:func:`qmpass.plan.planner.stats_requests`), measured on ``feeds``. Each request
     takes at most about ``CALIBRATION_VECTORS`` vectors (a seeded random subsample): a
     3x3 convolution over 56x56 images gives 200,000 receptive fields per 64 samples,
-    far more than its covariance needs."""
+    far more than its covariance needs. A covariance of fewer vectors than dimensions is
+    :func:`shrunk` (``shrink=False``: the sample covariance as it is)."""
     ops = {op.name: op for op in extraction.operators}
     requests = {
         key: StatsRequest(want.tensor, want.kind, want.axis,
@@ -42,7 +44,7 @@ def calibration_stats(
     if not requests:
         return {}
     stats = collect_stats(model, feeds, requests, max_vectors=CALIBRATION_VECTORS)
-    return {key: shrunk(value) for key, value in stats.items()}
+    return {key: shrunk(value) if shrink else value for key, value in stats.items()}
 
 
 def shrunk(stats: TensorStats) -> TensorStats:
