@@ -48,25 +48,25 @@ def calibration_stats(
 
 
 def shrunk(stats: TensorStats) -> TensorStats:
-    """``stats`` with its covariance shrunk towards ``(tr C / d) I`` by the oracle
-    approximating shrinkage (OAS; Chen et al. 2010, the estimator of
-    ``sklearn.covariance.OAS``, written from the moments alone) when there are fewer
-    vectors than dimensions: the sample covariance is then singular, and a whitened
-    truncation would take every direction it cannot see for lossless (16 samples of 256
-    features gave ``--keep 0.75`` 0.19 of the weights and a held-out error of 0.96)."""
+    """``stats`` with a small ridge, ``RIDGE · tr C / d`` on the diagonal, when there are
+    fewer vectors than dimensions: the sample covariance is then singular, and a whitened
+    truncation takes every direction it cannot see for lossless, so no rank past the
+    number of samples is offered (16 samples of 256 features gave ``--keep 0.75`` 0.19 of
+    the weights and a held-out error of 0.96). A full shrinkage estimator (OAS, towards
+    ``tr C / d · I`` with its own intensity) was measured worse on the MLP fixture (48
+    samples of 64 features, ``--keep 0.5``: 0.0187 against 0.0137 held-out error)."""
     d, n = stats.dim, stats.count
     if n > d or d == 0:
         return stats
-    cov = np.asarray(stats.cov, dtype=np.float64)
-    mu = float(np.trace(cov)) / d
-    alpha = float(np.sum(cov**2)) / d**2
-    denominator = (n + 1) * (alpha - mu**2 / d)
-    weight = 1.0 if denominator <= 0 else min((alpha + mu**2) / denominator, 1.0)
-    result = (1.0 - weight) * cov
-    result[np.diag_indices(d)] += weight * mu
+    cov = np.array(stats.cov, dtype=np.float64)
+    cov[np.diag_indices(d)] += RIDGE * float(np.trace(cov)) / d
+    result = cov
     result.setflags(write=False)
     return replace(stats, cov=result)
 
+
+#: the ridge of :func:`shrunk`, relative to the mean variance
+RIDGE = 1e-3
 
 #: fewer held-out samples than this, and the report warns that the error means little
 FEW_HELD_OUT = 16
