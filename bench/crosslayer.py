@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
 from qmpass import CompressConfig, compress  # noqa: E402
-from qmpass.verify import accuracy, compare, load_calib, run_model  # noqa: E402
+from qmpass.verify import accuracy, compare, run_model  # noqa: E402
 
 KEEPS = (0.75, 0.5, 0.25)
 
@@ -50,7 +50,7 @@ def main(names: list[str]) -> int:
     print("|---|---|---|---:|---:|---:|---:|")
     for name in names or models.FIXTURES:
         original = onnx.load(str(models.fixture_path(name)))
-        calib = load_calib(models.MODELS_DIR / f"{name}_calib.npz", original)
+        calib = models.load_calib(name)
         x, y = models.load_test_split(name)
         feeds = {"input": x}
         reference = run_model(original, feeds)

@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 import models  # noqa: E402
 from qmpass.compress import CompressConfig, compress, compress_gated  # noqa: E402
 from qmpass.rewrite.gated_lowrank import GATED_INPUT  # noqa: E402
-from qmpass.verify import accuracy, compare, load_calib, run_model  # noqa: E402
+from qmpass.verify import accuracy, compare, run_model  # noqa: E402
 from qmpass.verify.runner import session  # noqa: E402
 
 ROUNDS = 15
@@ -50,7 +50,7 @@ def _cases() -> list[tuple[str, onnx.ModelProto, dict[str, np.ndarray], np.ndarr
                            np.ndarray, tuple[float, ...]]]:
     name = "transformer_digits"
     model = onnx.load(str(models.fixture_path(name)))
-    calib = load_calib(models.MODELS_DIR / f"{name}_calib.npz", model)
+    calib = models.load_calib(name)
     x, y = models.load_test_split(name)
     cases = [(name, model, calib, x, y, (1.0, 0.75, 0.5))]
     try:

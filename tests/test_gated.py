@@ -19,7 +19,7 @@ from qmpass.compress.gated_report import GatedReport
 from qmpass.errors import QmpassInputError
 from qmpass.lower import LowerConfig, lower
 from qmpass.rewrite.gated_lowrank import GATED_INPUT
-from qmpass.verify import compare, load_calib, run_model
+from qmpass.verify import compare, run_model
 
 BUDGETS = (1.0, 0.75, 0.5)
 
@@ -27,7 +27,7 @@ BUDGETS = (1.0, 0.75, 0.5)
 @pytest.fixture(scope="module")
 def transformer() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     model = onnx.load(str(fixture_path("transformer_digits")))
-    return model, load_calib(models.MODELS_DIR / "transformer_digits_calib.npz", model)
+    return model, models.load_calib("transformer_digits")
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_the_command_line_writes_the_model_and_the_report(tmp_path: Path, capsys
 
 def test_the_budgets_can_be_a_targets_cycles() -> None:
     model = onnx.load(str(fixture_path("mlp_digits")))
-    calib = load_calib(models.MODELS_DIR / "mlp_digits_calib.npz", model)
+    calib = models.load_calib("mlp_digits")
     _, report = compress_gated(
         model, CompressConfig(budgets=(0.8, 0.4), calib=calib, target="cpu"), standalone=False)
     assert report.resource == "cycles:cpu"

@@ -19,7 +19,7 @@ from qmpass.plan.budget import lower_hull
 from qmpass.plan.planner import PlanConfig, make_plan
 from qmpass.plan.resource import PARAMS
 from qmpass.rewrite.base import name_nodes
-from qmpass.verify import compare, load_calib, run_model
+from qmpass.verify import compare, run_model
 
 DIM = 32
 
@@ -126,7 +126,7 @@ def test_no_milder_option_fits_in_what_the_plan_leaves(keep: float) -> None:
 
 def test_fixture_compress_reports_gains_on_fit_data_only() -> None:
     original = onnx.load(str(models.fixture_path("mlp_digits")))
-    calib = load_calib(models.MODELS_DIR / "mlp_digits_calib.npz", original)
+    calib = models.load_calib("mlp_digits")
     _, report = compress(original, CompressConfig(keep=0.5, calib=calib))
     doc = report.to_dict()
     assert doc["pricing"] == "output" and doc["gains"]

@@ -37,7 +37,7 @@ from qmpass.plan.units.crosslayer import (
 )
 from qmpass.rewrite.base import export_like, name_nodes
 from qmpass.rewrite.shared_basis_crosslayer import CrossLayerSharedBasis
-from qmpass.verify import load_calib, run_model
+from qmpass.verify import run_model
 
 D = 16
 RNG = np.random.default_rng(11)
@@ -287,7 +287,7 @@ def test_analyze_lists_the_cross_layer_candidates() -> None:
 
 def test_compress_records_every_group_and_prints_the_shared_ones() -> None:
     original = onnx.load(str(fixture_path("transformer_digits")))
-    calib = load_calib(models.MODELS_DIR / "transformer_digits_calib.npz", original)
+    calib = models.load_calib("transformer_digits")
     model, report = qmpass.compress(original, CompressConfig(keep=0.75, calib=calib))
     rows = report.to_dict()["shared_bases"]
     assert rows[0]["operators"] == list(MLP_IN)

@@ -185,8 +185,9 @@ def make_plan(
 ) -> Planned:
     """Plan ``config`` for a model. ``values`` holds the stored tensors channel groups
     name; ``stats`` the calibration statistics of :func:`stats_requests` (or None).
-    Plans of one model that differ only in ``config.convs`` may share a ``memo``: their
-    low-rank candidates are the same, and computed once. A parallel ``executor``
+    Plans of one model that differ only in ``config.convs``, ``keep`` or ``gains`` may
+    share a ``memo``: their low-rank and channel-group candidates are the same, and
+    computed once. A parallel ``executor``
     (:mod:`qmpass.parallel`) computes the low-rank candidates the plan needs side by side
     first (a Dask cluster reads the weights from the model file ``source``); the plan is
     the same. ``gains`` (by unit key) scale each unit's predicted errors before the
@@ -293,12 +294,15 @@ def _candidates(
                 # calibration data nothing tells which channels the activation silences,
                 # while low rank still has the exact weight spectrum
                 continue
-            channel_stats = [
-                None if stats is None else stats.get(_channel_key(group, c.activation).key)
-                for c in group.consumers
-            ]
-            candidate = channel_candidate(group, ops, values, channel_stats, method,
-                                          config.align, config.seed, config.resource)
+            key = ("channels", *group.operators)  # plans of one model share the memo
+            if key not in memo:
+                channel_stats = [
+                    None if stats is None else stats.get(_channel_key(group, c.activation).key)
+                    for c in group.consumers
+                ]
+                memo[key] = channel_candidate(group, ops, values, channel_stats, method,
+                                              config.align, config.seed, config.resource)
+            candidate = memo[key]
             if candidate is not None:
                 candidates.append(candidate)
                 taken.update(group.operators)
