@@ -19,6 +19,7 @@ import onnx
 from hw_targets import TARGET_NAMES
 from qmpass.analysis import Analysis, AnalysisConfig, analyze
 from qmpass.compress import CompressConfig, Report, compress, compress_gated
+from qmpass.compress.sensitivity import PROBE_SECONDS
 from qmpass.errors import QmpassInputError
 from qmpass.extdata import Payload, data_path, model_payloads
 from qmpass.frg import FRGConfig, graph_to_graphml
@@ -113,10 +114,11 @@ def _parser() -> argparse.ArgumentParser:
         "feeds them; auto keeps whichever verifies better on held-out inputs; off "
         "(default): a refit runs the model once per level of the plan")
     compress_cmd.add_argument(
-        "--pricing", choices=("output", "layer"), default=CompressConfig.pricing,
+        "--pricing", choices=("auto", "output", "layer"), default=CompressConfig.pricing,
         help="with --calib and --keep: price each unit by what the model's output feels "
-        "of its error, measured by one run of the model per unit (output, the default), or "
-        "by the unit's own error (layer)")
+        "of its error, measured by one run of the model per unit (output), or by the "
+        "unit's own error (layer); auto (default): output unless those runs are projected "
+        f"past {PROBE_SECONDS:.0f} s")
     compress_cmd.add_argument(
         "--allocation", choices=ALLOCATIONS, default=None,
         help="share a --keep budget by the Lagrangian (qmfrg's default) or keep the same "

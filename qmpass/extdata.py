@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qmpass.errors import QmpassInputError
+from qmpass.scratch import resolve as resolve_scratch
 
 __all__ = [
     "LazyArray",
@@ -67,6 +68,12 @@ def current_folder() -> Path | None:
 
 def is_external(tensor: TensorProto) -> bool:
     return tensor.data_location == TensorProto.EXTERNAL
+
+
+def in_scratch(tensor: TensorProto) -> bool:
+    """Whether ``tensor`` is a rewrite's new tensor in a scratch file (:mod:`qmpass.scratch`)."""
+    return is_external(tensor) and resolve_scratch(
+        external_entries(tensor).get("location", "")) is not None
 
 
 def external_entries(tensor: TensorProto) -> dict[str, str]:
@@ -106,6 +113,9 @@ class _Place:
 def _place(tensor: TensorProto, folder: Path | None) -> _Place:
     entries = external_entries(tensor)
     location = entries.get("location", "")
+    scratch = resolve_scratch(location)  # a new tensor of a rewrite (qmpass.scratch)
+    if scratch is not None:
+        return _Place(scratch, int(entries["offset"]), int(entries["length"]))
     if folder is None:
         raise QmpassInputError(
             f"tensor '{tensor.name}' is stored in the external file '{location}', but the "
@@ -332,6 +342,11 @@ def embedded_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the tensor data the proto itself holds (from types and shapes:
     ``ByteSize`` wraps around past 4 GB)."""
     return sum(_nbytes(t) or 0 for t in _all_tensors(model) if not is_external(t))
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all the model's tensor data, held in the proto or in external files."""
+    return sum(_nbytes(t) or 0 for t in _all_tensors(model))
 
 
 def large_embedded(tensor: TensorProto) -> bool:

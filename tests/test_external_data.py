@@ -175,3 +175,40 @@ def test_projections_dropped_and_computed_again_give_the_same_model(monkeypatch)
     again, report = compress(model, config)
     assert again.SerializeToString() == held.SerializeToString()
     assert _without(report.to_dict(), "seconds") == _without(held_report.to_dict(), "seconds")
+
+
+def test_the_paths_of_models_too_large_to_hold_twice_give_the_same_model(
+        tmp_path, monkeypatch) -> None:
+    """Shrunk thresholds take the paths of a model whose statistics and new weights do not
+    fit in memory: covariances collected in several passes and kept on disk, the plan's
+    new weights parked on disk, the rewrites' new tensors written to a scratch file and
+    handed to onnxruntime as maps of it. The written model is the same, bit for bit."""
+    from qmpass import scratch, spill
+    from qmpass.compress import calibration
+    from qmpass.rewrite import base
+
+    embedded, external = _pair(tmp_path)
+    args = ["--keep", "0.5", "--calib", str(_calib())]
+    assert main(["compress", str(embedded), "-o", str(tmp_path / "held.onnx"), *args,
+                 "--report", str(tmp_path / "held.json")]) == 0
+    monkeypatch.setattr(calibration, "STATS_BYTES", 1)
+    monkeypatch.setattr(spill, "PARK_BYTES", 0)
+    monkeypatch.setattr(base, "SCRATCH_BYTES", 0)
+    puts = []
+    original_put = scratch.Scratch.put
+    monkeypatch.setattr(scratch.Scratch, "put", lambda self, name, array: (
+        puts.append(name), original_put(self, name, array))[1])
+    assert main(["compress", str(external), "-o", str(tmp_path / "parked.onnx"), *args,
+                 "--report", str(tmp_path / "parked.json")]) == 0
+    assert puts  # the new weights went through the scratch file
+    reports = [json.loads((tmp_path / f"{k}.json").read_text()) for k in ("held", "parked")]
+    assert _without(reports[0], "model", "seconds") == _without(reports[1], "model", "seconds")
+    written = onnx.load(str(tmp_path / "parked.onnx"), load_external_data=False)
+    assert {e.value for t in extdata.external_tensors(written) for e in t.external_data
+            if e.key == "location"} == {"parked.onnx.data"}  # nothing refers to scratch
+    with np.load(_calib()) as calib:
+        feeds = {k: calib[k][:8] for k in calib.files}
+    results = [ort.InferenceSession(str(tmp_path / f"{k}.onnx"),
+                                    providers=["CPUExecutionProvider"]).run(None, feeds)
+               for k in ("held", "parked")]
+    assert np.array_equal(results[0][0], results[1][0])

@@ -3,6 +3,8 @@ uniform baselines, and spending what the Lagrangian leaves of a budget."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -10,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import models
 from qmpass import CompressConfig, compress
+from qmpass.compress import pipeline
 from qmpass.compress.sensitivity import Gain
 from qmpass.extract import extract_operators
 from qmpass.extract.channels import channel_groups
@@ -79,6 +82,24 @@ def test_the_damped_unit_has_the_smaller_gain_and_gives_up_more_rank() -> None:
     layer_ranks, layer_error, _ = results["layer"]
     assert ranks["second"] < layer_ranks["second"]  # the layer pricing cannot tell
     assert error < 0.8 * layer_error  # on inputs the plan never saw
+
+
+def test_auto_pricing_falls_back_to_layer_pricing_when_probes_are_projected_too_slow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model, calib = _damped_branch_model(), _inputs(128, 1)
+    config = CompressConfig(keep=0.5, calib=calib, align=1)
+    assert config.pricing == "auto"
+    _, fast = compress(model, config)
+    assert fast.to_dict()["pricing"] == "output"
+    monkeypatch.setattr(pipeline, "PROBE_SECONDS", 0.0)  # any projection passes it
+    _, slow = compress(model, config)
+    _, layer = compress(model, replace(config, pricing="layer"))
+    assert slow.to_dict()["pricing"] == "layer"
+    assert any("--pricing auto priced the units by their own error" in n
+               for n in slow.notes)
+    assert [s.rank for s in slow.plan.steps] == [s.rank for s in layer.plan.steps]
+    _, forced = compress(model, replace(config, pricing="output"))  # no limit
+    assert forced.to_dict()["pricing"] == "output"
 
 
 def test_a_gain_is_the_squared_output_error_per_predicted_error() -> None:

@@ -7,6 +7,7 @@ or from onnxruntime running the Conv itself: the patches ``x`` of a Conv must sa
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from pathlib import Path
@@ -139,6 +140,24 @@ def test_vectors_of_matmul_inputs_equal_numpy_moments() -> None:
     np.testing.assert_allclose(stats["hidden"].cov, np.cov(hidden, rowvar=False, bias=True),
                                rtol=1e-4, atol=1e-5)
     assert stats["hidden"].count == 37 * 5
+
+
+def test_statistics_past_a_memory_bound_run_in_passes_and_wait_on_disk() -> None:
+    model, _, _ = mlp()
+    x = RNG.standard_normal((37, 5, 16)).astype(np.float32)
+    requests = {"in": StatsRequest("x", "vectors"), "hidden": StatsRequest("a", "vectors")}
+    whole = collect_stats(model, {"x": x}, requests)
+    parted = collect_stats(model, {"x": x}, requests, max_bytes=8 * 24 * 24)  # one each
+    assert not whole["hidden"].spilled and parted["hidden"].spilled
+    for key in requests:
+        np.testing.assert_array_equal(parted[key].cov, whole[key].cov)
+        np.testing.assert_array_equal(parted[key].mean, whole[key].mean)
+    held = parted["hidden"].cov
+    assert parted["hidden"].cov is held  # one copy while in use
+    path = parted["hidden"].__dict__["_cov"].path
+    del parted, held
+    gc.collect()
+    assert not Path(path).exists()  # the file goes with its statistics
 
 
 def test_vectors_along_the_channel_axis_of_an_nchw_activation() -> None:

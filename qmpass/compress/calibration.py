@@ -13,12 +13,17 @@ from qmpass.extract import Extraction
 from qmpass.extract.channels import ChannelGroup
 from qmpass.extract.shapes import dim_size
 from qmpass.plan.planner import Method, stats_requests
+from qmpass.spill import Spilled
 from qmpass.verify import StatsRequest, TensorStats, collect_stats
 
 __all__ = ["CALIBRATION_VECTORS", "FEW_HELD_OUT", "Split", "calibration_stats", "split_feeds"]
 
 #: vectors per calibration statistic, at most (about): the fixtures stay below it
 CALIBRATION_VECTORS = 50_000
+#: bytes of covariance sums accumulated at once; past it the calibration inputs run
+#: through the model once per group of statistics that fits, and the finished ones wait
+#: on disk (a 1.1B-parameter decoder's are 7.8 GB)
+STATS_BYTES = 1 << 30
 
 
 def calibration_stats(
@@ -43,7 +48,8 @@ def calibration_stats(
     }
     if not requests:
         return {}
-    stats = collect_stats(model, feeds, requests, max_vectors=CALIBRATION_VECTORS)
+    stats = collect_stats(model, feeds, requests, max_vectors=CALIBRATION_VECTORS,
+                          max_bytes=STATS_BYTES)
     return {key: shrunk(value) if shrink else value for key, value in stats.items()}
 
 
@@ -60,9 +66,8 @@ def shrunk(stats: TensorStats) -> TensorStats:
         return stats
     cov = np.array(stats.cov, dtype=np.float64)
     cov[np.diag_indices(d)] += RIDGE * float(np.trace(cov)) / d
-    result = cov
-    result.setflags(write=False)
-    return replace(stats, cov=result)
+    cov.setflags(write=False)
+    return replace(stats, cov=Spilled(cov) if stats.spilled else cov)  # type: ignore[arg-type]
 
 
 #: the ridge of :func:`shrunk`, relative to the mean variance

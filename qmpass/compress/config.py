@@ -70,9 +70,10 @@ class CompressConfig:
     ``uniform`` (the same fraction of every operator: the default of ``svd`` and
     ``whitened``, as in their papers). ``pricing``: with calibration data, ``qmfrg``'s
     Lagrangian prices each unit's predicted error by what the model's output feels of it,
-    measured by one run of the model per unit (``output``, the default;
+    measured by one run of the model per unit (``output``;
     :mod:`qmpass.compress.sensitivity`), or takes the units' own errors as they are
-    (``layer``).
+    (``layer``); ``auto`` (the default) is ``output`` unless those runs are projected to
+    take more than ``PROBE_SECONDS`` (then ``layer``, and the report says so).
     ``budgets`` (decreasing, each in ``(0, 1]``, like ``keep``): a budget-gated model
     with one level per budget, made by :func:`~qmpass.compress.gated.compress_gated`
     (docs/GATED.md); it takes the place of ``keep``, ``delta`` and ``tolerance``.
@@ -104,7 +105,7 @@ class CompressConfig:
     refit: Literal["auto", "on", "off"] = "off"
     jobs: int = 1
     scheduler: str | None = None
-    pricing: Literal["output", "layer"] = "output"
+    pricing: Literal["auto", "output", "layer"] = "auto"
     allocation: Allocation | None = None
     crosslayer: bool = True
     budgets: tuple[float, ...] | None = None
@@ -144,8 +145,9 @@ class CompressConfig:
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise QmpassInputError(f"--allocation must be {' or '.join(ALLOCATIONS)}, got "
                                    f"{self.allocation!r}.")
-        if self.pricing not in ("output", "layer"):
-            raise QmpassInputError(f"--pricing must be output or layer, got {self.pricing!r}.")
+        if self.pricing not in ("auto", "output", "layer"):
+            raise QmpassInputError(
+                f"--pricing must be auto, output or layer, got {self.pricing!r}.")
         if self.strict_budget and (self.keep is None or self.tolerance is None):
             raise QmpassInputError("--strict-budget needs both --keep and --tolerance.")
 
@@ -169,7 +171,7 @@ class CompressConfig:
     def priced_by_output(self) -> bool:
         """Whether a ``keep`` budget is allocated on measured output gains
         (:mod:`qmpass.compress.sensitivity`): ``qmfrg`` with calibration data."""
-        return self.pricing == "output" and self.method == "qmfrg" and self.calib is not None
+        return self.pricing != "layer" and self.method == "qmfrg" and self.calib is not None
 
     def conv_choices(self) -> tuple[Literal["prune", "factorise"], ...]:
         """The treatments of convolutions to plan (both only where they can differ)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Literal
 
@@ -20,9 +21,9 @@ from qmpass.compress.report import (
     operator_params,
 )
 from qmpass.compress.rollback import Tried, apply_all, apply_verified
-from qmpass.compress.sensitivity import Gain, measure_gains
+from qmpass.compress.sensitivity import PROBE_SECONDS, Gain, ProbesTooSlow, measure_gains
 from qmpass.errors import QmpassInputError
-from qmpass.extdata import data_folder, embedded
+from qmpass.extdata import data_folder, embedded, embedded_bytes, external_tensors, in_scratch
 from qmpass.extract import extract_operators
 from qmpass.extract.channels import channel_groups
 from qmpass.extract.shapes import infer_shapes
@@ -36,6 +37,7 @@ from qmpass.plan.units.crosslayer import crosslayer_verified
 from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
 from qmpass.rewrite.gated_lowrank import refuse_gated
+from qmpass.scratch import Scratch, scratch_file
 from qmpass.verify import Verifier, check_feeds, synthesize_inputs
 from qmpass.verify.compare import sample_count
 
@@ -70,9 +72,25 @@ def compress(
     timer = time.perf_counter()
     loaded = load_model(model)
     refuse_gated(loaded.proto, "compress")
-    with Executor(config.jobs, config.scheduler) as executor, data_folder(loaded.folder):
+    with Executor(config.jobs, config.scheduler) as executor, data_folder(loaded.folder), \
+            _scratch(loaded) as scratch:
         result, report = _compress(loaded, config, executor, timer)
-        return (result if keep_external else embedded(result)), report
+        result = result if keep_external else embedded(result)
+        if scratch is not None:  # new weights the returned model refers to stay
+            scratch.kept = any(in_scratch(t) for t in result.graph.initializer)
+        return result, report
+
+
+def _scratch(loaded: LoadedModel) -> AbstractContextManager[Scratch | None]:
+    """A scratch file for the rewrites' new weights (:mod:`qmpass.scratch`) when the model
+    is large: it has external data, or its weights pass ``SCRATCH_MODEL_BYTES``."""
+    if external_tensors(loaded.proto) or embedded_bytes(loaded.proto) >= SCRATCH_MODEL_BYTES:
+        return scratch_file()
+    return nullcontext()
+
+
+#: weights past which a model held in memory is rewritten through a scratch file
+SCRATCH_MODEL_BYTES = 1 << 30
 
 
 def _compress(
@@ -106,6 +124,7 @@ def _compress(
     applier = Applier(original, extraction, groups)
     gains: dict[str, Gain] = {}
     priced = config.priced_by_output
+    notes: list[str] = [] if split.note is None else [split.note]
 
     def plans(keep: float | None, align: int | None = None, crosslayer: bool = True
               ) -> list[Alternative]:
@@ -121,18 +140,28 @@ def _compress(
                               loaded.name, memo, executor, model_file(loaded), prices)
                     for convs in choices]
 
+        nonlocal priced
         planned = plan_all(None)
         if priced and keep is not None:
             unpriced = [c for p in planned for c in p.candidates if c.key not in gains]
             if unpriced:  # probed at the variants the plan priced by layer chose
                 started = time.perf_counter()
                 chosen = {u.candidate.key: u.chosen for p in planned for u in p.units}
-                gains.update(measure_gains(original, applier, unpriced, split.fit,
-                                           split.samples[0] if split.separate else 0,
-                                           config.seed, chosen))
+                try:
+                    gains.update(measure_gains(
+                        original, applier, unpriced, split.fit,
+                        split.samples[0] if split.separate else 0, config.seed, chosen,
+                        PROBE_SECONDS if config.pricing == "auto" else None))
+                except ProbesTooSlow as slow:
+                    priced = False
+                    gains.clear()
+                    notes.append(f"--pricing auto priced the units by their own error: "
+                                 f"pricing by the output ({slow}) would pass "
+                                 f"{PROBE_SECONDS:.0f} s; --pricing output forces it")
                 seconds["sensitivity"] = (seconds.get("sensitivity", 0.0)
                                           + time.perf_counter() - started)
-            planned = plan_all({key: gain.value for key, gain in gains.items()})
+            if priced:
+                planned = plan_all({key: gain.value for key, gain in gains.items()})
         distinct: list[Alternative] = []
         for label, p in zip(choices, planned, strict=True):  # the same plan is verified once
             if all(p.plan != q.plan for _, q in distinct):
@@ -146,7 +175,6 @@ def _compress(
             return finer if better else distinct
         return distinct
 
-    notes: list[str] = [] if split.note is None else [split.note]
     keep = config.keep
     searched: dict[float, tuple[list[Alternative], list[Tried]]] = {}  # keep -> verified
 

@@ -16,12 +16,17 @@ budget on those priced errors (:func:`qmpass.plan.planner.make_plan`'s ``gains``
 
 The cost is one onnxruntime run of the model per unit, on at most ``PROBE_SAMPLES``
 samples: linear in the number of units times the model, measured in the report
-(``seconds.sensitivity``).
+(``seconds.sensitivity``). That is quadratic in depth: on a 1.1B-parameter decoder, 154
+units of about 25 s each. With a ``limit``, the probes stop as soon as the time measured
+so far, extrapolated over the units left, passes it (:class:`ProbesTooSlow`), and
+``compress`` prices by layer instead (``--pricing auto``, the default, says so in the
+report; ``--pricing output`` has no limit).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -33,12 +38,15 @@ from qmpass.plan.units import Candidate
 from qmpass.rewrite import Applier
 from qmpass.verify import Verifier
 
-__all__ = ["PROBE_ERROR", "PROBE_SAMPLES", "Gain", "measure_gains"]
+__all__ = ["PROBE_ERROR", "PROBE_SAMPLES", "PROBE_SECONDS", "Gain", "ProbesTooSlow",
+           "measure_gains"]
 
 #: the predicted relative error of the variant each unit is probed at (or the nearest)
 PROBE_ERROR = 0.05
 #: calibration samples the probes run on, at most (a seeded subsample of the fit part)
 PROBE_SAMPLES = 32
+#: seconds the probes of ``--pricing auto`` may be projected to take, at most
+PROBE_SECONDS = 600.0
 #: the gain of a unit whose probe onnxruntime cannot run: never worth compressing
 _UNRUNNABLE = 1e6
 
@@ -66,6 +74,15 @@ class Gain:
         return self.output_error**2 / self.predicted
 
 
+class ProbesTooSlow(Exception):
+    """The probes were stopped: ``projected`` seconds for all ``units`` (``done`` run)."""
+
+    def __init__(self, done: int, units: int, projected: float) -> None:
+        super().__init__(f"{done} of {units} probes run, all projected to take "
+                         f"{projected:.0f} s")
+        self.done, self.units, self.projected = done, units, projected
+
+
 def measure_gains(
     model: onnx.ModelProto,
     applier: Applier,
@@ -74,12 +91,21 @@ def measure_gains(
     samples: int,
     seed: int = 0,
     at: Mapping[str, int] | None = None,
+    limit: float | None = None,
 ) -> dict[str, Gain]:
     """The gain of every candidate unit (by key) whose probe variant has a predicted
-    error above zero, measured on at most ``PROBE_SAMPLES`` of ``feeds``'s ``samples``."""
+    error above zero, measured on at most ``PROBE_SAMPLES`` of ``feeds``'s ``samples``.
+    Raises :class:`ProbesTooSlow` once the probes are projected past ``limit`` seconds
+    (None: no limit)."""
+    started = time.perf_counter()
     verifier = Verifier(model, _subsample(feeds, samples, seed))
     gains: dict[str, Gain] = {}
-    for candidate in candidates:
+    candidates = list(candidates)
+    for done, candidate in enumerate(candidates):
+        if limit is not None and done:
+            projected = (time.perf_counter() - started) / done * len(candidates)
+            if projected > limit:
+                raise ProbesTooSlow(done, len(candidates), projected)
         if candidate.key in gains:
             continue
         probe = (at or {}).get(candidate.key)

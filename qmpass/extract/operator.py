@@ -19,31 +19,13 @@ A ``BatchNormalization`` that alone consumes a Conv's output is folded into ``W`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from qmpass.extdata import LazyArray
+from qmpass.spill import ArrayField
 
 __all__ = ["ConvGeometry", "Operator", "Skipped"]
-
-
-class _Array:
-    """A field holding an array, or a :class:`~qmpass.extdata.LazyArray` that is read each
-    time the field is (an operator of an external-data model holds no weight until used);
-    the unread form is what is pickled (a Dask task carries a file reference)."""
-
-    def __init__(self, name: str) -> None:
-        self.slot = f"_{name}"
-
-    def __get__(self, obj: object, owner: type | None = None) -> Any:
-        if obj is None:
-            raise AttributeError(self.slot[1:])
-        value = obj.__dict__[self.slot]
-        return value.load() if isinstance(value, LazyArray) else value
-
-    def __set__(self, obj: object, value: Any) -> None:
-        obj.__dict__[self.slot] = value
 
 
 @dataclass(frozen=True)
@@ -75,7 +57,7 @@ class Operator:
     output: str
     weight_name: str
     weight_source: str
-    weight: np.ndarray  # an array or a LazyArray: see _Array, installed below
+    weight: np.ndarray  # an array or a LazyArray: see ArrayField, installed below
     bias: np.ndarray | None
     bias_source: str | None
     flops: int
@@ -108,7 +90,7 @@ class Operator:
         return "/" in self.graph
 
 
-setattr(Operator, "weight", _Array("weight"))  # noqa: B010  (after the dataclass is made)
+setattr(Operator, "weight", ArrayField("weight"))  # noqa: B010  (after the dataclass is made)
 
 
 @dataclass(frozen=True)

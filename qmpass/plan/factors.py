@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -94,6 +95,28 @@ def sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     """Symmetric square root of a covariance (negative rounding noise clipped to 0)."""
     values, vectors = scipy.linalg.eigh(matrix, driver="evd")  # divide and conquer: ~2x evr
     return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+#: bytes of covariance square roots kept: the fused and the separate variants of a
+#: cluster's members read one covariance, and its root is an eigendecomposition
+ROOT_BYTES = 256 << 20
+_ROOTS: OrderedDict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = OrderedDict()
+_ROOTS_LOCK = threading.Lock()
+
+
+def _root(cov: np.ndarray) -> np.ndarray:
+    """:func:`sqrt_psd` of ``cov``, kept for the next projection of the same array."""
+    with _ROOTS_LOCK:
+        found = _ROOTS.get(id(cov))
+        if found is not None and found[0]() is cov:
+            _ROOTS.move_to_end(id(cov))
+            return found[1]
+    root = sqrt_psd(cov)
+    with _ROOTS_LOCK:
+        _ROOTS[id(cov)] = (weakref.ref(cov), root)
+        while len(_ROOTS) > 1 and sum(r.nbytes for _, r in _ROOTS.values()) > ROOT_BYTES:
+            _ROOTS.popitem(last=False)
+    return root
 
 
 @dataclass(frozen=True)
@@ -165,7 +188,7 @@ def projection(weights: Sequence[np.ndarray], cov: np.ndarray | None) -> Project
         scale = _member_scale(row_energy, bounds)
         basis, energy = _left_singular_gram(scale[:, None] * gram * scale[None, :], rows, cols)
     else:
-        seen = stacked if cov is None else stacked @ sqrt_psd(cov)
+        seen = stacked if cov is None else stacked @ _root(cov)
         scale = _member_scale(np.einsum("ij,ij->i", seen, seen), bounds)
         basis, energy = _left_singular(scale[:, None] * seen)
     return Projection(

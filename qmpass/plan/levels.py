@@ -41,7 +41,7 @@ from qmpass.plan.units import Candidate
 
 __all__ = ["GatedUnit", "LevelPlan", "plan_levels"]
 
-LevelStep = tuple[Step, dict[str, np.ndarray]]
+LevelStep = tuple[Step, Mapping[str, np.ndarray]]
 
 
 @dataclass(frozen=True)

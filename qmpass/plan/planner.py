@@ -58,6 +58,7 @@ from qmpass.plan.units import (
     input_key,
     lowrank_candidate,
 )
+from qmpass.spill import Parked
 
 __all__ = ["ALLOCATIONS", "METHODS", "Allocation", "Method", "PlanConfig", "Planned",
            "make_plan", "stats_requests", "unit_candidates"]
@@ -123,7 +124,7 @@ class Planned:
     milder ones to fall back to when verification rejects it."""
 
     plan: Plan
-    tensors: tuple[dict[str, np.ndarray], ...]
+    tensors: tuple[Mapping[str, np.ndarray], ...]  # the large ones wait on disk
     units: tuple[PlannedUnit, ...]
     candidates: tuple[Candidate, ...] = ()  # every unit the plan chose among
 
@@ -151,7 +152,8 @@ def stats_requests(
 ) -> dict[str, StatsKey]:
     """The statistics a data-aware plan of ``method`` reads, keyed as the planner looks
     them up: compressible operators' inputs (receptive fields for a Conv) and the
-    activations of prunable groups' consumers along the channel axis."""
+    activations of prunable groups' consumers along the channel axis (for ``qmfrg``,
+    of groups a convolution produces: the only channels it prunes)."""
     wanted: dict[str, StatsKey] = {}
     if method in ("qmfrg", "whitened", "asvd"):
         for op in extraction.operators:
@@ -159,8 +161,11 @@ def stats_requests(
                 key = input_key(op)
                 wanted[key.key] = key
     if method in ("qmfrg", *_PRUNING):
+        convs = {op.name for op in extraction.operators if op.op_type == "Conv"}
         for group in groups:
-            if group.reason is None:
+            # qmfrg prunes only convolutions' channels (see _candidates)
+            if group.reason is None and (method != "qmfrg" or any(
+                    p.node in convs for p in group.producers)):
                 for consumer in group.consumers:
                     key = _channel_key(group, consumer.activation)
                     wanted[key.key] = key
@@ -211,7 +216,7 @@ def make_plan(
         kept = exact_cost(candidates, ops, choice, config.resource) / full if full else 1.0
 
     steps: list[Step] = []
-    tensors: list[dict[str, np.ndarray]] = []
+    tensors: list[Mapping[str, np.ndarray]] = []
     units: list[PlannedUnit] = []
     for candidate in candidates:
         index = choice[candidate.key]
@@ -222,7 +227,7 @@ def make_plan(
                                  tuple(range(len(steps), len(steps) + len(built)))))
         for step, arrays in built:
             steps.append(step)
-            tensors.append(arrays)
+            tensors.append(Parked(arrays))
     budget = {"keep": config.keep} if config.keep is not None else {"delta": config.delta}
     plan = Plan(
         model=model_name,

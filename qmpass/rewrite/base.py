@@ -23,8 +23,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qmpass.algebra import FactoredConv, FactoredLinear, decline_factors, decline_rank
+from qmpass.extdata import tensor_array
 from qmpass.extract import Operator
 from qmpass.plan.plan import Step, StepKind
+from qmpass.scratch import SCRATCH_BYTES
+from qmpass.scratch import active as active_scratch
 
 __all__ = [
     "OperatorFactorisation",
@@ -170,8 +173,25 @@ def unique_name(graph: gs.Graph, base: str) -> str:
 
 
 def new_constant(graph: gs.Graph, base: str, array: np.ndarray, dtype: np.dtype) -> gs.Constant:
-    """A new initializer with a fresh name, stored in ``dtype`` (the model's weight type)."""
-    return gs.Constant(unique_name(graph, base), np.ascontiguousarray(array, dtype=dtype))
+    """A new initializer with a fresh name, stored in ``dtype`` (the model's weight type);
+    within :func:`qmpass.scratch.scratch_file`, a large floating-point one is written there
+    and the graph holds a reference (:class:`ScratchValues`)."""
+    name = unique_name(graph, base)
+    values = np.ascontiguousarray(array, dtype=dtype)
+    scratch = active_scratch()
+    # weights only: an integer tensor may be a shape or split input, which onnxruntime's
+    # shape inference reads from the proto
+    if scratch is not None and values.dtype.kind == "f" and values.nbytes >= SCRATCH_BYTES:
+        return gs.Constant(name, ScratchValues(scratch.put(name, values)))
+    return gs.Constant(name, values)
+
+
+class ScratchValues(gs.ir.tensor.LazyValues):  # type: ignore[misc]
+    """onnx-graphsurgeon's values of a tensor in a scratch file: exported as the
+    reference, read (memory-mapped) only when a rewrite asks for them."""
+
+    def load(self) -> np.ndarray:
+        return np.array(tensor_array(self.tensor))
 
 
 def weight_dtype(graph: gs.Graph, op: Operator) -> np.dtype:

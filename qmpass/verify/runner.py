@@ -21,9 +21,17 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from qmpass.extdata import current_folder, embedded_bytes, large_embedded, skeleton
+from qmpass.extdata import (
+    current_folder,
+    embedded_bytes,
+    in_scratch,
+    large_embedded,
+    skeleton,
+    tensor_array,
+    tensor_bytes,
+)
 from qmpass.extract.shapes import infer_types
 
 __all__ = [
@@ -56,13 +64,18 @@ def session_from_bytes(
     data: bytes, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     arrays: Mapping[str, np.ndarray] | None = None,
     threads: int | None = None,
+    prepack: bool = True,
 ) -> ort.InferenceSession:
     """A CPU session for a serialised model, with all graph optimisations by default;
     ``arrays`` are initializers handed over in memory (the model holds them as
-    placeholders). External data is read from :func:`qmpass.extdata.current_folder`."""
+    placeholders). External data is read from :func:`qmpass.extdata.current_folder`.
+    ``prepack`` False keeps onnxruntime from copying MatMul weights into its packed
+    layout (a second copy of a large model's weights)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a refusal is one line of ours on stderr
     options.graph_optimization_level = level
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if threads is not None:  # timing: one thread measures work, not scheduling
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -81,21 +94,29 @@ def session_from_bytes(
 def _session(model: onnx.ModelProto, extra: bytes, level: ort.GraphOptimizationLevel,
              threads: int | None = None) -> ort.InferenceSession:
     """``model`` (followed by the serialised ``extra``, merged into it) in a session; a
-    model too large for one protobuf message hands its large initializers over as arrays."""
-    if embedded_bytes(model) < _IN_MEMORY_LIMIT:
-        return session_from_bytes(model.SerializeToString() + extra, level, threads=threads)
-    copy, moved = skeleton(model, large_embedded)
+    model too large for one protobuf message hands its large initializers over as arrays,
+    and new tensors in a scratch file (:mod:`qmpass.scratch`) go over as maps of it."""
+    scratch = any(in_scratch(t) for t in model.graph.initializer)
+    large = embedded_bytes(model) >= _IN_MEMORY_LIMIT
+    prepack = tensor_bytes(model) < _PREPACK_LIMIT
+    if not scratch and not large:
+        return session_from_bytes(model.SerializeToString() + extra, level, threads=threads,
+                                  prepack=prepack)
+    copy, moved = skeleton(model, lambda t: in_scratch(t) or (large and large_embedded(t)))
     arrays = {}
-    for placeholder, original in moved:
-        arrays[original.name] = numpy_helper.to_array(original)
+    for placeholder, original in moved:  # a scratch tensor as a map of its file
+        arrays[original.name] = tensor_array(original)
+        del placeholder.external_data[:]
         placeholder.data_location = TensorProto.EXTERNAL
         placeholder.external_data.add(key="location", value="qmpass-in-memory")
         placeholder.external_data.add(key="length", value=str(arrays[original.name].nbytes))
-    return session_from_bytes(copy.SerializeToString() + extra, level, arrays, threads)
+    return session_from_bytes(copy.SerializeToString() + extra, level, arrays, threads, prepack)
 
 
 #: serialised size past which large initializers go to onnxruntime as arrays
 _IN_MEMORY_LIMIT = 2**30
+#: weights past which onnxruntime does not prepack them (a copy of every MatMul weight)
+_PREPACK_LIMIT = 2**30
 
 
 def session_with_tensors(model: onnx.ModelProto, names: Sequence[str]) -> ort.InferenceSession:

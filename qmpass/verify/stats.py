@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Literal
 
@@ -43,6 +43,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qmpass.extract.constants import ConstantScope
 from qmpass.extract.operator import ConvGeometry
+from qmpass.extract.shapes import infer_shapes
+from qmpass.spill import ArrayField, Spilled
 from qmpass.verify.runner import DEFAULT_BATCH, batch_size, feed_batches, session_with_tensors
 
 __all__ = ["StatsRequest", "TensorStats", "collect_stats", "request_rows"]
@@ -85,17 +87,23 @@ class TensorStats:
     ``count``, as ``np.cov(..., bias=True)``); ``second_moment`` is ``E[x x^T]``;
     ``max_norm`` is the largest ``||x||_2`` of a single vector seen (all vectors, also
     when the moments use a subsample): the ``R`` of the certificate on these inputs.
+    ``cov`` may be held on disk (:class:`~qmpass.spill.Spilled`, read when used).
     """
 
     tensor: str
     count: int
     mean: np.ndarray
-    cov: np.ndarray
+    cov: np.ndarray  # an array or a Spilled one: see ArrayField, installed below
     max_norm: float
 
     @property
     def dim(self) -> int:
         return int(self.mean.shape[0])
+
+    @property
+    def spilled(self) -> bool:
+        """Whether ``cov`` waits on disk (read each time it is asked for)."""
+        return isinstance(self.__dict__["_cov"], Spilled)
 
     @cached_property
     def second_moment(self) -> np.ndarray:
@@ -130,6 +138,7 @@ def collect_stats(
     batch: int = DEFAULT_BATCH,
     max_vectors: int | None = None,
     seed: int = 0,
+    max_bytes: int | None = None,
 ) -> dict[str, TensorStats]:
     """Statistics of each request on ``feeds``, keyed like ``requests``.
 
@@ -137,6 +146,9 @@ def collect_stats(
     a ``Constant`` node or a constant subgraph; counted once) or a tensor computed in the
     main graph. ``max_vectors`` caps, approximately, how many vectors of each request
     enter the moments (a seeded Bernoulli subsample, unbiased); None keeps all.
+    ``max_bytes`` bounds the ``d x d`` sums held at once: past it, the model runs once per
+    group of requests that fits, and each finished covariance waits on disk
+    (:class:`~qmpass.spill.Spilled`) until it is read.
     """
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
@@ -169,16 +181,60 @@ def collect_stats(
             accumulators[key].plan(_vector_count(array, request), 1, 1, max_vectors)
             accumulators[key].add_all(_vectors(array, request))
 
+    results = {key: accumulators.pop(key).result(request.tensor)
+               for key, request in requests.items() if request.tensor in constants}
     streamed = {k: r for k, r in requests.items() if r.tensor not in constants}
-    if streamed:
-        for samples, total, values in _runs(model, feeds, fetched, batch):
-            for key, request in streamed.items():
+    passes = _passes(model, streamed, max_bytes)
+    for part in passes:
+        wanted = [name for name in fetched if any(r.tensor == name for r in part.values())]
+        for samples, total, values in _runs(model, feeds, wanted, batch):
+            for key, request in part.items():
                 array = values[request.tensor]
                 accumulators[key].plan(_vector_count(array, request), samples, total,
                                        max_vectors)
                 accumulators[key].add_all(_vectors(array, request))
-    return {key: accumulators[key].result(request.tensor) for key, request in
-            requests.items()}
+        for key, request in part.items():
+            stats = accumulators.pop(key).result(request.tensor)
+            if len(passes) > 1:  # the next pass's sums need the memory
+                stats = replace(stats, cov=Spilled(stats.cov))  # type: ignore[arg-type]
+            results[key] = stats
+    return {key: results[key] for key in requests}
+
+
+def _passes(model: onnx.ModelProto, requests: Mapping[str, StatsRequest],
+            max_bytes: int | None) -> list[dict[str, StatsRequest]]:
+    """``requests`` in runs of the model whose ``d x d`` sums stay within ``max_bytes``
+    (as far as shape inference knows ``d``; one run when it fits or None)."""
+    if not requests:
+        return []
+    if max_bytes is None:
+        return [dict(requests)]
+    shapes = infer_shapes(model)
+    passes: list[dict[str, StatsRequest]] = [{}]
+    held = 0
+    for key, request in requests.items():
+        size = 8 * _width(shapes.get(request.tensor), request) ** 2
+        if passes[-1] and held + size > max_bytes:
+            passes.append({})
+            held = 0
+        passes[-1][key] = request
+        held += size
+    return passes
+
+
+def _width(shape: tuple[int | None, ...] | None, request: StatsRequest) -> int:
+    """The length of ``request``'s vectors by the inferred ``shape`` (0 if unknown)."""
+    if shape is None or not shape:
+        return 0
+    try:
+        channels = shape[request.axis]
+    except IndexError:
+        return 0
+    if channels is None:
+        return 0
+    if request.geometry is None:
+        return int(channels)
+    return int(channels) * int(np.prod(request.geometry.kernel_shape))
 
 
 def _runs(
@@ -388,3 +444,6 @@ class _Moments:
         for array in (mean, cov):
             array.setflags(write=False)
         return TensorStats(tensor, n, mean, cov, self._max_norm)
+
+
+setattr(TensorStats, "cov", ArrayField("cov"))  # noqa: B010  (after the dataclass is made)

@@ -3,7 +3,7 @@ and the calibration statistics it reads (:class:`StatsKey`, :class:`StatsLike`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -17,7 +17,7 @@ from qmpass.plan.plan import Step
 __all__ = ["Built", "Candidate", "StatsKey", "StatsLike", "Variant", "input_key", "unchanged"]
 
 #: the steps (with their new weights) that realise a variant
-Built = list[tuple[Step, dict[str, np.ndarray]]]
+Built = list[tuple[Step, Mapping[str, np.ndarray]]]
 
 
 class StatsLike(Protocol):

@@ -38,6 +38,7 @@ won stay on offer.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -48,7 +49,12 @@ import scipy.sparse.linalg
 
 from qmpass.algebra import decline_crosslayer_rank, factored_linear_declines, reader_groups
 from qmpass.extract import Operator
-from qmpass.frg.crosslayer import CROSSLAYER_THRESHOLD, crosslayer_graph, crosslayer_merges
+from qmpass.frg.crosslayer import (
+    CROSSLAYER_THRESHOLD,
+    CrossLayerMerge,
+    crosslayer_graph,
+    crosslayer_merges,
+)
 from qmpass.plan.budget import lower_hull
 from qmpass.plan.factors import Projection, projection
 from qmpass.plan.plan import Cost, Step
@@ -227,6 +233,29 @@ def _separate_error(separate: Candidate, cost: float) -> float:
     return float(np.interp(cost, costs, errors, left=errors[0], right=errors[-1]))
 
 
+#: the last merges proposed: weak references to the operators (the same objects) they
+#: were proposed for, the threshold, the merges
+_LAST_MERGES: list[tuple[list[list[weakref.ref[Operator]]], float, list[CrossLayerMerge]]] = []
+
+
+def _merges(units: Sequence[Sequence[Operator]], threshold: float) -> list[CrossLayerMerge]:
+    """:func:`~qmpass.frg.crosslayer.crosslayer_merges` of ``units``' QM-FRG. The plans of
+    one compress (budgets, pricings, treatments of convolutions) ask for the same units'
+    merges, and the graph's spectra and Bures angles are most of a plan's cost: the last
+    answer is kept for the same operator objects (held weakly) and threshold."""
+    for seen, at, merges in _LAST_MERGES:
+        if at == threshold and [len(u) for u in seen] == [len(u) for u in units] and all(
+                ref() is op for refs, unit in zip(seen, units, strict=True)
+                for ref, op in zip(refs, unit, strict=True)):
+            return merges
+    graph = crosslayer_graph([op for unit in units for op in unit], threshold=threshold)
+    merges = crosslayer_merges(graph, [tuple(op.name for op in unit) for unit in units],
+                               threshold)
+    _LAST_MERGES[:] = [([[weakref.ref(op) for op in unit] for unit in units], threshold,
+                        merges)]
+    return merges
+
+
 def crosslayer_candidates(
     candidates: Sequence[Candidate], ops: Mapping[str, Operator],
     stats: Mapping[str, StatsLike] | None, align: int,
@@ -250,10 +279,9 @@ def crosslayer_candidates(
             eligible[c.operators] = c
     if len(eligible) < 2:
         return list(candidates), []
-    graph = crosslayer_graph([ops[n] for unit in eligible for n in unit], threshold=threshold)
     alive: dict[tuple[str, ...], Candidate] = dict(eligible)
     proposals: list[Proposal] = []
-    for merge in crosslayer_merges(graph, list(eligible), threshold):
+    for merge in _merges([[ops[n] for n in unit] for unit in eligible], threshold):
         # the units now covering the merge: its two parts, or their own parts where a
         # part was declined (the tree is nested, so they partition its operators)
         within = set(merge.operators)

@@ -52,10 +52,11 @@ def lowrank_candidate(
     basis for operators that read one tensor (``fused=True``). None if no rank saves
     parameters and FLOPs (ranks that save them but cost more of ``resource`` stay: the
     allocation never picks them)."""
-    cov = None if stats is None else stats.cov
-    proj = projection([op.weight for op in members], cov)
+    proj = projection([op.weight for op in members], None if stats is None else stats.cov)
     # built later (the chosen rank only): held within a memory budget, else recomputed
-    held = HeldProjection(proj, lambda: projection([op.weight for op in members], cov))
+    # (from the statistics, not a covariance held here: it may wait on disk)
+    held = HeldProjection(proj, lambda: projection(
+        [op.weight for op in members], None if stats is None else stats.cov))
     before = Cost.of(members)
     full = min(members[0].shape[1], sum(op.shape[0] for op in members))
     names = tuple(op.name for op in members)
