@@ -22,17 +22,24 @@ on activations, no weights). Sizes:
   32 heads (4 kv), SwiGLU 5632, vocabulary 32000: 1.1 B parameters, 4.1 GiB of float32.
 
 ``compress`` runs ``--keep 0.75 --calib`` with random token ids (``--samples`` sequences
-of ``--seq`` tokens). Run from the repository root: ``python bench/scale.py [--big]``.
+of ``--seq`` tokens). ``--zoo`` adds the light zoo of onnx's backend test data (the
+models as the onnx wheel ships them; ``compress --keep 0.5`` without calibration) and the
+trained fixtures of ``models/`` (``compress --keep 0.5 --calib``). ``--dask`` also runs
+``analyze`` through a 2-worker local Dask cluster (``--scheduler``; the workers' own
+memory is not in the peak RSS column, which is the command's process) and says whether
+its report equals the serial one. Run from the repository root: ``python bench/scale.py [--big]``.
 Check ``free -g`` before ``--big``: the model file alone is 4.4 GB.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +59,7 @@ class Layout:
     kv_heads: int
     mlp: int
     vocab: int
+    dtype: type[np.floating] = np.float32  # every weight, constant and activation
 
     @property
     def params(self) -> int:
@@ -65,25 +73,28 @@ LAYOUTS = {
     "tiny": Layout("tiny", 256, 2, 4, 2, 688, 1000),
     "small": Layout("small", 1024, 4, 16, 4, 2816, 8000),
     "tinyllama": Layout("tinyllama", 2048, 22, 32, 4, 5632, 32000),
+    "llama7b": Layout("llama7b", 4096, 32, 32, 32, 11008, 32000, np.float16),
 }
 
 
 class _Writer:
     """Initializers written straight into one external data file (never all in memory)."""
 
-    def __init__(self, data: Path, seed: int) -> None:
+    def __init__(self, data: Path, seed: int, dtype: type[np.floating]) -> None:
+        self.dtype = dtype
         self.handle = data.open("wb")
         self.location = data.name
         self.rng = np.random.default_rng(seed)
         self.initializers: list[TensorProto] = []
 
     def tensor(self, name: str, array: np.ndarray) -> str:
-        array = np.ascontiguousarray(array, dtype=np.float32)
+        array = np.ascontiguousarray(array, dtype=self.dtype)
         offset = self.handle.tell()
         self.handle.write(array.tobytes())
         pad = (-self.handle.tell()) % 4096  # page-aligned tensors (memory-mappable)
         self.handle.write(b"\0" * pad)
-        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape)
+        tensor = TensorProto(name=name, dims=array.shape,
+                             data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.location), ("offset", str(offset)),
                            ("length", str(array.nbytes))):
@@ -97,7 +108,8 @@ class _Writer:
 
 def llama(layout: Layout, path: Path, seq: int, seed: int = 0) -> None:
     """Write the model to ``path`` and its weights to ``path`` + ``.data``."""
-    w = _Writer(path.with_name(path.name + ".data"), seed)
+    w = _Writer(path.with_name(path.name + ".data"), seed, layout.dtype)
+    real = layout.dtype
     nodes: list[onnx.NodeProto] = []
     consts: list[TensorProto] = []
     head = layout.d // layout.heads
@@ -111,9 +123,9 @@ def llama(layout: Layout, path: Path, seq: int, seed: int = 0) -> None:
         nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    two, eps = const("two", np.array(2.0, np.float32)), const("eps", np.array(1e-5, np.float32))
-    scale = const("scale", np.array(1 / np.sqrt(head), np.float32))
-    mask = const("causal", np.triu(np.full((seq, seq), -1e4, np.float32), 1))
+    two, eps = const("two", np.array(2.0, real)), const("eps", np.array(1e-5, real))
+    scale = const("scale", np.array(1 / np.sqrt(head), real))
+    mask = const("causal", np.triu(np.full((seq, seq), -1e4, real), 1))
     heads_shape = const("heads_shape", np.array([0, 0, layout.heads, head], np.int64))
     kv_shape = const("kv_shape", np.array([0, 0, layout.kv_heads, 1, head], np.int64))
     expand = const("expand", np.array([1, 1, 1, rep, 1], np.int64))
@@ -167,7 +179,7 @@ def llama(layout: Layout, path: Path, seq: int, seed: int = 0) -> None:
     graph = helper.make_graph(
         nodes, f"llama_{layout.name}",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", seq])],
-        [helper.make_tensor_value_info(logits, TensorProto.FLOAT,
+        [helper.make_tensor_value_info(logits, helper.np_dtype_to_tensor_dtype(np.dtype(real)),
                                        ["batch", seq, layout.vocab])],
         [*w.initializers, *consts])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
@@ -258,46 +270,115 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=16, help="tokens per sequence")
     parser.add_argument("--samples", type=int, default=16, help="calibration sequences")
     parser.add_argument("--dir", type=Path, help="keep the models and logs here")
+    parser.add_argument("--zoo", action="store_true",
+                        help="also the light zoo of onnx's backend test data "
+                        "(compress --keep 0.5, no calibration) and the trained fixtures "
+                        "(compress --keep 0.5 --calib)")
+    parser.add_argument("--dask", action="store_true",
+                        help="also run analyze through a 2-worker local Dask cluster "
+                        "(--scheduler) and check that its report is the serial one")
     parser.add_argument("--profile", action="store_true",
                         help="instead: run each command in this process and print, per "
                         "innermost qmpass function, the peak RSS and seconds sampled there")
     options = parser.parse_args()
     sizes = [*options.sizes, *(["tinyllama"] if options.big else [])]
-    with tempfile.TemporaryDirectory(prefix="qmpass-scale-") as tmp:
+    if "llama7b" in sizes and options.commands != ["analyze"]:
+        parser.error("the 7B layout is for analyze only (--commands analyze)")
+    with tempfile.TemporaryDirectory(prefix="qmpass-scale-") as tmp, \
+            _cluster(options.dask) as scheduler:
         folder = options.dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         rows = []
-        print(f"{'model':<10} {'params':>13} {'weights':>9} {'command':<9} {'rc':>3} "
+        print(f"{'model':<18} {'params':>13} {'weights':>9} {'command':<14} {'rc':>3} "
               f"{'seconds':>9} {'peak RSS':>10} {'RSS/weights':>11}")
-        for size in sizes:
-            layout = LAYOUTS[size]
-            model = folder / f"llama_{size}.onnx"
-            if not model.exists():
-                llama(layout, model, options.seq)
-            ids = np.random.default_rng(1).integers(0, layout.vocab,
-                                                    (options.samples, options.seq))
-            calib = folder / f"llama_{size}_calib.npz"
-            np.savez(calib, input_ids=ids.astype(np.int64))
-            weights = 4 * layout.params
+        for name, model, params, weights, extra in _models(sizes, folder, options):
             for command in options.commands:
-                args = [command, str(model)] if command == "analyze" else [
-                    command, str(model), "-o", str(folder / f"llama_{size}_c.onnx"),
-                    "--keep", "0.75", "--calib", str(calib)]
-                log = folder / f"llama_{size}_{command}.log"
-                if options.profile:
-                    print(f"{size} {command}: peak RSS and seconds by innermost qmpass frame")
-                    for where, rss, seconds in profile(args)[:12]:
-                        print(f"  {rss / 2**30:7.2f}Gi {seconds:8.1f}s  {where}", flush=True)
-                    continue
-                result = measure(args, log)
-                rows.append((size, command, layout.params, weights, result))
-                print(f"{size:<10} {layout.params:>13,} {weights / 2**30:>7.2f}Gi "
-                      f"{command:<9} {result['rc']:>3} {result['seconds']:>9.1f} "
-                      f"{result['peak'] / 2**30:>8.2f}Gi {result['peak'] / weights:>11.2f}",
-                      flush=True)
-                if result["rc"] != 0:
-                    print(f"  (exit {result['rc']}: see {log})", flush=True)
-        _growth(rows)
+                runs: list[tuple[str, list[str]]] = [(command, [])]
+                if command == "analyze" and scheduler is not None:
+                    runs.append(("analyze dask", ["--scheduler", scheduler]))
+                for label, more in runs:
+                    stem = f"{name}_{label.replace(' ', '_')}"
+                    args = [command, str(model), *more] if command == "analyze" else [
+                        command, str(model), "-o", str(folder / f"{name}_c.onnx"), *extra]
+                    if command == "analyze":
+                        args += ["--report", str(folder / f"{stem}.json")]
+                    log = folder / f"{stem}.log"
+                    if options.profile:
+                        print(f"{name} {label}: peak RSS and seconds by innermost qmpass "
+                              "frame")
+                        for where, rss, seconds in profile(args)[:12]:
+                            print(f"  {rss / 2**30:7.2f}Gi {seconds:8.1f}s  {where}",
+                                  flush=True)
+                        continue
+                    result = measure(args, log)
+                    rows.append((name, label, params, weights, result))
+                    print(f"{name:<18} {params:>13,} {weights / 2**30:>7.2f}Gi "
+                          f"{label:<14} {result['rc']:>3} {result['seconds']:>9.1f} "
+                          f"{result['peak'] / 2**30:>8.2f}Gi "
+                          f"{result['peak'] / weights:>11.2f}", flush=True)
+                    if result["rc"] != 0:
+                        print(f"  (exit {result['rc']}: see {log})", flush=True)
+                if len(runs) > 1 and not options.profile:
+                    same = _same_analysis(folder / f"{name}_analyze.json",
+                                          folder / f"{name}_analyze_dask.json")
+                    print(f"  dask report {'==' if same else '!='} serial report "
+                          "(all but seconds)", flush=True)
+        _growth([r for r in rows if r[0].removeprefix("llama_") in LAYOUTS])
+
+
+def _models(sizes: list[str], folder: Path, options: argparse.Namespace
+            ) -> Iterator[tuple[str, Path, int, int, list[str]]]:
+    """Per model: its name, file, parameters, bytes of weights and compress's budget
+    arguments."""
+    for size in sizes:
+        layout = LAYOUTS[size]
+        model = folder / f"llama_{size}.onnx"
+        if not model.exists():
+            llama(layout, model, options.seq)
+        ids = np.random.default_rng(1).integers(0, layout.vocab, (options.samples, options.seq))
+        calib = folder / f"llama_{size}_calib.npz"
+        np.savez(calib, input_ids=ids.astype(np.int64))
+        yield (f"llama_{size}", model, layout.params,
+               layout.params * np.dtype(layout.dtype).itemsize,
+               ["--keep", "0.75", "--calib", str(calib)])
+    if not options.zoo:
+        return
+    sys.path.insert(0, str(ROOT))
+    import models
+    from qmpass.extract import extract_operators
+
+    light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+    for path in sorted(light.glob("light_*.onnx")):
+        params = sum(op.params for op in extract_operators(onnx.load(str(path))).operators)
+        yield path.stem, path, params, 4 * params, ["--keep", "0.5"]
+    for name in models.FIXTURES:
+        path = models.fixture_path(name)
+        params = sum(op.params for op in extract_operators(onnx.load(str(path))).operators)
+        calib = path.with_name(f"{name}_calib.npz")
+        yield name, path, params, 4 * params, ["--keep", "0.5", "--calib", str(calib)]
+
+
+@contextlib.contextmanager
+def _cluster(wanted: bool) -> Iterator[str | None]:
+    """A 2-worker local Dask cluster (one thread each) for ``--dask``, else None."""
+    if not wanted:
+        yield None
+        return
+    import distributed
+
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def _same_analysis(serial: Path, dask: Path) -> bool:
+    """Whether two ``analyze --report`` reports agree in everything but the seconds."""
+    if not serial.is_file() or not dask.is_file():
+        return False
+    first, second = (json.loads(p.read_text()) for p in (serial, dask))
+    for report in (first, second):
+        report.pop("seconds", None)
+    return bool(first == second)
 
 
 def _growth(rows: list[tuple[str, str, int, int, dict[str, float]]]) -> None:

@@ -227,6 +227,12 @@ class LazyArray:
         return array
 
 
+def release() -> None:
+    """Empty the cache of recently read weights (:class:`LazyArray`)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
 _CACHE: OrderedDict[tuple[object, ...], np.ndarray] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _CACHE_BYTES = 256 * 2**20

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import pytest
@@ -250,3 +252,50 @@ def test_identical_conv_plans_are_verified_once(monkeypatch) -> None:
     assert report.to_dict()["conv_alternatives"] == {}
     assert len(runs) == 2  # the plan on the held-out inputs; the result on the fitting ones
     assert all(len(o.attempts) == 1 for o in report.outcomes)
+
+
+def test_a_plan_of_many_units_is_bisected_to_a_passing_prefix(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``BISECT_UNITS`` units, rollback costs about log2(units) model runs: the
+    units of least predicted error are kept up to a prefix that verifies."""
+    from qmpass.compress import rollback
+    from qmpass.verify import Verifier
+
+    monkeypatch.setattr(rollback, "BISECT_UNITS", 0)
+    calls: list[list[int]] = []  # per bisection: its unit count, its verifications
+    original_check, original_bisected = Verifier.check, rollback._bisected
+
+    def check(self, model):
+        if calls:
+            calls[-1][1] += 1
+        return original_check(self, model)
+
+    def bisected(applier, verifier, planned, units, *rest):
+        calls.append([len(units), 0])
+        try:
+            return original_bisected(applier, verifier, planned, units, *rest)
+        finally:
+            calls.append([0, 0])  # checks after it are not its own
+
+    monkeypatch.setattr(Verifier, "check", check)
+    monkeypatch.setattr(rollback, "_bisected", bisected)
+    original = onnx.load(str(fixture_path("transformer_digits")))
+    calib = _calib("transformer_digits", original)
+    model, report = qmpass.compress(original, CompressConfig(keep=0.3, tolerance=0.02,
+                                                             calib=calib))
+    statuses = [o.status for o in report.outcomes]
+    assert "rolled_back" in statuses and "kept" in statuses
+    assert statuses == sorted(statuses)  # "kept" (a prefix) before "rolled_back"
+    assert report.verification.relative_error <= 0.02
+    rolled = [o for o in report.outcomes if o.status == "rolled_back"]
+    assert all("bisected" in (o.reason or "") and o.attempts[0].relative_error > 0.02
+               for o in rolled)
+    kept = [o for o in report.outcomes if o.status == "kept"]
+    assert max(o.step.predicted_error for o in kept) <= max(
+        o.step.predicted_error for o in rolled)
+    bisections = [(units, runs) for units, runs in calls if units]
+    assert bisections
+    for units, runs in bisections:  # the empty prefix, then halving
+        assert runs <= math.ceil(math.log2(units)) + 1
+    measured = compare(run_model(original, calib), run_model(model, calib), 64)
+    assert measured.relative_error <= 0.02

@@ -161,18 +161,29 @@ def test_a_failing_data_writer_leaves_nothing(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_projections_dropped_and_computed_again_give_the_same_model(monkeypatch) -> None:
-    """With no memory for held projections every unit's factors are computed again when
-    built: the plan and the model are the same."""
+def test_projections_pushed_out_of_memory_come_back_from_disk_the_same(monkeypatch) -> None:
+    """With no memory for held projections every unit's basis waits on disk until built,
+    and is read back, not computed again: the plan and the model are the same."""
     from qmpass.compress import CompressConfig, compress
     from qmpass.plan import factors
+    from qmpass.plan.units import lowrank
 
+    calls = [0]
+    original_projection = lowrank.projection
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original_projection(*args, **kwargs)
+
+    monkeypatch.setattr(lowrank, "projection", counted)
     model = onnx.load(str(fixture_path(FIXTURE)))
     with np.load(_calib()) as calib:
         config = CompressConfig(keep=0.5, calib={k: calib[k] for k in calib.files})
     held, held_report = compress(model, config)
+    computed = calls[0]
     monkeypatch.setattr(factors, "HELD_BYTES", 0)
     again, report = compress(model, config)
+    assert calls[0] == 2 * computed  # each unit decomposed once per compress
     assert again.SerializeToString() == held.SerializeToString()
     assert _without(report.to_dict(), "seconds") == _without(held_report.to_dict(), "seconds")
 

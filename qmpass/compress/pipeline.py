@@ -12,6 +12,7 @@ from typing import Literal
 
 import onnx
 
+from qmpass import extdata
 from qmpass.compress.calibration import Split, calibration_stats, split_feeds
 from qmpass.compress.config import CompressConfig
 from qmpass.compress.report import (
@@ -29,6 +30,7 @@ from qmpass.extract.channels import channel_groups
 from qmpass.extract.shapes import infer_shapes
 from qmpass.modelio import LoadedModel, ModelLike, caller_form, load_model, stored_values
 from qmpass.parallel import Executor, model_file
+from qmpass.plan import factors
 from qmpass.plan.planner import Planned, make_plan
 from qmpass.plan.resource import PARAMS, Cycles
 from qmpass.plan.sequential import refit
@@ -207,6 +209,8 @@ def _compress(
             candidates, labels = [*candidates, *refitted], [*labels,
                                                            *(f"{c}+refit" for c in labels)]
     seconds["plan"] = time.perf_counter() - timer
+    factors.release()  # planning's caches: the model runs in onnxruntime from here on
+    extdata.release()
 
     timer = time.perf_counter()
     tolerance = config.effective_tolerance

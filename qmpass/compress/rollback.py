@@ -6,6 +6,13 @@ breaks the tolerance, the plan's units (an operator, a cluster, a channel group)
 added one at a time, least predicted error first; a unit that breaks the tolerance
 falls back to milder variants of itself (a higher rank, more channels) and is rolled
 back if none passes, with the measured error as the reason.
+
+That costs a run of the whole model per unit and variant: on a large model (more than
+``BISECT_UNITS`` units) the units are bisected instead: in about ``log2(units)`` runs, a
+prefix of the units, least predicted error first, that verifies within the tolerance
+while one more unit does not (the error is not exactly monotone in the prefix, so a
+longer passing prefix may exist). The units past it are rolled back, each with the error
+of the shortest failing prefix that added it; milder variants are not tried.
 """
 
 from __future__ import annotations
@@ -17,12 +24,15 @@ import onnx
 
 from qmpass.compress.report import Attempt, Outcome
 from qmpass.plan import Step
-from qmpass.plan.planner import Planned
+from qmpass.plan.planner import Planned, PlannedUnit
 from qmpass.plan.units import Built
 from qmpass.rewrite import Applier
 from qmpass.verify import Verification, Verifier
 
-__all__ = ["Tried", "apply_all", "apply_verified"]
+__all__ = ["BISECT_UNITS", "Tried", "apply_all", "apply_verified"]
+
+#: plans with more units than this are bisected, not taken a unit at a time
+BISECT_UNITS = 64
 
 #: a plan applied whole: the model, the steps that declined (by position), its error
 Tried = tuple[onnx.ModelProto, dict[int, str], Verification]
@@ -49,12 +59,14 @@ def apply_verified(
     # Too much error together: take the units one at a time, least predicted error first.
     # A unit whose variant breaks the tolerance falls back to milder variants of itself;
     # its outcomes (one per planned step) list every variant tried.
+    units = sorted(planned.units, key=lambda u: sum(
+        planned.plan.steps[i].predicted_error for i in u.steps))
+    if len(units) > BISECT_UNITS:
+        return _bisected(applier, verifier, planned, units, tolerance, verification)
     accepted: Built = []
     outcomes: list[Outcome] = []
     model, _ = applier.build([])
     verification = verifier.check(model)
-    units = sorted(planned.units, key=lambda u: sum(
-        planned.plan.steps[i].predicted_error for i in u.steps))
     for unit in units:
         plan_steps = [everything[i] for i in unit.steps]
         tried: list[Attempt] = []
@@ -82,6 +94,49 @@ def apply_verified(
                       f"the model with this step fails verification: {failure}")
             outcomes += [Outcome(step, "rolled_back", reason, tuple(tried))
                          for step, _ in plan_steps]
+    return model, outcomes, verification
+
+
+def _bisected(
+    applier: Applier, verifier: Verifier, planned: Planned, units: list[PlannedUnit],
+    tolerance: float, whole: Verification,
+) -> tuple[onnx.ModelProto, list[Outcome], Verification]:
+    """A prefix of ``units`` that verifies within ``tolerance``, by bisection (the module
+    docstring); ``whole`` is the verification of all of them, which failed."""
+    everything = list(zip(planned.plan.steps, planned.tensors, strict=True))
+
+    def steps_of(count: int) -> Built:
+        return [everything[i] for unit in units[:count] for i in unit.steps]
+
+    def verified(count: int) -> Tried:
+        model, declined = applier.build(steps_of(count))
+        return model, declined, verifier.check(model)
+
+    passing, failing = 0, len(units)  # prefix lengths known to pass / to fail
+    best = verified(0)
+    failed_at = {failing: whole.relative_error}
+    while failing - passing > 1:
+        middle = (passing + failing) // 2
+        tried = verified(middle)
+        if tried[2].relative_error <= tolerance:
+            passing, best = middle, tried
+        else:
+            failing = middle
+            failed_at[middle] = tried[2].relative_error
+    model, declined, verification = best
+    outcomes: list[Outcome] = []
+    for position, (step, _) in enumerate(steps_of(passing)):
+        outcomes.append(_outcome(step, declined.get(position), (
+            Attempt(tuple(s for s, _ in steps_of(passing)), verification.relative_error),)))
+    for rank, unit in enumerate(units[passing:], start=passing + 1):
+        first = min(count for count in failed_at if count >= rank)
+        error = failed_at[first]
+        reason = (f"bisected: the {first} units of least predicted error together give a "
+                  f"relative output error {error:.4g} over the tolerance {tolerance:g}; "
+                  f"the first {passing} pass, and this is unit {rank}")
+        outcomes += [Outcome(planned.plan.steps[i], "rolled_back", reason,
+                             (Attempt(tuple(s for s, _ in steps_of(first)), error),))
+                     for i in unit.steps]
     return model, outcomes, verification
 
 

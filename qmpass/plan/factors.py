@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +47,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.linalg
+
+from qmpass.spill import Spilled
 
 if TYPE_CHECKING:  # the units import this module
     from qmpass.plan.units.common import StatsLike
@@ -61,6 +62,7 @@ __all__ = [
     "greedy_channel_order",
     "projection",
     "sqrt_psd",
+    "stacked_weight",
 ]
 
 
@@ -97,10 +99,12 @@ def sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
-#: bytes of covariance square roots kept: the fused and the separate variants of a
-#: cluster's members read one covariance, and its root is an eigendecomposition
+#: bytes of covariances and their square roots kept: the fused and the separate variants
+#: of a cluster's members read one covariance, and its root is an eigendecomposition
 ROOT_BYTES = 256 << 20
-_ROOTS: OrderedDict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = OrderedDict()
+#: id -> (the covariance, held so that its id stays its own and a spilled one stays
+#: loaded, and its root)
+_ROOTS: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 _ROOTS_LOCK = threading.Lock()
 
 
@@ -108,13 +112,14 @@ def _root(cov: np.ndarray) -> np.ndarray:
     """:func:`sqrt_psd` of ``cov``, kept for the next projection of the same array."""
     with _ROOTS_LOCK:
         found = _ROOTS.get(id(cov))
-        if found is not None and found[0]() is cov:
+        if found is not None and found[0] is cov:
             _ROOTS.move_to_end(id(cov))
             return found[1]
     root = sqrt_psd(cov)
     with _ROOTS_LOCK:
-        _ROOTS[id(cov)] = (weakref.ref(cov), root)
-        while len(_ROOTS) > 1 and sum(r.nbytes for _, r in _ROOTS.values()) > ROOT_BYTES:
+        _ROOTS[id(cov)] = (cov, root)
+        while len(_ROOTS) > 1 and sum(
+                c.nbytes + r.nbytes for c, r in _ROOTS.values()) > ROOT_BYTES:
             _ROOTS.popitem(last=False)
     return root
 
@@ -169,6 +174,12 @@ class Projection:
         return first, second
 
 
+def stacked_weight(weights: Sequence[np.ndarray]) -> np.ndarray:
+    """The members' weights stacked (one member: its read-only weight itself, not a copy:
+    822 MB for VGG's first FC layer)."""
+    return np.asarray(weights[0]) if len(weights) == 1 else np.vstack(weights)
+
+
 def projection(weights: Sequence[np.ndarray], cov: np.ndarray | None) -> Projection:
     """The :class:`Projection` of members ``weights`` (each d_out_i x d_in) under the input
     covariance ``cov`` (None: data-free, ``S = I``).
@@ -177,8 +188,7 @@ def projection(weights: Sequence[np.ndarray], cov: np.ndarray | None) -> Project
     columns, its Gram matrix ``D W C W^T D`` gives it without a square root of ``C`` (an
     eigendecomposition of ``d_in x d_in`` saved: 9216 x 9216 on AlexNet's first FC layer).
     """
-    # one member: its (read-only) weight itself, not a copy (822 MB for VGG's first FC)
-    stacked = np.asarray(weights[0]) if len(weights) == 1 else np.vstack(weights)
+    stacked = stacked_weight(weights)
     rows, cols = stacked.shape
     bounds = np.cumsum((0, *(w.shape[0] for w in weights)))
     if cov is not None and rows <= cols:
@@ -201,48 +211,80 @@ def projection(weights: Sequence[np.ndarray], cov: np.ndarray | None) -> Project
 
 
 class HeldProjection:
-    """A :class:`Projection` kept while the projections held stay within
-    ``HELD_BYTES`` (least recently used dropped first), and computed again by ``compute``
-    when asked for after that: a plan holds a unit per operator, and holding every
-    operator's weight and basis is holding the model twice over. Recomputation is the
-    same computation on the same arrays, so the factors are the same."""
+    """A :class:`Projection` kept in memory while the projections held stay within
+    ``HELD_BYTES`` (least recently used first out), and otherwise on disk: a plan holds a
+    unit per operator, and holding every operator's weight and basis is holding the model
+    twice over. A projection pushed out keeps its basis in a temporary file
+    (:class:`~qmpass.spill.Spilled`) and gets its weight from ``weight`` (the members'
+    weights stacked again: read from the model's files, no decomposition), so asking for
+    it again reads it back, the same arrays; ``compute`` makes it from scratch where it
+    has no file (a Dask worker's copy)."""
 
-    def __init__(self, proj: Projection, compute: Callable[[], Projection]) -> None:
+    def __init__(self, proj: Projection, compute: Callable[[], Projection],
+                 weight: Callable[[], np.ndarray] | None = None) -> None:
         self._compute = compute
+        self._weight = weight
+        self._parked: tuple[Spilled, np.ndarray, np.ndarray, tuple[int, ...]] | None = None
         self._key = object()
-        _hold(self._key, proj)
+        _hold(self._key, proj, self)
 
     def get(self) -> Projection:
         with _HELD_LOCK:
-            proj = _HELD.get(self._key)
-            if proj is not None:
+            found = _HELD.get(self._key)
+            if found is not None:
                 _HELD.move_to_end(self._key)
-                return proj
-        proj = self._compute()
-        _hold(self._key, proj)
+                return found[0]
+        if self._parked is not None and self._weight is not None:
+            basis, scale, energy, rows = self._parked
+            proj = Projection(self._weight(), scale, basis.load(), energy, rows)
+        else:
+            proj = self._compute()
+        _hold(self._key, proj, self)
         return proj
 
+    def _park(self, proj: Projection) -> None:
+        """Keep ``proj``'s basis on disk (it is leaving memory)."""
+        if self._parked is None and self._weight is not None:
+            self._parked = (Spilled(proj.basis), proj.scale, proj.energy, proj.member_rows)
+
     def __getstate__(self) -> dict[str, object]:  # pickled: the key is this process's
-        return {"_compute": self._compute}
+        return {"_compute": self._compute, "_weight": None, "_parked": None}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._key = object()
 
 
-#: bytes of weights and bases of the projections held (:class:`HeldProjection`)
-HELD_BYTES = 1 << 30
-_HELD: OrderedDict[object, Projection] = OrderedDict()
+#: bytes of weights and bases of the projections held in memory (:class:`HeldProjection`;
+#: the others wait on disk)
+HELD_BYTES = 512 << 20
+#: key -> (projection, the HeldProjection it is held for)
+_HELD: OrderedDict[object, tuple[Projection, HeldProjection]] = OrderedDict()
 _HELD_LOCK = threading.Lock()
 
 
-def _hold(key: object, proj: Projection) -> None:
+def _hold(key: object, proj: Projection, owner: HeldProjection) -> None:
+    leaving = []
     with _HELD_LOCK:
-        _HELD[key] = proj
+        _HELD[key] = (proj, owner)
         _HELD.move_to_end(key)
         while len(_HELD) > 1 and sum(
-                p.weight.nbytes + p.basis.nbytes for p in _HELD.values()) > HELD_BYTES:
-            _HELD.popitem(last=False)
+                p.weight.nbytes + p.basis.nbytes for p, _ in _HELD.values()) > HELD_BYTES:
+            leaving.append(_HELD.popitem(last=False)[1])
+    for gone, holder in leaving:
+        holder._park(gone)
+
+
+def release() -> None:
+    """Empty the caches of this module (projections held in memory go to disk first):
+    what planning kept for speed, given back before the model runs in onnxruntime."""
+    with _HELD_LOCK:
+        leaving = list(_HELD.values())
+        _HELD.clear()
+    for proj, holder in leaving:
+        holder._park(proj)
+    with _ROOTS_LOCK:
+        _ROOTS.clear()
 
 
 def _member_scale(row_energy: np.ndarray, bounds: np.ndarray) -> np.ndarray:

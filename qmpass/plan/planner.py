@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from tqdm import tqdm
 
 from qmpass.algebra import lowrank_declines, shared_basis_declines
 from qmpass.extract import Extraction, Operator
@@ -326,16 +327,19 @@ def _candidates(
         found = stats.get(input_key(op).key) if whitened and stats is not None else None
         return ActivationScaled(found) if method == "asvd" and found is not None else found
 
-    if executor is not None and executor.parallel:
-        # the same units as the loops below ask for, computed side by side into the memo
+    if executor is not None:
+        # the same units as the loops below ask for, computed (side by side when the
+        # executor is parallel) into the memo, with a progress bar on a terminal
         needed = {key: task for key, task in _lowrank_units(extraction, ops, taken, method)
                   if key not in memo}
-        results = executor.map(
-            _lowrank_task,
-            [(members, op_stats(members[0]), config.align, fused, config.resource)
-             for members, fused in needed.values()],
-            source=source,
-        )
+        with tqdm(total=len(needed), desc="low-rank units", unit="unit", disable=None,
+                  leave=False) as bar:
+            results = executor.map(
+                _lowrank_task,
+                [(members, op_stats(members[0]), config.align, fused, config.resource)
+                 for members, fused in needed.values()],
+                source=source, on_done=bar.update,
+            )
         memo.update(zip(needed, results, strict=True))
 
     def lowrank(members: list[Operator], fused: bool) -> Candidate | None:

@@ -140,6 +140,10 @@ REFINE_STEPS = 8
 _CG_STEPS = 20
 #: shared ranks tried per group at most (evenly spaced multiples of the alignment)
 MAX_RANKS = 16
+#: widest input a cross-layer basis is planned for: its fit costs about ``d_in^2`` per
+#: rank, member and refinement step (a 2048-wide group of a 1.1B decoder: minutes per
+#: rank), and each rank's factors are held until the allocation has chosen
+MAX_WIDTH = 1024
 
 
 def refine(members: Sequence[Operator], stats: Sequence[StatsLike], fit: SharedFit,
@@ -274,6 +278,7 @@ def crosslayer_candidates(
         members = [ops[n] for n in c.operators if n in ops]
         if c.group is None and len(members) == len(c.operators) and \
                 len({m.input for m in members}) == 1 and \
+                members[0].shape[1] <= MAX_WIDTH and \
                 all(factored_linear_declines(m) is None
                     and input_key(m).key in stats for m in members):
             eligible[c.operators] = c

@@ -18,7 +18,7 @@ import numpy as np
 
 from qmpass.extract import Operator
 from qmpass.plan.budget import lower_hull
-from qmpass.plan.factors import HeldProjection, projection
+from qmpass.plan.factors import HeldProjection, projection, stacked_weight
 from qmpass.plan.plan import Cost, Step, StepKind
 from qmpass.plan.resource import PARAMS, Resource, lowrank_cost
 from qmpass.plan.units.common import Built, Candidate, StatsLike, Variant, unchanged
@@ -53,10 +53,13 @@ def lowrank_candidate(
     parameters and FLOPs (ranks that save them but cost more of ``resource`` stay: the
     allocation never picks them)."""
     proj = projection([op.weight for op in members], None if stats is None else stats.cov)
-    # built later (the chosen rank only): held within a memory budget, else recomputed
-    # (from the statistics, not a covariance held here: it may wait on disk)
-    held = HeldProjection(proj, lambda: projection(
-        [op.weight for op in members], None if stats is None else stats.cov))
+    # built later (the chosen rank only): held within a memory budget, else its basis
+    # waits on disk (or is computed again, from the statistics, not a covariance held
+    # here: it may wait on disk too)
+    held = HeldProjection(
+        proj,
+        lambda: projection([op.weight for op in members], None if stats is None else stats.cov),
+        lambda: stacked_weight([op.weight for op in members]))
     before = Cost.of(members)
     full = min(members[0].shape[1], sum(op.shape[0] for op in members))
     names = tuple(op.name for op in members)
