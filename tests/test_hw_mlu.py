@@ -99,8 +99,8 @@ def test_emitted_kernel_reads_as_bang_c() -> None:
     code = mlu.emit(spec, mlu.tiling(spec, TARGET), TARGET).code
     for name in ("__mlu_global__ void kernel(half* a, half* b, float* bias, float* c)",
                  "__nram__ int8_t nram_buffer[MAX_NRAM_SIZE]", "__wram__", "taskId",
-                 "GDRAM2NRAM", "NRAM2WRAM", "NRAM2GDRAM", "__bang_matmul", "__bang_cycle_add",
-                 "__sync_compute()"):
+                 "GDRAM2NRAM", "NRAM2WRAM", "NRAM2GDRAM", "__bang_conv(", "__bang_conv_partial(",
+                 "__bang_cycle_add", "__sync_compute()"):
         assert name in code
 
 

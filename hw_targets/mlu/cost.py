@@ -6,10 +6,11 @@ order of :func:`hw_targets.base.grid_cost`) are cut into k-chunks of ``TK``; a *
 mlu-ops ``binary_op_3pipeline.h`` / the five-stage pipeline of its docs, with the
 right-hand matrix's way to WRAM as two extra stages: iteration ``i`` loads step ``i`` (A
 and B chunks GDRAM2NRAM, plus the tile's bias on its first chunk), lays the B chunk of step
-``i-1`` out for WRAM (``__bang_transpose`` then ``__bang_reshape_filter``, as mlu-ops'
-FFT kernels do before ``__bang_matmul``), moves step ``i-2``'s NRAM2WRAM, multiplies step
-``i-3`` on the tensor unit (and adds it to the tile's fp32 accumulator, and the bias on the
-last chunk), stores the tile whose last step was ``i-4`` and zeroes the K padding of step
+``i-1`` out for WRAM (``__bang_transpose`` then ``__bang_reshape_filter``, as the BANG
+header asks of a ``__bang_conv`` filter), moves step ``i-2``'s NRAM2WRAM, multiplies step
+``i-3`` on the tensor unit as a 1x1 convolution (``__bang_conv`` on a tile's first chunk,
+``__bang_conv_partial`` adding into the tile's fp32 accumulator on the others; the bias on
+the last chunk), stores the tile whose last step was ``i-4`` and zeroes the K padding of step
 ``i+1``'s slots; it ends with ``__sync_io``, ``__sync_move`` and ``__sync_compute``, since
 each engine's results are used by another engine in the next iteration. One iteration is
 a stage; a core with ``S`` steps runs ``S + 4`` of them, plus a first one that zeroes step
@@ -23,7 +24,7 @@ IO-DMA, Move-DMA. Charges, per call, in integer cycles::
              unit adds one (RMW)
     Move     dma_issue_cycles + ceil(bytes / move_bytes_per_cycle)
     TFU      ceil(rows x round_up(k, 32) x round_up(n, 64) / macs_per_cycle)
-    VFU      bytes / 128 (transpose, reshape, accumulate, bias, zeroing of padded chunks)
+    VFU      bytes / 128 (transpose, reshape, bias, zeroing of padded chunks)
     stage    max over pipes + sync_cycles (the barrier at the end of every iteration)
 
 A core's cycles are the sum of its stages; a kernel's, its slowest core's. Using fewer
@@ -168,7 +169,6 @@ def nram_layout(spec: GemmSpec, tm: int, tn: int, tk: int, rates: Rates) -> dict
         "b_t": e * tnp * tkp,
         "b_r": 2 * e * tnp * tkp,  # laid out at i + 1, moved at i + 2
         "acc": 2 * OUT_BYTES * tm * tnp,  # one tile accumulates while the last is stored
-        "part": OUT_BYTES * tm * tnp,
         # lives from a tile's first load to its end
         "bias": depth * OUT_BYTES * bias_len(spec, tm, tnp, rates),
     }
@@ -274,7 +274,7 @@ def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
     layout_vfu = 2 * r.vec(e * kp * np_)  # transpose, then reshape_filter
     move = r.issue + -(-e * kp * np_ // r.move)
     tfu = -(-rows * kp * np_ // r.macs)
-    comp_vfu = np.where(chunk > 0, r.vec(OUT_BYTES * rows * np_), 0)
+    comp_vfu = np.zeros_like(tfu)  # the partial sums are added by __bang_conv_partial
     if spec.bias == "col":
         comp_vfu += np.where(last, r.vec(OUT_BYTES * rows * np_), 0)
     elif spec.bias == "row":

@@ -3,7 +3,9 @@
    A step is (tile, k-chunk); iteration i of the software pipeline loads step i
    (GDRAM2NRAM), lays the B chunk of step i-1 out for WRAM (__bang_transpose to N x K, then
    __bang_reshape_filter), moves the chunk of step i-2 NRAM2WRAM, multiplies step i-3 on the
-   TFU into the fp32 accumulator, stores the tile whose last step was i-4, and zeroes the
+   TFU into the fp32 accumulator (a 1x1 convolution of the rows x K chunk, height 1 and
+   width rows: __bang_conv on a tile's first chunk, __bang_conv_partial adding to the
+   accumulator on the others), stores the tile whose last step was i-4, and zeroes the
    padding of step i+1's slots (their last reader ran earlier in this iteration); then
    __sync_io, __sync_move and __sync_compute.${zero_note}
    NRAM: ${nram_used} of MAX_NRAM_SIZE bytes; WRAM: ${wram_used} bytes. */
@@ -53,7 +55,6 @@ __mlu_global__ void kernel(half* a, half* b, float* bias, float* c) {
   half* b_r[2] = {(half*)(nram_buffer + ${off_b_r}), (half*)(nram_buffer + ${off_b_r}) + TKP * TNP};
   float* acc_nram[2] = {(float*)(nram_buffer + ${off_acc}),
                         (float*)(nram_buffer + ${off_acc}) + TM * TNP};
-  float* part = (float*)(nram_buffer + ${off_part});
   float* bias_nram[DEPTH];
   for (int q = 0; q < DEPTH; ++q)
     bias_nram[q] = (float*)(nram_buffer + ${off_bias}) + q * BIAS_SLOT;
@@ -81,11 +82,12 @@ ${load_bias}    }
     if (i >= 3 && i - 3 < steps) {  // multiply step i-3
       const Step st = step(i - 3);
       float* acc = acc_nram[st.lt % 2];
-      if (st.s == 0) {
-        __bang_matmul(acc, a_nram[(i - 3) % DEPTH], b_wram[(i - 3) % 2], st.rows, st.kp, st.np);
+      if (st.s == 0) {  // ci = kp, height 1, width rows, 1x1 filter, stride 1, co = np
+        __bang_conv(acc, a_nram[(i - 3) % DEPTH], b_wram[(i - 3) % 2], st.kp, 1, st.rows, 1, 1,
+                    1, 1, st.np);
       } else {
-        __bang_matmul(part, a_nram[(i - 3) % DEPTH], b_wram[(i - 3) % 2], st.rows, st.kp, st.np);
-        __bang_add(acc, acc, part, st.rows * st.np);
+        __bang_conv_partial(acc, a_nram[(i - 3) % DEPTH], b_wram[(i - 3) % 2], acc, st.kp, 1,
+                            st.rows, 1, 1, 1, 1, st.np);
       }
 ${add_bias}    }
     if (i >= 4 && (i - 4) % KT == KT - 1) {  // store the tile whose last step was i-4
