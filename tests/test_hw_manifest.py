@@ -38,11 +38,7 @@ from qmpass.modelio import load_model
 KNOWN_VIOLATIONS: dict[str, dict[str, str]] = {
     "ascend": {},
     "mlu": {},
-    "kunlunxin": {
-        "vload2_lm(3)": "fp16 into two float32x16 halves: a helper of Baidu's XPU2 kernel "
-                        "header xpu/kernel/cluster2_simd.h over compiler builtins, not a call "
-                        "the XPU C/C++ guide documents (docs/TARGETS.md)",
-    },
+    "kunlunxin": {},
     "cpu": {},
 }
 #: rows x k x n and bias; input NCHW, output channels, kernel, strides, pads, groups

@@ -36,7 +36,7 @@ using float16 = qmsim::half;
 #define __global_ptr__
 #define __local__ alignas(QM_LM_ALIGN)
 
-// The emitted kernels use the 512-bit vector types (float32x16_t, float16x32_t); a target
+// The emitted kernels use the 512-bit vector types (float32x16_t, bfloat16x32_t); a target
 // described with other vectors costs them in the model but cannot be simulated here.
 static_assert(QM_SIMD_BITS == 512, "xpu_sim.h simulates the 512-bit SIMD of QM_SIMD_BITS");
 
@@ -168,16 +168,32 @@ inline void vstore_lm_float32x16(float* lm, float32x16_t x) {
 }
 
 
-// cluster2_simd.h (XPU2): 32 fp16 of LM widened to two fp32 vectors (lanes 0..15 in vl,
-// 16..31 in vh): one vector load and two conversions (__builtin_xpu2_vfp162float_{l,h}_rn).
-inline void vload2_lm(const float16* lm, float32x16_t& vl, float32x16_t& vh) {
-  xpu::vector_access(lm, 64, false, "vload2_lm");
-  for (int i = 0; i < 16; ++i) {
-    vl.v[i] = static_cast<float>(lm[i]);
-    vh.v[i] = static_cast<float>(lm[16 + i]);
-  }
+// 32 16-bit lanes: the guide's container for fp16 vectors on Kunlun 2 (its §5.4.6
+// conversions take and give fp16 as bfloat16x32_t); here the lanes hold fp16 values.
+struct bfloat16x32_t {
+  float16 v[32];
+};
+
+inline bfloat16x32_t vload_lm_bfloat16x32(void* lm) {
+  xpu::vector_access(lm, sizeof(bfloat16x32_t), false, "vload_lm_bfloat16x32");
+  bfloat16x32_t r;
+  std::memcpy(r.v, lm, sizeof r.v);
+  return r;
+}
+
+// The 16 fp16 of the low (l) or high (h) 256 bits as fp32 (guide §5.4.6.7, §5.4.6.8).
+inline float32x16_t vfp162float_l(bfloat16x32_t a) {
+  float32x16_t r;
+  for (int i = 0; i < 16; ++i) r.v[i] = static_cast<float>(a.v[i]);
   xpu::simd_op();
+  return r;
+}
+
+inline float32x16_t vfp162float_h(bfloat16x32_t a) {
+  float32x16_t r;
+  for (int i = 0; i < 16; ++i) r.v[i] = static_cast<float>(a.v[16 + i]);
   xpu::simd_op();
+  return r;
 }
 
 // A scalar of LM, read by the core (checked against DMAs in flight).

@@ -58,11 +58,11 @@ ${bias_load}    mfence();
         gm2lm_2d(gb + (s + 1) * TK * N, N, lm_b[(s + 1) % 2], TN32, kn, cols);
       }
       const float16* la = lm_a[s % 2];
-      const float16* lb = lm_b[s % 2];
+      float16* lb = lm_b[s % 2];
       for (int v = 0; v < cols; v += VH) {
-        for (int p = 0; p < kk; ++p) {
-          float32x16_t b_lo, b_hi;
-          vload2_lm(lb + p * TN32 + v, b_lo, b_hi);
+        for (int p = 0; p < kk; ++p) {  // 32 fp16 of B (a bfloat16x32_t holds fp16), widened
+          const bfloat16x32_t b_h = vload_lm_bfloat16x32(lb + p * TN32 + v);
+          const float32x16_t b_lo = vfp162float_l(b_h), b_hi = vfp162float_h(b_h);
           for (int r = 0; r < rows; ++r) {
             float* cr = lm_c + r * TN32 + v;
             const float ar = (float)la[r * TK + p];
