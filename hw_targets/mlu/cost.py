@@ -67,6 +67,7 @@ __all__ = [
     "first_padded",
     "im2col_tasks",
     "nram_layout",
+    "resident",
     "row_len",
     "slot",
     "tiling",
@@ -105,6 +106,7 @@ class Rates:
     n_align: int
     nram_align: int
     in_bytes: int
+    wram: int
 
     @classmethod
     def of(cls, target: Target, tasks: int) -> Rates:
@@ -113,7 +115,7 @@ class Rates:
                    d["dma_issue_cycles"], tasks, d["macs_per_cycle"],
                    d["move_bytes_per_cycle"], d["sync_cycles"], d["gdram_unit"],
                    d["vector_bytes"], d["k_align"], d["n_align"], d["nram_align"],
-                   target.in_bytes)
+                   target.in_bytes, d["wram_bytes"])
 
     @property
     def line(self) -> int:
@@ -181,10 +183,21 @@ def nram_layout(spec: GemmSpec, tm: int, tn: int, tk: int, rates: Rates) -> dict
     return offsets
 
 
+def _chunk_bytes(spec: GemmSpec, tn: int, tk: int, rates: Rates) -> int:
+    """One B chunk's WRAM slot, padded to the TFU's N and K units."""
+    return rates.in_bytes * round_up(tn, rates.n_align) * round_up(min(tk, spec.k), rates.k_align)
+
+
+def resident(spec: GemmSpec, tn: int, tk: int, rates: Rates) -> bool:
+    """Whether two whole B panels (every k-chunk of a column of tiles) fit WRAM: then a core
+    keeps its column's panel there across the column's tiles and loads it once."""
+    return 2 * ceil_div(spec.k, min(tk, spec.k)) * _chunk_bytes(spec, tn, tk, rates) <= rates.wram
+
+
 def wram_bytes(spec: GemmSpec, tn: int, tk: int, rates: Rates) -> int:
-    """Two B chunks (double-buffered) in WRAM, padded to the TFU's N and K units."""
-    return (2 * rates.in_bytes * round_up(tn, rates.n_align)
-            * round_up(min(tk, spec.k), rates.k_align))
+    """Two B panels when they fit (:func:`resident`), else two B chunks (double-buffered)."""
+    chunks = ceil_div(spec.k, min(tk, spec.k)) if resident(spec, tn, tk, rates) else 1
+    return 2 * chunks * _chunk_bytes(spec, tn, tk, rates)
 
 
 def lower_bound(spec: GemmSpec, tm: int, tn: int, tk: int, p: int, rates: Rates) -> float:
@@ -198,7 +211,8 @@ def lower_bound(spec: GemmSpec, tm: int, tn: int, tk: int, p: int, rates: Rates)
     c_row = sum(count * (round_up(OUT_BYTES * cols, unit)
                          + (unit if OUT_BYTES * cols % unit else 0))
                 for count, cols in ((nt - 1, tn), (1, last_n)))
-    gdram = spec.batch * (spec.m * nt * a_row + mt * spec.k * b_row + spec.m * c_row)
+    b_reads = 1 if resident(spec, tn, tk, rates) else mt  # a resident panel: once at least
+    gdram = spec.batch * (spec.m * nt * a_row + b_reads * spec.k * b_row + spec.m * c_row)
     k_padded = (kt - 1) * round_up(tk, k_al) + round_up(last_k, k_al)
     n_padded = (nt - 1) * round_up(tn, n_al) + round_up(last_n, n_al)
     tfu = spec.batch * spec.m * k_padded * n_padded / rates.macs / p
@@ -251,10 +265,15 @@ def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
     mt, nt, kt = ceil_div(spec.m, tm), ceil_div(spec.n, tn), ceil_div(spec.k, tk)
     tiles = spec.batch * mt * nt
     per_core = ceil_div(tiles, p)
-    # [core, local tile] -> global tile; then [core, step] with step = local tile x kt + chunk
-    tile = np.arange(per_core)[None, :] * p + np.arange(p)[:, None]
+    # [core, local tile] -> global tile (column-major: i fastest; a contiguous run per core);
+    # then [core, step] with step = local tile x kt + chunk
+    tile = np.arange(p)[:, None] * per_core + np.arange(per_core)[None, :]
     valid = tile < tiles
-    i, j = (tile // nt) % mt, tile % nt
+    i, j = tile % mt, (tile // mt) % nt
+    column = tile // mt
+    new_column = np.ones_like(valid)
+    new_column[:, 1:] = column[:, 1:] != column[:, :-1]
+    load_b = np.repeat(new_column | (not resident(spec, tn, tk, r)), kt, axis=1)
     rows = np.where(valid, np.where(i == mt - 1, spec.m - (mt - 1) * tm, tm), 0)
     cols = np.where(valid, np.where(j == nt - 1, spec.n - (nt - 1) * tn, tn), 0)
     rows, cols = np.repeat(rows, kt, axis=1), np.repeat(cols, kt, axis=1)
@@ -265,14 +284,15 @@ def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
     has_bias = spec.bias != "none"
     bias_elems = rows if spec.bias == "row" else cols
 
-    load_io = r.load(rows, e * kk) + r.load(kk, e * cols)
+    load_b &= rows > 0
+    load_io = r.load(rows, e * kk) + np.where(load_b, r.load(kk, e * cols), 0)
     if has_bias:
         load_io += np.where(first, r.load(np.ones_like(rows), OUT_BYTES * bias_elems), 0)
     padded_k = kk < kp
     zero_vfu = np.where(padded_k, r.vec(e * (-(-rows * kp // r.line) * r.line))
-                        + r.vec(e * kp * np_), 0)
-    layout_vfu = 2 * r.vec(e * kp * np_)  # transpose, then reshape_filter
-    move = r.issue + -(-e * kp * np_ // r.move)
+                        + np.where(load_b, r.vec(e * kp * np_), 0), 0)
+    layout_vfu = np.where(load_b, 2 * r.vec(e * kp * np_), 0)  # transpose, reshape_filter
+    move = np.where(load_b, r.issue + -(-e * kp * np_ // r.move), 0)
     tfu = -(-rows * kp * np_ // r.macs)
     comp_vfu = np.zeros_like(tfu)  # the partial sums are added by __bang_conv_partial
     if spec.bias == "col":
@@ -308,7 +328,7 @@ def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
     # GDRAM bytes all cores move, in whole units (the RMW reads of partial stores excluded)
     gdram = (
         rows * -(-e * kk // r.unit) * r.unit
-        + kk * -(-e * cols // r.unit) * r.unit
+        + np.where(load_b, kk * -(-e * cols // r.unit) * r.unit, 0)
         + np.where(last, rows * -(-OUT_BYTES * cols // r.unit) * r.unit, 0)
     )
     if has_bias:
