@@ -76,9 +76,18 @@ inline long long dma_cycles(long long bytes) {
 }
 
 // Cores with work (the first active_cores() of the grid) sharing this core's SIMD unit.
+// Busy cores on this core's SIMD unit. The GEMM kernels put tile slot r * G + g on core
+// 4g + r (G = QM_CORES / QM_SIMD_SHARERS units), and the first active_cores() slots are busy;
+// when the cores do not split into whole units, slot = core.
 inline long long simd_sharers() {
-  const long long group = flat_core() / QM_SIMD_SHARERS * QM_SIMD_SHARERS;
-  return std::max(1LL, std::min<long long>(QM_SIMD_SHARERS, active_cores() - group));
+  const long long s = QM_SIMD_SHARERS, units = QM_CORES / QM_SIMD_SHARERS;
+  if (QM_CORES % QM_SIMD_SHARERS != 0) {
+    const long long group = flat_core() / s * s;
+    return std::max(1LL, std::min<long long>(s, active_cores() - group));
+  }
+  long long busy = 0;
+  for (long long r = 0; r < s; ++r) busy += r * units + flat_core() / s < active_cores() ? 1 : 0;
+  return std::max(1LL, busy);
 }
 
 inline void simd_op() { qmsim::charge(SIMD, QM_SIMD_OP_CYCLES * simd_sharers()); }

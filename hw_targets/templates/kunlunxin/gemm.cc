@@ -9,7 +9,8 @@ enum : long { M = ${m}, K = ${k}, N = ${n}, BATCH = ${batch},
               TM = ${tm}, TN = ${tn}, TK = ${tk}, TN32 = ${tnp},
               VH = ${h_lanes}, VF = ${f_lanes},  /* fp16 / fp32 lanes of a vector */
               MT = (M + TM - 1) / TM, NT = (N + TN - 1) / TN, KT = (K + TK - 1) / TK,
-              ACTIVE = ${active} /* cores with a tile */, LM_USED = ${lm_used} };
+              ACTIVE = ${active} /* cores with a tile */, LM_USED = ${lm_used},
+              SHARERS = ${sharers} /* cores per SIMD unit */ };
 
 // rows x width values from global memory (row stride gm_ld) into LM (row stride lm_ld).
 static __device__ void gm2lm_2d(__global_ptr__ const float16* gm, long gm_ld, float16* lm,
@@ -36,10 +37,15 @@ __global__ void kernel(__global_ptr__ const float16* a, __global_ptr__ const flo
                        __global_ptr__ const float* bias, __global_ptr__ float* c) {
   const int ncores = cluster_num() * core_num();
   const int cid = cluster_id() * core_num() + core_id();
+  // Tile slots spread over the SIMD groups (SHARERS cores share one unit): core 4g + r takes
+  // slot r * G + g (G = ncores / SHARERS groups), so a grid of fewer tiles than cores keeps
+  // as few cores per unit busy as it can.
+  const int slot = ncores % SHARERS == 0 ? cid % SHARERS * (ncores / SHARERS) + cid / SHARERS
+                                         : cid;
   __local__ float16 lm_a[2][TM * TK];
   __local__ float16 lm_b[2][TK * TN32];
   __local__ float lm_c[TM * TN32];
-${bias_alloc}  for (long t = cid; t < BATCH * MT * NT; t += ncores) {
+${bias_alloc}  for (long t = slot; t < BATCH * MT * NT; t += ncores) {
     const long bb = t / (MT * NT), i = (t / NT) % MT, j = t % NT;
     const int rows = (int)(i == MT - 1 ? M - i * TM : TM);
     const int cols = (int)(j == NT - 1 ? N - j * TN : TN);
