@@ -83,7 +83,7 @@ hardware."""
 #: has no M unit), N in multiples of ``n_align``, K in multiples of ``k_align``, task
 #: counts in powers of two up to the cores.
 _M_TILES = (16, 32, 64, 128, 256, 512)
-_N_ALIGNS = (1, 2, 4, 8, 16)
+_N_ALIGNS = (1, 2, 3, 4, 6, 8, 12, 16)
 _K_ALIGNS = (2, 4, 8, 16, 32, 64)
 _TASKS = (1, 2, 4, 8, 16, 32, 64)
 
