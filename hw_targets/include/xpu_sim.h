@@ -35,6 +35,8 @@ using float16 = qmsim::half;
 #define __device__
 #define __global_ptr__
 #define __local__ alignas(QM_LM_ALIGN)
+// Variables that vector instructions access (guide §3.2.2: 64-byte aligned on Kunlun 2).
+#define __simd__ alignas(64)
 
 // The emitted kernels use the 512-bit vector types (float32x16_t, bfloat16x32_t); a target
 // described with other vectors costs them in the model but cannot be simulated here.

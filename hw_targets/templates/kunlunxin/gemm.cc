@@ -43,8 +43,8 @@ __global__ void kernel(__global_ptr__ const float16* a, __global_ptr__ const flo
   const int slot = ncores % SHARERS == 0 ? cid % SHARERS * (ncores / SHARERS) + cid / SHARERS
                                          : cid;
   __local__ float16 lm_a[2][TM * TK];
-  __local__ float16 lm_b[2][TK * TN32];
-  __local__ float lm_c[TM * TN32];
+  __simd__ __local__ float16 lm_b[2][TK * TN32];  // read by vector loads: __simd__ (guide §3.2.2)
+  __simd__ __local__ float lm_c[TM * TN32];
 ${bias_alloc}  for (long t = slot; t < BATCH * MT * NT; t += ncores) {
     const long bb = t / (MT * NT), i = (t / NT) % MT, j = t % NT;
     const int rows = (int)(i == MT - 1 ? M - i * TM : TM);
