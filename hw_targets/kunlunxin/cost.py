@@ -2,9 +2,10 @@
 
 The matrix engine (SDNN) is reachable only through the vendor's fc/xblas libraries
 (docs/TARGETS.md), so the kernels emitted here run on the cluster cores: ``__global__``
-kernels launched ``<<<cluster_num, core_num>>>``, output tiles dealt round-robin over all
-512 cores (tile ``t`` to core ``cluster_id * core_num + core_id == t % 512``, as
-:func:`hw_targets.base.grid_cost`).
+kernels launched ``<<<cluster_num, core_num>>>``, output tiles dealt round-robin over 512
+slots (tile ``t`` to slot ``t % 512``, as :func:`hw_targets.base.grid_cost`), slot
+``r * 128 + g`` on core ``4g + r`` so that a small grid is spread over the SIMD units
+(:func:`sharers`).
 
 A GEMM tile (``TM x TN`` of C, fp32, in LM) walks K in steps of ``TK``. Its first *stage*
 loads slice 0 (and the bias) and waits (``mfence``); stage ``s`` then issues

@@ -1,8 +1,11 @@
 """The mlu target's cost model and tiling search (numbers from :mod:`.target`).
 
-Model. A GEMM's output tiles (``TM x TN``, dealt round-robin to ``taskDim`` cores in the
-order of :func:`hw_targets.base.grid_cost`) are cut into k-chunks of ``TK``; a *step* is one
-(tile, chunk). Each core runs its steps through a software pipeline in the manner of
+Model. A GEMM's output tiles (``TM x TN``, taken in column-major order, ``i`` fastest,
+each of the ``taskDim`` cores a contiguous run of them) are cut into k-chunks of ``TK``; a
+*step* is one (tile, chunk). When two whole B panels (every chunk of a column) fit WRAM
+(:func:`resident`), a core loads, lays out and moves its column's B chunks only with the
+column's first tile and keeps them for the others; else every step brings its own. Each
+core runs its steps through a software pipeline in the manner of
 mlu-ops ``binary_op_3pipeline.h`` / the five-stage pipeline of its docs, with the
 right-hand matrix's way to WRAM as two extra stages: iteration ``i`` loads step ``i`` (A
 and B chunks GDRAM2NRAM, plus the tile's bias on its first chunk), lays the B chunk of step

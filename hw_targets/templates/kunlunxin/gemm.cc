@@ -1,6 +1,7 @@
 /* ${name}: C[b] = A[b] @ B[b]${plus_bias} (${batch} x ${m}x${k}x${n}), fp16 in, fp32 out; XPU C/C++ for Kunlun 2
    (XPU2) cluster cores, launched <<<cluster_num, core_num>>>; tiles ${tm}x${tn}x${tk} (C tile in
-   LM, A and B slices double-buffered), dealt round-robin over all cores. A tile starts with
+   LM, A and B slices double-buffered), dealt round-robin over slots spread over the SIMD
+   units (below). A tile starts with
    a stage that loads its first slices (and bias); stage s then issues the _ASYNC DMAs of
    slice s + 1 into the other buffers while the SIMD works on slice s, and ends with
    mfence() (the DMAs done). LM: ${lm_used} bytes. */
