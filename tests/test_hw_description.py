@@ -58,7 +58,7 @@ IM2COL = Im2colSpec("i", 1, 8, 12, 12, (3, 3), pads=(1, 1, 1, 1))
 OVERRIDES = [
     ("ascend", "cube_edge", with_param("cube_edge", 32), True, True),
     ("ascend", "l2_rate", with_param("l2_rate", 32), True, False),
-    ("ascend", "l1_to_l0_a_rate", with_param("l1_to_l0_a_rate", 64), True, False),
+    ("ascend", "l1_to_l0_a_rate", with_param("l1_to_l0_a_rate", 8), True, False),
     ("ascend", "UB align", with_buffer("UB", align=64), False, True),
     ("ascend", "dram_bytes_per_cycle", with_field("dram_bytes_per_cycle", 400), True, False),
     ("mlu", "sync_cycles", with_param("sync_cycles", 16), True, False),

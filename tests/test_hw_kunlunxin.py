@@ -15,6 +15,7 @@ from hw_targets import (
     get_target,
     lower_matmul,
     roofline,
+    simulate_all,
 )
 from hw_targets.base import Target, Tiling, UnsupportedKernel
 from hw_targets.kunlunxin import library_cost
@@ -95,6 +96,24 @@ def test_idle_cores_leave_their_bandwidth_to_the_busy_ones() -> None:
     cap = d["core_dma_bytes_per_kcycle"]
     assert one.pipes["dma"] == d["launch_cycles"] + sum(
         d["dma_latency"] + -(-nbytes * 1000 // cap) for nbytes in (a_bytes, b_bytes, c_bytes))
+
+
+def test_a_small_grid_is_spread_over_the_simd_units() -> None:
+    # 256 tiles on 512 cores: two busy cores per 4-core SIMD unit, not four on half the units
+    from hw_targets.kunlunxin.cost import sharers
+
+    d = kunlunxin.defines(TARGET)
+    assert {sharers(d, 256, s) for s in range(256)} == {2}
+    assert {sharers(d, 512, s) for s in range(512)} == {4}
+    assert sharers(d, 129, 0) == 2 and sharers(d, 129, 1) == 1
+    lowering = lower_matmul(kunlunxin, TARGET, "mm", 512, 64, 64, False)
+    lowering = dataclasses.replace(lowering, tilings=(Tiling(4, 32, 32, 512),))  # 256 tiles
+    rng = np.random.default_rng(0)
+    ((_, counters),) = simulate_all([lowering], [{"a": rng.standard_normal((512, 64)),
+                                                  "b": rng.standard_normal((64, 64)),
+                                                  "bias": np.zeros(1)}])
+    (cost,) = lowering.costs()
+    assert counters[0]["pipes"] == dict(cost.pipes) and counters[0]["cycles"] == cost.cycles
 
 
 def _one_core() -> Target:

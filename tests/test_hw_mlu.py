@@ -68,7 +68,7 @@ def test_partial_gdram_units_cost_a_read_modify_write() -> None:
 
 
 def test_active_cores_share_the_dram_bandwidth_up_to_a_core_cap() -> None:
-    spec = GemmSpec("g", 256, 64, 64)
+    spec = GemmSpec("g", 64, 64, 256)  # four tiles, each its own column: the same bytes
     one, four = (mlu.cost(spec, Tiling(64, 64, 64, p), TARGET) for p in (1, 4))
     d = mlu.defines(TARGET)
     share, cap = d["dram_millibytes_per_cycle"] // 4, d["core_dram_millibytes_per_cycle"]
@@ -81,6 +81,24 @@ def test_active_cores_share_the_dram_bandwidth_up_to_a_core_cap() -> None:
     # chip's bandwidth (up to the rounding of each copy)
     assert io(one) / io(four) == pytest.approx(4 * share / cap, rel=0.02)
     assert four.cycles < one.cycles
+
+
+def test_a_resident_b_panel_is_loaded_once_per_column() -> None:
+    # 4 x 2 tiles on one core: each column's B panel (K = 256, all four k-chunks) is loaded
+    # with the column's first tile and kept in WRAM for the other three
+    from hw_targets.mlu.cost import Rates, resident
+
+    spec, e = GemmSpec("g", 256, 256, 128), TARGET.in_bytes
+    tiling = Tiling(64, 64, 64, 1)
+    assert resident(spec, 64, 64, Rates.of(TARGET, 1))
+    cost = mlu.cost(spec, tiling, TARGET)
+    a, b, c = e * 256 * 256, e * 256 * 128, 4 * 256 * 128
+    assert cost.dram_bytes == a * 2 + b + c  # A once per column, B once, C once
+    small = dataclasses.replace(TARGET, buffers=tuple(
+        dataclasses.replace(buf, size=dataclasses.replace(buf.size, value=32 * 1024))
+        if buf.name == "WRAM" else buf for buf in TARGET.buffers))
+    assert not resident(spec, 64, 64, Rates.of(small, 1))
+    assert mlu.cost(spec, tiling, small).dram_bytes == a * 2 + b * 4 + c  # B once per tile
 
 
 def test_target_is_declared_with_sources() -> None:
@@ -99,8 +117,8 @@ def test_emitted_kernel_reads_as_bang_c() -> None:
     code = mlu.emit(spec, mlu.tiling(spec, TARGET), TARGET).code
     for name in ("__mlu_global__ void kernel(half* a, half* b, float* bias, float* c)",
                  "__nram__ int8_t nram_buffer[MAX_NRAM_SIZE]", "__wram__", "taskId",
-                 "GDRAM2NRAM", "NRAM2WRAM", "NRAM2GDRAM", "__bang_matmul", "__bang_cycle_add",
-                 "__sync_compute()"):
+                 "GDRAM2NRAM", "NRAM2WRAM", "NRAM2GDRAM", "__bang_conv(", "__bang_conv_partial(",
+                 "__bang_cycle_add", "__sync_compute()"):
         assert name in code
 
 

@@ -5,14 +5,17 @@ GEMM kernel. Output tiles of ``baseM x baseN`` are dealt round-robin to the core
 ``baseK``; one step is a *stage*, in which queues of depth 2 let the pipes overlap, so
 the stage costs its slowest pipe:
 
-* MTE2: ``DataCopy`` A and B tiles GM -> L1 (ND -> NZ), ``bytes / l2_rate``: the reads are
-  served by the L2, which holds the operands when they fit in it;
+* MTE2: ``DataCopy`` A and B tiles GM -> L1 (ND -> NZ in strips of ``e`` rows, each an NZ
+  matrix of its own, ``Nd2NzParams.ndNum``: one call for the whole strips, one for a
+  partial last strip; one per strip when the strips' GM stride exceeds the documented
+  ``srcNdMatrixStride`` range), ``bytes / l2_rate`` per call: the reads are served by the
+  L2, which holds the operands when they fit in it;
 * HBM: the core's share of the chip's HBM (``dram_bytes_per_cycle / cores``, capped by
   ``ddr_rate``): an element is fetched once into L2 and read by ``reuse`` tiles (``nt``
   for A, ``mt`` for B, times the batches that share the operand), so a read is charged
   ``bytes / (reuse x rate)``; with operands larger than L2 every read goes to HBM;
-* MTE1: ``LoadData`` L1 -> L0A (zZ) and L0B (zN), one fp16 fractal's bytes
-  ``/ l1_to_l0_{a,b}_rate`` per call (one call per fractal row of A, per fractal row of B);
+* MTE1: ``LoadData`` L1 -> L0A (zZ) and L0B (zN), the operand's fp16 fractals' bytes
+  ``/ l1_to_l0_{a,b}_rate``, one call each (the strips lie in L1 in L0's fractal order);
 * M: ``Mmad``, ``ceil(m/e) ceil(n/e) ceil(k/e)`` cycles (``e = cube_edge``): padding to
   the cube's edge is the waste.
 
@@ -64,11 +67,17 @@ from hw_targets.base import (
 )
 from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
 
-__all__ = ["Model", "aiv_row", "check_im2col", "cost", "im2col_buffers", "im2col_shape",
+__all__ = ["MAX_ND_MATRIX_STRIDE", "Model", "aiv_row",
+           "check_im2col", "cost", "im2col_buffers", "im2col_shape",
            "tiling"]
 
 #: Tile edges tried for baseM/baseN and for baseK, in multiples of the cube edge: a
 #: search space (not hardware), bounded in practice by what fits L0A/L0B/L0C.
+MAX_ND_MATRIX_STRIDE = 65535
+"""The largest ``Nd2NzParams.srcNdMatrixStride`` (elements), [0, 65535] in asc-devkit's API
+page of ``DataCopy`` GM -> L1 with ND2NZ (``docs/zh/api/SIMD-API/基础API/``, matrix
+compute, data movement in)."""
+
 _MN_MULTIPLES = (1, 2, 3, 4, 6, 8, 12, 16)
 _K_MULTIPLES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -135,15 +144,25 @@ class Model:
         return {"MTE2": d["dma_issue_cycles"] + ceil_div(nbytes, d["l2_rate"]),
                 "HBM": ceil_div(nbytes, reuse * d["hbm_core_rate"])}
 
+    def _strips(self, rows: int, cols: int, pitch: int, reuse: int) -> Pipes:
+        """The DataCopy calls of ``CopyStrips``: the whole strips of ``edge`` rows in one call
+        (one each when their GM stride exceeds ``MAX_ND_MATRIX_STRIDE``), a partial last
+        strip in a call of its own."""
+        e, full, rest = self.in_bytes, rows // self.edge, rows % self.edge
+        calls = [self.edge] * full if self.edge * pitch > MAX_ND_MATRIX_STRIDE else (
+            [full * self.edge] if full else [])
+        calls += [rest] if rest else []
+        return _add(*(self._read(e * r * cols, reuse) for r in calls))
+
     def stage(self, rows: int, cols: int, kk: int) -> Pipes:
-        """One k-step: DataCopy A and B to L1, LoadData them to L0A/L0B, Mmad."""
-        d, e = self.d, self.in_bytes
+        """One k-step: DataCopy A and B to L1, one LoadData each to L0A/L0B, Mmad."""
+        d = self.d
         mf, nf, kf = self.fractals(rows), self.fractals(cols), self.fractals(kk)
-        mte1 = (mf * ceil_div(self.in_fractal * kf, d["l1_to_l0a_rate"])
-                + kf * ceil_div(self.in_fractal * nf, d["l1_to_l0b_rate"])
-                + (mf + kf) * d["dma_issue_cycles"])
-        return _add(self._read(e * rows * kk, self.reuse_a),
-                    self._read(e * kk * cols, self.reuse_b),
+        mte1 = (ceil_div(self.in_fractal * mf * kf, d["l1_to_l0a_rate"])
+                + ceil_div(self.in_fractal * kf * nf, d["l1_to_l0b_rate"])
+                + 2 * d["dma_issue_cycles"])
+        return _add(self._strips(rows, kk, self.spec.k, self.reuse_a),
+                    self._strips(kk, cols, self.spec.n, self.reuse_b),
                     {"MTE1": mte1, "M": mf * nf * kf})
 
     def epilogue(self, rows: int, cols: int) -> Pipes:

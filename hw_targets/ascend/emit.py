@@ -9,7 +9,14 @@ what the model predicts) or the target's description (cube edge, fractal size, t
 
 from __future__ import annotations
 
-from hw_targets.ascend.cost import Model, aiv_row, check_im2col, im2col_buffers, im2col_shape
+from hw_targets.ascend.cost import (
+    MAX_ND_MATRIX_STRIDE,
+    Model,
+    aiv_row,
+    check_im2col,
+    im2col_buffers,
+    im2col_shape,
+)
 from hw_targets.ascend.target import PIPES, TARGET, cube_edge
 from hw_targets.base import (
     OUT_BYTES,
@@ -90,7 +97,7 @@ def _emit_gemm(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelSource:
         pbias=spec.bias_operand.period, sbias=spec.bias_operand.stride,
         reuse_a=model.reuse_a, reuse_b=model.reuse_b, reuse_bias=model.reuse_bias,
         size_a=sizes["a"], size_b=sizes["b"], size_c=sizes["c"], kernel_type=kernel_type,
-        **parts, **fractal,
+        max_nd_stride=MAX_ND_MATRIX_STRIDE, **parts, **fractal,
     )
     return KernelSource(spec.name, code, ("a", "b", "bias", "c"))
 

@@ -464,23 +464,33 @@ struct Nd2NzParams {
   std::uint16_t dstNzMatrixStride = 0;
 };
 
-// dst (NZ, rows padded to dstNzC0Stride, columns to kEdge, padding zeroed) = src[nValue x dValue].
+// ndNum ND matrices of nValue x dValue (matrix i at src + i * srcNdMatrixStride, row pitch
+// srcDValue) into NZ matrices at dst + i * dstNzMatrixStride: column block c of a matrix at
+// c * dstNzC0Stride rows of kEdge, row r of a block at r * dstNzNStride rows (C0_SIZE units:
+// one row of kEdge halves). Rows up to dstNzC0Stride and columns up to kEdge are zeroed.
 inline void DataCopy(const LocalTensor<half>& dst, const GlobalTensor<half>& src,
                      const Nd2NzParams& p) {
-  const int rows = p.nValue, cols = p.dValue, rp = p.dstNzC0Stride;
-  if (rp % kEdge != 0 || rp < rows) qmsim::fault("DataCopy Nd2Nz: dstNzC0Stride must be a multiple of the cube edge >= nValue");
-  const long long cp = cdiv(cols, kEdge) * kEdge;
-  dst.check(rp * cp, "DataCopy(Nd2Nz)");
-  track(gm_in_pipe(), dst.bytes(0, rp * cp),
-        {qmsim::strided(src.base, sizeof(half) * cols, sizeof(half) * p.srcDValue, rows, "GM")});
-  std::memset(dst.data, 0, sizeof(half) * rp * cp);
-  for (int r = 0; r < rows; ++r) {
-    const half* row = src.base + static_cast<long long>(r) * p.srcDValue;
-    qmsim::gm_check(row, sizeof(half) * cols, "DataCopy(Nd2Nz)");
-    for (int c = 0; c < cols; ++c)
-      dst.data[(c / kEdge) * rp * kEdge + r * kEdge + c % kEdge] = row[c];
+  const int rows = p.nValue, cols = p.dValue, rp = p.dstNzC0Stride, ns = p.dstNzNStride;
+  if (p.ndNum == 0 || rows == 0 || cols == 0) return;  // a NOP, as documented
+  if (rp < (rows - 1) * ns + 1 || ns < 1) qmsim::fault("DataCopy Nd2Nz: dstNzC0Stride must hold nValue rows of dstNzNStride");
+  if (p.ndNum > 1 && p.dstNzMatrixStride == 0) qmsim::fault("DataCopy Nd2Nz: dstNzMatrixStride 0 overwrites the first matrix");
+  const long long cb = cdiv(cols, kEdge), block = static_cast<long long>(rp) * kEdge;
+  const long long matrix = cb * block;
+  for (int m = 0; m < p.ndNum; ++m) {
+    const long long at = static_cast<long long>(m) * p.dstNzMatrixStride;
+    const half* base = src.base + static_cast<long long>(m) * p.srcNdMatrixStride;
+    dst.check(at + matrix, "DataCopy(Nd2Nz)");
+    track(gm_in_pipe(), dst.bytes(at, matrix),
+          {qmsim::strided(base, sizeof(half) * cols, sizeof(half) * p.srcDValue, rows, "GM")});
+    std::memset(dst.data + at, 0, sizeof(half) * matrix);
+    for (int r = 0; r < rows; ++r) {
+      const half* row = base + static_cast<long long>(r) * p.srcDValue;
+      qmsim::gm_check(row, sizeof(half) * cols, "DataCopy(Nd2Nz)");
+      for (int c = 0; c < cols; ++c)
+        dst.data[at + (c / kEdge) * block + static_cast<long long>(r) * ns * kEdge + c % kEdge] = row[c];
+    }
   }
-  charge_gm_read(static_cast<long long>(sizeof(half)) * rows * cols, src.reuse);
+  charge_gm_read(static_cast<long long>(sizeof(half)) * p.ndNum * rows * cols, src.reuse);
 }
 
 // ---------------------------------------------------------------- MTE1: L1 -> L0A/L0B

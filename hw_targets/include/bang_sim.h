@@ -14,8 +14,9 @@
 //             bandwidth shared by the taskDim active cores, capped at one core's DMA rate.
 //   Move-DMA  NRAM->WRAM and NRAM->NRAM: bytes / QM_MOVE_BYTES_PER_CYCLE.
 //   (every __memcpy call also charges QM_DMA_ISSUE_CYCLES to its engine)
-//   TFU       __bang_matmul: M x K x N MACs (K a multiple of QM_K_ALIGN, N of QM_N_ALIGN)
-//             / QM_MACS_PER_CYCLE.
+//   TFU       __bang_conv / __bang_conv_partial: output pixels x channel_output x
+//             (kernel_height kernel_width channel_input) MACs / QM_MACS_PER_CYCLE (the
+//             partial sum's addition rides on the TFU's accumulation: not charged).
 //   VFU       vector ops: ceil(bytes / QM_VECTOR_BYTES); lengths must be multiples of it.
 //   ALU       scalar work; charged only the barrier.
 // `__sync_compute()` ends a pipeline iteration (a stage): the barrier costs every pipe
@@ -26,13 +27,14 @@
 // engine (TFU and VFU, in order with each other). Each is complete for the others only
 // after `__sync_io()`, `__sync_move()` or `__sync_compute()` respectively; the synchronous
 // `__memcpy` is complete when it returns. A read of what an engine still writes, or a
-// write of what it still reads, is a race (exit 3). WRAM holds the right-hand matrix of
-// `__bang_matmul` in the layout `__bang_reshape_filter` gives (here: QM_N_ALIGN output
-// channels interleaved per input channel; the hardware's layout is not published), so a
-// plainly transposed matrix multiplies wrongly.
+// write of what it still reads, is a race (exit 3). WRAM holds the filter of `__bang_conv`
+// in the layout `__bang_reshape_filter` gives (here: QM_N_ALIGN output channels interleaved
+// per input channel; the hardware's layout is not published), so a plainly transposed
+// matrix multiplies wrongly. A GEMM is a 1x1 convolution (mlu-ops' msda kernels do the same).
 #pragma once
 
 #include <cmath>
+#include <vector>
 
 #include "qmsim.h"
 
@@ -233,29 +235,78 @@ inline void __sync_compute() {
 
 // ---------------------------------------------------------------- tensor unit
 
-// dst[M x N] (fp32, NRAM) = lhs[M x K] (NRAM) @ filter^T, where the N x K filter sits in
-// WRAM as __bang_reshape_filter laid it out (then NRAM2WRAM).
-inline void __bang_matmul(float* dst, const half* lhs, const half* rhs, int M, int K, int N) {
-  if (K % QM_K_ALIGN != 0 || N % QM_N_ALIGN != 0) {
-    qmsim::fault("__bang_matmul: K = " + std::to_string(K) + " must be a multiple of " +
-                 std::to_string(QM_K_ALIGN) + " and N = " + std::to_string(N) + " of " +
-                 std::to_string(QM_N_ALIGN));
+namespace bang {
+
+// dst[ho][wo][co] (fp32, NRAM) = sum over (kh, kw, ci) of src[ho*sh+kh][wo*sw+kw][ci] (NRAM,
+// NHWC) times the co x (kh kw ci) filter in WRAM, laid out by __bang_reshape_filter (then
+// NRAM2WRAM); plus partial[ho][wo][co] when `partial` is given (it may be dst). The header's
+// MLU370 (tp_3xx) rules checked: ci * sizeof(half) 64-byte aligned (ci a multiple of
+// QM_K_ALIGN), co a multiple of QM_N_ALIGN (64), dst not src.
+inline void conv(const char* op, float* dst, const half* src, const half* kernel, const float* partial,
+                 int ci, int height, int width, int kh, int kw, int sw, int sh, int co) {
+  if (ci % QM_K_ALIGN != 0 || co % QM_N_ALIGN != 0) {
+    qmsim::fault(std::string(op) + ": channel_input = " + std::to_string(ci) +
+                 " must be a multiple of " + std::to_string(QM_K_ALIGN) + " and channel_output = " +
+                 std::to_string(co) + " of " + std::to_string(QM_N_ALIGN));
   }
-  bang::nram().check(lhs, 2LL * M * K, "__bang_matmul lhs");
-  bang::wram().check(rhs, 2LL * K * N, "__bang_matmul rhs");
-  bang::nram().check(dst, 4LL * M * N, "__bang_matmul dst");
-  bang::compute(dst, 4LL * M * N,
-                {bang::nram_span(lhs, 2LL * M * K), qmsim::span(rhs, 2LL * K * N, "WRAM")});
-  for (int m = 0; m < M; ++m) {
-    for (int n = 0; n < N; ++n) {
-      float acc = 0.0f;
-      const half* row = lhs + static_cast<long>(m) * K;
-      for (int k = 0; k < K; ++k)
-        acc += static_cast<float>(row[k]) * static_cast<float>(rhs[bang::wram_index(n, k, K)]);
-      dst[static_cast<long>(m) * N + n] = acc;
+  if (kh < 1 || kw < 1 || sw < 1 || sh < 1 || height < kh || width < kw) {
+    qmsim::fault(std::string(op) + ": no output for this filter and stride");
+  }
+  const long long ho = (height - kh) / sh + 1, wo = (width - kw) / sw + 1;
+  const long long kc = 1LL * kh * kw * ci, in = 2LL * height * width * ci, out = 4LL * ho * wo * co;
+  nram().check(src, in, op);
+  wram().check(kernel, 2LL * co * kc, op);
+  nram().check(dst, out, op);
+  if (static_cast<const void*>(dst) == static_cast<const void*>(src)) {
+    qmsim::fault(std::string(op) + ": dst and src can not be homologous operands");
+  }
+  const qmsim::Span filter = qmsim::span(kernel, 2LL * co * kc, "WRAM");
+  if (partial != nullptr) {
+    nram().check(partial, out, op);
+    compute(dst, out, {nram_span(src, in), filter, nram_span(partial, out)});
+  } else {
+    compute(dst, out, {nram_span(src, in), filter});
+  }
+  std::vector<float> result(static_cast<std::size_t>(ho * wo * co));
+  for (long long y = 0; y < ho; ++y) {
+    for (long long x = 0; x < wo; ++x) {
+      for (long long o = 0; o < co; ++o) {
+        float acc = 0.0f;
+        for (long long r = 0; r < kh; ++r) {
+          for (long long c = 0; c < kw; ++c) {
+            const half* pixel = src + ((y * sh + r) * width + x * sw + c) * ci;
+            const long long tap = (r * kw + c) * ci;
+            for (long long i = 0; i < ci; ++i)
+              acc += static_cast<float>(pixel[i]) *
+                     static_cast<float>(kernel[wram_index(o, tap + i, kc)]);
+          }
+        }
+        const long long at = (y * wo + x) * co + o;
+        result[static_cast<std::size_t>(at)] = partial != nullptr ? acc + partial[at] : acc;
+      }
     }
   }
-  qmsim::charge(bang::TFU, qmsim::ceil_div(1LL * M * K * N, QM_MACS_PER_CYCLE));
+  std::copy(result.begin(), result.end(), dst);
+  qmsim::charge(TFU, qmsim::ceil_div(ho * wo * co * kc, QM_MACS_PER_CYCLE));
+}
+
+}  // namespace bang
+
+// half src and kernel, float dst, no bias (BANG header: supported on (m)tp_3xx).
+inline void __bang_conv(float* dst, half* src, half* kernel, int channel_input, int height,
+                        int width, int kernel_height, int kernel_width, int stride_width,
+                        int stride_height, int channel_output) {
+  bang::conv("__bang_conv", dst, src, kernel, nullptr, channel_input, height, width,
+             kernel_height, kernel_width, stride_width, stride_height, channel_output);
+}
+
+// As __bang_conv, plus `partial` (same shape as dst; may be dst itself).
+inline void __bang_conv_partial(float* dst, half* src, half* kernel, float* partial,
+                                int channel_input, int height, int width, int kernel_height,
+                                int kernel_width, int stride_width, int stride_height,
+                                int channel_output) {
+  bang::conv("__bang_conv_partial", dst, src, kernel, partial, channel_input, height, width,
+             kernel_height, kernel_width, stride_width, stride_height, channel_output);
 }
 
 // ---------------------------------------------------------------- vector unit
@@ -270,7 +321,7 @@ inline void __bang_transpose(half* dst, const half* src, int height, int width) 
   qmsim::charge(bang::VFU, bang::vector_cycles(bytes, "__bang_transpose"));
 }
 
-// dst = the n x (h w c) filter src (NHWC) in the layout __bang_matmul reads from WRAM.
+// dst = the n x (h w c) filter src (NHWC) in the layout __bang_conv reads from WRAM.
 inline void __bang_reshape_filter(half* dst, const half* src, int n, int h, int w, int c) {
   const long long kc = 1LL * h * w * c, bytes = 2LL * n * kc;
   if (n % QM_N_ALIGN != 0) qmsim::fault("__bang_reshape_filter: n = " + std::to_string(n) + " is not a multiple of " + std::to_string(QM_N_ALIGN));

@@ -35,8 +35,10 @@ using float16 = qmsim::half;
 #define __device__
 #define __global_ptr__
 #define __local__ alignas(QM_LM_ALIGN)
+// Variables that vector instructions access (guide §3.2.2: 64-byte aligned on Kunlun 2).
+#define __simd__ alignas(64)
 
-// The emitted kernels use the 512-bit vector types (float32x16_t, float16x32_t); a target
+// The emitted kernels use the 512-bit vector types (float32x16_t, bfloat16x32_t); a target
 // described with other vectors costs them in the model but cannot be simulated here.
 static_assert(QM_SIMD_BITS == 512, "xpu_sim.h simulates the 512-bit SIMD of QM_SIMD_BITS");
 
@@ -76,9 +78,18 @@ inline long long dma_cycles(long long bytes) {
 }
 
 // Cores with work (the first active_cores() of the grid) sharing this core's SIMD unit.
+// Busy cores on this core's SIMD unit. The GEMM kernels put tile slot r * G + g on core
+// 4g + r (G = QM_CORES / QM_SIMD_SHARERS units), and the first active_cores() slots are busy;
+// when the cores do not split into whole units, slot = core.
 inline long long simd_sharers() {
-  const long long group = flat_core() / QM_SIMD_SHARERS * QM_SIMD_SHARERS;
-  return std::max(1LL, std::min<long long>(QM_SIMD_SHARERS, active_cores() - group));
+  const long long s = QM_SIMD_SHARERS, units = QM_CORES / QM_SIMD_SHARERS;
+  if (QM_CORES % QM_SIMD_SHARERS != 0) {
+    const long long group = flat_core() / s * s;
+    return std::max(1LL, std::min<long long>(s, active_cores() - group));
+  }
+  long long busy = 0;
+  for (long long r = 0; r < s; ++r) busy += r * units + flat_core() / s < active_cores() ? 1 : 0;
+  return std::max(1LL, busy);
 }
 
 inline void simd_op() { qmsim::charge(SIMD, QM_SIMD_OP_CYCLES * simd_sharers()); }
@@ -168,16 +179,32 @@ inline void vstore_lm_float32x16(float* lm, float32x16_t x) {
 }
 
 
-// cluster2_simd.h (XPU2): 32 fp16 of LM widened to two fp32 vectors (lanes 0..15 in vl,
-// 16..31 in vh): one vector load and two conversions (__builtin_xpu2_vfp162float_{l,h}_rn).
-inline void vload2_lm(const float16* lm, float32x16_t& vl, float32x16_t& vh) {
-  xpu::vector_access(lm, 64, false, "vload2_lm");
-  for (int i = 0; i < 16; ++i) {
-    vl.v[i] = static_cast<float>(lm[i]);
-    vh.v[i] = static_cast<float>(lm[16 + i]);
-  }
+// 32 16-bit lanes: the guide's container for fp16 vectors on Kunlun 2 (its §5.4.6
+// conversions take and give fp16 as bfloat16x32_t); here the lanes hold fp16 values.
+struct bfloat16x32_t {
+  float16 v[32];
+};
+
+inline bfloat16x32_t vload_lm_bfloat16x32(void* lm) {
+  xpu::vector_access(lm, sizeof(bfloat16x32_t), false, "vload_lm_bfloat16x32");
+  bfloat16x32_t r;
+  std::memcpy(r.v, lm, sizeof r.v);
+  return r;
+}
+
+// The 16 fp16 of the low (l) or high (h) 256 bits as fp32 (guide §5.4.6.7, §5.4.6.8).
+inline float32x16_t vfp162float_l(bfloat16x32_t a) {
+  float32x16_t r;
+  for (int i = 0; i < 16; ++i) r.v[i] = static_cast<float>(a.v[i]);
   xpu::simd_op();
+  return r;
+}
+
+inline float32x16_t vfp162float_h(bfloat16x32_t a) {
+  float32x16_t r;
+  for (int i = 0; i < 16; ++i) r.v[i] = static_cast<float>(a.v[16 + i]);
   xpu::simd_op();
+  return r;
 }
 
 // A scalar of LM, read by the core (checked against DMAs in flight).

@@ -2,9 +2,10 @@
 
 The matrix engine (SDNN) is reachable only through the vendor's fc/xblas libraries
 (docs/TARGETS.md), so the kernels emitted here run on the cluster cores: ``__global__``
-kernels launched ``<<<cluster_num, core_num>>>``, output tiles dealt round-robin over all
-512 cores (tile ``t`` to core ``cluster_id * core_num + core_id == t % 512``, as
-:func:`hw_targets.base.grid_cost`).
+kernels launched ``<<<cluster_num, core_num>>>``, output tiles dealt round-robin over 512
+slots (tile ``t`` to slot ``t % 512``, as :func:`hw_targets.base.grid_cost`), slot
+``r * 128 + g`` on core ``4g + r`` so that a small grid is spread over the SIMD units
+(:func:`sharers`).
 
 A GEMM tile (``TM x TN`` of C, fp32, in LM) walks K in steps of ``TK``. Its first *stage*
 loads slice 0 (and the bias) and waits (``mfence``); stage ``s`` then issues
@@ -140,10 +141,17 @@ def cost(spec: KernelSpec, tiling: Tiling | None, target: Target = TARGET) -> Ke
                             lambda i: _im2col_cost(i, target)), target, PIPES[0])
 
 
-def sharers(d: Mapping[str, int], busy: int, core: int) -> int:
-    """Busy cores (the first ``busy`` of the grid) that share ``core``'s SIMD unit."""
-    group = core // d["simd_sharers"] * d["simd_sharers"]
-    return max(1, min(d["simd_sharers"], busy - group))
+def sharers(d: Mapping[str, int], busy: int, slot: int) -> int:
+    """Busy cores that share the SIMD unit of the core running tile slot ``slot`` (the first
+    ``busy`` slots have tiles). Slot ``r * G + g`` runs on core ``4g + r`` (``G`` units of
+    ``simd_sharers`` cores), spreading a small grid over the units; when the cores do not
+    split into whole units, slot = core."""
+    s, cores = d["simd_sharers"], d["cores"]
+    if cores % s:
+        group = slot // s * s
+        return max(1, min(s, busy - group))
+    units = cores // s
+    return max(1, sum(1 for r in range(s) if r * units + slot % units < busy))
 
 
 def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:

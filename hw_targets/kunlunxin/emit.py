@@ -45,6 +45,7 @@ def _emit_gemm(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelSource:
         name=spec.name, plus_bias=" + bias" if spec.bias != "none" else "", batch=spec.batch,
         m=spec.m, k=spec.k, n=spec.n, tm=tm, tn=tn, tk=tk, tnp=round_up(tn, h_lanes),
         h_lanes=h_lanes, f_lanes=f_lanes,
+        sharers=int(target.param("simd_sharers")),
         active=active(spec, tm, tn, int(target.cores.value)),
         pa=spec.a.period, sa=spec.a.stride, pb=spec.b.period, sb=spec.b.stride,
         pc=spec.c.period, sc=spec.c.stride, bias_alloc=bias_alloc, bias_load=bias_load,

@@ -1,15 +1,19 @@
 """The mlu target's cost model and tiling search (numbers from :mod:`.target`).
 
-Model. A GEMM's output tiles (``TM x TN``, dealt round-robin to ``taskDim`` cores in the
-order of :func:`hw_targets.base.grid_cost`) are cut into k-chunks of ``TK``; a *step* is one
-(tile, chunk). Each core runs its steps through a software pipeline in the manner of
+Model. A GEMM's output tiles (``TM x TN``, taken in column-major order, ``i`` fastest,
+each of the ``taskDim`` cores a contiguous run of them) are cut into k-chunks of ``TK``; a
+*step* is one (tile, chunk). When two whole B panels (every chunk of a column) fit WRAM
+(:func:`resident`), a core loads, lays out and moves its column's B chunks only with the
+column's first tile and keeps them for the others; else every step brings its own. Each
+core runs its steps through a software pipeline in the manner of
 mlu-ops ``binary_op_3pipeline.h`` / the five-stage pipeline of its docs, with the
 right-hand matrix's way to WRAM as two extra stages: iteration ``i`` loads step ``i`` (A
 and B chunks GDRAM2NRAM, plus the tile's bias on its first chunk), lays the B chunk of step
-``i-1`` out for WRAM (``__bang_transpose`` then ``__bang_reshape_filter``, as mlu-ops'
-FFT kernels do before ``__bang_matmul``), moves step ``i-2``'s NRAM2WRAM, multiplies step
-``i-3`` on the tensor unit (and adds it to the tile's fp32 accumulator, and the bias on the
-last chunk), stores the tile whose last step was ``i-4`` and zeroes the K padding of step
+``i-1`` out for WRAM (``__bang_transpose`` then ``__bang_reshape_filter``, as the BANG
+header asks of a ``__bang_conv`` filter), moves step ``i-2``'s NRAM2WRAM, multiplies step
+``i-3`` on the tensor unit as a 1x1 convolution (``__bang_conv`` on a tile's first chunk,
+``__bang_conv_partial`` adding into the tile's fp32 accumulator on the others; the bias on
+the last chunk), stores the tile whose last step was ``i-4`` and zeroes the K padding of step
 ``i+1``'s slots; it ends with ``__sync_io``, ``__sync_move`` and ``__sync_compute``, since
 each engine's results are used by another engine in the next iteration. One iteration is
 a stage; a core with ``S`` steps runs ``S + 4`` of them, plus a first one that zeroes step
@@ -23,7 +27,7 @@ IO-DMA, Move-DMA. Charges, per call, in integer cycles::
              unit adds one (RMW)
     Move     dma_issue_cycles + ceil(bytes / move_bytes_per_cycle)
     TFU      ceil(rows x round_up(k, 32) x round_up(n, 64) / macs_per_cycle)
-    VFU      bytes / 128 (transpose, reshape, accumulate, bias, zeroing of padded chunks)
+    VFU      bytes / 128 (transpose, reshape, bias, zeroing of padded chunks)
     stage    max over pipes + sync_cycles (the barrier at the end of every iteration)
 
 A core's cycles are the sum of its stages; a kernel's, its slowest core's. Using fewer
@@ -66,6 +70,7 @@ __all__ = [
     "first_padded",
     "im2col_tasks",
     "nram_layout",
+    "resident",
     "row_len",
     "slot",
     "tiling",
@@ -81,7 +86,7 @@ hardware."""
 #: has no M unit), N in multiples of ``n_align``, K in multiples of ``k_align``, task
 #: counts in powers of two up to the cores.
 _M_TILES = (16, 32, 64, 128, 256, 512)
-_N_ALIGNS = (1, 2, 4, 8, 16)
+_N_ALIGNS = (1, 2, 3, 4, 6, 8, 12, 16)
 _K_ALIGNS = (2, 4, 8, 16, 32, 64)
 _TASKS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -104,6 +109,7 @@ class Rates:
     n_align: int
     nram_align: int
     in_bytes: int
+    wram: int
 
     @classmethod
     def of(cls, target: Target, tasks: int) -> Rates:
@@ -112,7 +118,7 @@ class Rates:
                    d["dma_issue_cycles"], tasks, d["macs_per_cycle"],
                    d["move_bytes_per_cycle"], d["sync_cycles"], d["gdram_unit"],
                    d["vector_bytes"], d["k_align"], d["n_align"], d["nram_align"],
-                   target.in_bytes)
+                   target.in_bytes, d["wram_bytes"])
 
     @property
     def line(self) -> int:
@@ -168,7 +174,6 @@ def nram_layout(spec: GemmSpec, tm: int, tn: int, tk: int, rates: Rates) -> dict
         "b_t": e * tnp * tkp,
         "b_r": 2 * e * tnp * tkp,  # laid out at i + 1, moved at i + 2
         "acc": 2 * OUT_BYTES * tm * tnp,  # one tile accumulates while the last is stored
-        "part": OUT_BYTES * tm * tnp,
         # lives from a tile's first load to its end
         "bias": depth * OUT_BYTES * bias_len(spec, tm, tnp, rates),
     }
@@ -181,10 +186,21 @@ def nram_layout(spec: GemmSpec, tm: int, tn: int, tk: int, rates: Rates) -> dict
     return offsets
 
 
+def _chunk_bytes(spec: GemmSpec, tn: int, tk: int, rates: Rates) -> int:
+    """One B chunk's WRAM slot, padded to the TFU's N and K units."""
+    return rates.in_bytes * round_up(tn, rates.n_align) * round_up(min(tk, spec.k), rates.k_align)
+
+
+def resident(spec: GemmSpec, tn: int, tk: int, rates: Rates) -> bool:
+    """Whether two whole B panels (every k-chunk of a column of tiles) fit WRAM: then a core
+    keeps its column's panel there across the column's tiles and loads it once."""
+    return 2 * ceil_div(spec.k, min(tk, spec.k)) * _chunk_bytes(spec, tn, tk, rates) <= rates.wram
+
+
 def wram_bytes(spec: GemmSpec, tn: int, tk: int, rates: Rates) -> int:
-    """Two B chunks (double-buffered) in WRAM, padded to the TFU's N and K units."""
-    return (2 * rates.in_bytes * round_up(tn, rates.n_align)
-            * round_up(min(tk, spec.k), rates.k_align))
+    """Two B panels when they fit (:func:`resident`), else two B chunks (double-buffered)."""
+    chunks = ceil_div(spec.k, min(tk, spec.k)) if resident(spec, tn, tk, rates) else 1
+    return 2 * chunks * _chunk_bytes(spec, tn, tk, rates)
 
 
 def lower_bound(spec: GemmSpec, tm: int, tn: int, tk: int, p: int, rates: Rates) -> float:
@@ -198,7 +214,8 @@ def lower_bound(spec: GemmSpec, tm: int, tn: int, tk: int, p: int, rates: Rates)
     c_row = sum(count * (round_up(OUT_BYTES * cols, unit)
                          + (unit if OUT_BYTES * cols % unit else 0))
                 for count, cols in ((nt - 1, tn), (1, last_n)))
-    gdram = spec.batch * (spec.m * nt * a_row + mt * spec.k * b_row + spec.m * c_row)
+    b_reads = 1 if resident(spec, tn, tk, rates) else mt  # a resident panel: once at least
+    gdram = spec.batch * (spec.m * nt * a_row + b_reads * spec.k * b_row + spec.m * c_row)
     k_padded = (kt - 1) * round_up(tk, k_al) + round_up(last_k, k_al)
     n_padded = (nt - 1) * round_up(tn, n_al) + round_up(last_n, n_al)
     tfu = spec.batch * spec.m * k_padded * n_padded / rates.macs / p
@@ -251,10 +268,15 @@ def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
     mt, nt, kt = ceil_div(spec.m, tm), ceil_div(spec.n, tn), ceil_div(spec.k, tk)
     tiles = spec.batch * mt * nt
     per_core = ceil_div(tiles, p)
-    # [core, local tile] -> global tile; then [core, step] with step = local tile x kt + chunk
-    tile = np.arange(per_core)[None, :] * p + np.arange(p)[:, None]
+    # [core, local tile] -> global tile (column-major: i fastest; a contiguous run per core);
+    # then [core, step] with step = local tile x kt + chunk
+    tile = np.arange(p)[:, None] * per_core + np.arange(per_core)[None, :]
     valid = tile < tiles
-    i, j = (tile // nt) % mt, tile % nt
+    i, j = tile % mt, (tile // mt) % nt
+    column = tile // mt
+    new_column = np.ones_like(valid)
+    new_column[:, 1:] = column[:, 1:] != column[:, :-1]
+    load_b = np.repeat(new_column | (not resident(spec, tn, tk, r)), kt, axis=1)
     rows = np.where(valid, np.where(i == mt - 1, spec.m - (mt - 1) * tm, tm), 0)
     cols = np.where(valid, np.where(j == nt - 1, spec.n - (nt - 1) * tn, tn), 0)
     rows, cols = np.repeat(rows, kt, axis=1), np.repeat(cols, kt, axis=1)
@@ -265,16 +287,17 @@ def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
     has_bias = spec.bias != "none"
     bias_elems = rows if spec.bias == "row" else cols
 
-    load_io = r.load(rows, e * kk) + r.load(kk, e * cols)
+    load_b &= rows > 0
+    load_io = r.load(rows, e * kk) + np.where(load_b, r.load(kk, e * cols), 0)
     if has_bias:
         load_io += np.where(first, r.load(np.ones_like(rows), OUT_BYTES * bias_elems), 0)
     padded_k = kk < kp
     zero_vfu = np.where(padded_k, r.vec(e * (-(-rows * kp // r.line) * r.line))
-                        + r.vec(e * kp * np_), 0)
-    layout_vfu = 2 * r.vec(e * kp * np_)  # transpose, then reshape_filter
-    move = r.issue + -(-e * kp * np_ // r.move)
+                        + np.where(load_b, r.vec(e * kp * np_), 0), 0)
+    layout_vfu = np.where(load_b, 2 * r.vec(e * kp * np_), 0)  # transpose, reshape_filter
+    move = np.where(load_b, r.issue + -(-e * kp * np_ // r.move), 0)
     tfu = -(-rows * kp * np_ // r.macs)
-    comp_vfu = np.where(chunk > 0, r.vec(OUT_BYTES * rows * np_), 0)
+    comp_vfu = np.zeros_like(tfu)  # the partial sums are added by __bang_conv_partial
     if spec.bias == "col":
         comp_vfu += np.where(last, r.vec(OUT_BYTES * rows * np_), 0)
     elif spec.bias == "row":
@@ -308,7 +331,7 @@ def _gemm_cost(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelCost:
     # GDRAM bytes all cores move, in whole units (the RMW reads of partial stores excluded)
     gdram = (
         rows * -(-e * kk // r.unit) * r.unit
-        + kk * -(-e * cols // r.unit) * r.unit
+        + np.where(load_b, kk * -(-e * cols // r.unit) * r.unit, 0)
         + np.where(last, rows * -(-OUT_BYTES * cols // r.unit) * r.unit, 0)
     )
     if has_bias:

@@ -16,6 +16,7 @@ from hw_targets.mlu.cost import (
     first_padded,
     im2col_tasks,
     nram_layout,
+    resident,
     row_len,
     slot,
     wram_bytes,
@@ -26,6 +27,11 @@ from hw_targets.spec import GemmSpec, Im2colSpec, KernelSpec
 
 __all__ = ["emit", "launch"]
 
+_RESIDENCY = {
+    True: "WRAM holds two B panels (every k-chunk of a column): a core loads its column's\n"
+          "   panel with the column's first tile and keeps it for the others.",
+    False: "WRAM holds two B chunks: every step loads its own.",
+}
 _BIAS_NOTE = {"none": "", "row": " + bias[row]", "col": " + bias[col]"}
 #: bias kind -> (template loading the bias with a tile's first chunk, template adding it
 #: after its last one)
@@ -55,6 +61,8 @@ def _emit_gemm(spec: GemmSpec, tiling: Tiling, target: Target) -> KernelSource:
         name=spec.name, bias_note=_BIAS_NOTE[spec.bias], batch=spec.batch, m=spec.m,
         k=spec.k, n=spec.n, tm=tm, tn=tn, tk=tk, cores=tiling.cores,
         nram_used=layout["used"], wram_used=wram_bytes(spec, tn, tk, r),
+        resident="true" if resident(spec, tn, tk, r) else "false",
+        residency=_RESIDENCY[resident(spec, tn, tk, r)],
         k_align=r.k_align, k_align_less=r.k_align - 1,
         n_align=r.n_align, n_align_less=r.n_align - 1, line=r.line, line_less=r.line - 1,
         a_slot=slot(tm, round_up(tk, r.k_align), r),

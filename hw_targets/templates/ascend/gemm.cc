@@ -1,8 +1,8 @@
 /* ${name}: C[b] = A[b] @ B[b]${plus_bias} for b < ${batch}, M x K x N = ${m} x ${k} x ${n}; Ascend C for the Atlas A2 (910B) AI Core,
    ${kernel_type}. A, B fp16 in GM, C and bias fp32. baseM x baseN x baseK = ${tm} x ${tn} x ${tk}
    (${mt} x ${nt} tiles x ${kt} k-steps, on ${cores} cores round-robin).
-   Cube (AIC), per k-step: DataCopy GM -> L1 (A1/B1, ND -> NZ), LoadData L1 -> L0A zZ / L0B zN
-   (A2/B2), Mmad into L0C (CO1); depth-2 queues double-buffer every level. A tile's C leaves
+   Cube (AIC), per k-step: DataCopy GM -> L1 (A1/B1, ND -> NZ in 16-row strips), one LoadData
+   each L1 -> L0A zZ / L0B zN (A2/B2), Mmad into L0C (CO1); depth-2 queues double-buffer every level. A tile's C leaves
    L0C by Fixpipe (NZ -> ND into GM) in the first k-step of the core's next tile.${aiv_note} */
 namespace ${name} {
 using namespace AscendC;
@@ -67,54 +67,70 @@ class KernelMatmul {
                                 int32_t cols, int32_t kk) {
     LocalTensor<half> a1Local = inQueueA1.AllocTensor<half>();
     LocalTensor<half> b1Local = inQueueB1.AllocTensor<half>();
-    Nd2NzParams pa;
-    pa.nValue = rows;
-    pa.dValue = kk;
-    pa.srcDValue = K;
-    pa.dstNzC0Stride = Fractals(rows) * ${edge};
-    DataCopy(a1Local, aGM[(bb % PA) * SA + (int64_t)i * BASE_M * K + s * BASE_K], pa);
-    Nd2NzParams pb;
-    pb.nValue = kk;
-    pb.dValue = cols;
-    pb.srcDValue = N;
-    pb.dstNzC0Stride = Fractals(kk) * ${edge};
-    DataCopy(b1Local, bGM[(bb % PB) * SB + (int64_t)s * BASE_K * N + j * BASE_N], pb);
+    CopyStrips(a1Local, aGM[(bb % PA) * SA + (int64_t)i * BASE_M * K + s * BASE_K], rows, kk, K);
+    CopyStrips(b1Local, bGM[(bb % PB) * SB + (int64_t)s * BASE_K * N + j * BASE_N], kk, cols, N);
     inQueueA1.EnQue(a1Local);
     inQueueB1.EnQue(b1Local);
   }
 
-  // A: L1 NZ -> L0A zZ, one LoadData per fractal row.
+  // rows x cols of GM (row pitch `pitch`) into L1 as ${edge}-row strips, each an NZ matrix of
+  // its own (Nd2NzParams ndNum): strip r's fractal c at (r * Fractals(cols) + c), so L1 holds
+  // A as zZ and B as the fractal order of zN, and one LoadData moves a whole operand. The
+  // strips go in one DataCopy when their GM stride fits srcNdMatrixStride (at most
+  // ${max_nd_stride} elements), else one each; a partial last strip in a DataCopy of its own.
+  __aicore__ inline void CopyStrips(const LocalTensor<half>& dst, const GlobalTensor<half>& src,
+                                    int32_t rows, int32_t cols, int32_t pitch) {
+    const int32_t full = rows / ${edge}, rest = rows % ${edge};
+    const int32_t strip = Fractals(cols) * ${fractal};
+    const int32_t per_call = (int64_t)${edge} * pitch <= ${max_nd_stride} ? full : 1;
+    for (int32_t r = 0; r < full; r += per_call) {
+      Nd2NzParams p;
+      p.ndNum = per_call;
+      p.nValue = ${edge};
+      p.dValue = cols;
+      p.srcNdMatrixStride = per_call > 1 ? ${edge} * pitch : 0;
+      p.srcDValue = pitch;
+      p.dstNzC0Stride = ${edge};
+      p.dstNzNStride = 1;
+      p.dstNzMatrixStride = per_call > 1 ? strip : 0;
+      DataCopy(dst[r * strip], src[(int64_t)r * ${edge} * pitch], p);
+    }
+    if (rest > 0) {
+      Nd2NzParams p;
+      p.nValue = rest;
+      p.dValue = cols;
+      p.srcDValue = pitch;
+      p.dstNzC0Stride = ${edge};
+      DataCopy(dst[full * strip], src[(int64_t)full * ${edge} * pitch], p);
+    }
+  }
+
+  // A: L1 zZ -> L0A zZ; B: L1 (k-strips, fractal order of zN) -> L0B zN, each fractal
+  // transposed. One LoadData each.
   __aicore__ inline void SplitA(int32_t rows, int32_t kk) {
     LocalTensor<half> a1Local = inQueueA1.DeQue<half>();
     LocalTensor<half> a2Local = inQueueA2.AllocTensor<half>();
-    const int32_t mf = Fractals(rows), kf = Fractals(kk);
-    for (int32_t fi = 0; fi < mf; ++fi) {
-      LoadData2dParams p;
-      p.startIndex = fi;
-      p.repeatTimes = kf;
-      p.srcStride = mf;
-      p.ifTranspose = false;
-      LoadData(a2Local[fi * kf * ${fractal}], a1Local, p);
-    }
+    Load2d(a2Local, a1Local, Fractals(rows) * Fractals(kk), false);
     inQueueA2.EnQue(a2Local);
     inQueueA1.FreeTensor(a1Local);
   }
 
-  // B: L1 NZ -> L0B zN (each fractal transposed), one LoadData per fractal row.
   __aicore__ inline void SplitB(int32_t kk, int32_t cols) {
     LocalTensor<half> b1Local = inQueueB1.DeQue<half>();
     LocalTensor<half> b2Local = inQueueB2.AllocTensor<half>();
-    const int32_t kf = Fractals(kk), nf = Fractals(cols);
-    for (int32_t fk = 0; fk < kf; ++fk) {
-      LoadData2dParams p;
-      p.startIndex = fk;
-      p.repeatTimes = nf;
-      p.srcStride = kf;
-      p.ifTranspose = true;
-      LoadData(b2Local[fk * nf * ${fractal}], b1Local, p);
-    }
+    Load2d(b2Local, b1Local, Fractals(kk) * Fractals(cols), true);
     inQueueB2.EnQue(b2Local);
     inQueueB1.FreeTensor(b1Local);
+  }
+
+  __aicore__ inline void Load2d(const LocalTensor<half>& dst, const LocalTensor<half>& src,
+                                int32_t fractals, bool transpose) {
+    LoadData2dParams p;
+    p.startIndex = 0;
+    p.repeatTimes = fractals;
+    p.srcStride = 1;
+    p.ifTranspose = transpose;
+    LoadData(dst, src, p);
   }
 
   __aicore__ inline void Compute(LocalTensor<float>& c1Local, int32_t rows, int32_t cols,

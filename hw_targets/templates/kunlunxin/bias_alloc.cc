@@ -1,1 +1,1 @@
-  __local__ float lm_bias[${length}];
+  __simd__ __local__ float lm_bias[${length}];
