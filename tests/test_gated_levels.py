@@ -19,7 +19,7 @@ from qmpass.algebra.gated import GatedFactors
 from qmpass.compress.gated_report import stored_params
 from qmpass.extract import extract_operators
 from qmpass.rewrite.base import name_nodes
-from qmpass.rewrite.gated_lowrank import GATED_INPUT, build_gated
+from qmpass.rewrite.gated_lowrank import GATED_INPUT, GatedForm, build_gated
 
 RNG = np.random.default_rng(15)
 D_IN = 40
@@ -41,8 +41,8 @@ def _model(sizes: tuple[int, ...]) -> onnx.ModelProto:
     return name_nodes(make_model(nodes, [tensor("x", ["batch", D_IN])], outs, inits))
 
 
-def _gated(sizes: tuple[int, ...], ranks: tuple[int | None, ...]
-           ) -> tuple[onnx.ModelProto, GatedFactors]:
+def _gated(sizes: tuple[int, ...], ranks: tuple[int | None, ...],
+           form: GatedForm = "model") -> tuple[onnx.ModelProto, GatedFactors]:
     model = _model(sizes)
     members = extract_operators(model).operators
     d_out, widest = sum(sizes), max(q for q in ranks if q is not None)
@@ -52,25 +52,31 @@ def _gated(sizes: tuple[int, ...], ranks: tuple[int | None, ...]
     record = GatedFactors(_f32(widest, D_IN), _f32(d_out, widest), ranks, biases,
                           weight if ranks[0] is None else None, sizes)
     gated, declined = build_gated(model, {op.name: op for op in members},
-                                  [(members, record)], tuple(np.linspace(1, 0.2, len(ranks))))
+                                  [(members, record)], tuple(np.linspace(1, 0.2, len(ranks))),
+                                  form)
     assert not declined
     return gated, record
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
+def _graphs(graph: onnx.GraphProto, scope: dict[str, tuple[int, ...]] | None = None
+            ) -> Iterator[tuple[onnx.GraphProto, dict[str, tuple[int, ...]]]]:
+    """Every graph, with the constants it can read (its own and its enclosing graphs')."""
+    scope = {**(scope or {}), **{t.name: tuple(t.dims) for t in graph.initializer}}
+    yield graph, scope
     for node in graph.node:
         for attr in node.attribute:
             for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                yield from _graphs(sub)
+                yield from _graphs(sub, scope)
 
 
+FORMS = ["model", "operator"]
 CASES = [((48,), (None, 20, 20, 12, 6)), ((16, 16, 16), (16, 8, 8)), ((48,), (12, 12))]
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize(("sizes", "ranks"), CASES)
-def test_every_level_is_the_old_formula(sizes, ranks) -> None:
-    gated, record = _gated(sizes, ranks)
+def test_every_level_is_the_old_formula(sizes, ranks, form) -> None:
+    gated, record = _gated(sizes, ranks, form)
     sess = InferenceSession(gated.SerializeToString(), providers=["CPUExecutionProvider"])
     x = RNG.normal(size=(64, D_IN)).astype(np.float32)
     x64 = x.astype(np.float64)
@@ -92,25 +98,26 @@ def test_every_level_is_the_old_formula(sizes, ranks) -> None:
         sess.run(None, {"x": x, GATED_INPUT: np.array(len(ranks))})
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize(("sizes", "ranks"), CASES)
-def test_every_factor_is_a_constant_of_its_rank_and_nothing_is_sliced(sizes, ranks) -> None:
-    gated, _ = _gated(sizes, ranks)
+def test_every_factor_is_a_constant_of_its_rank_and_nothing_is_sliced(sizes, ranks, form) -> None:
+    gated, _ = _gated(sizes, ranks, form)
     distinct = sorted({q for q in ranks if q is not None})
-    shapes = []
-    for graph in _graphs(gated.graph):
+    weights = {}
+    for graph, scope in _graphs(gated.graph):
         assert "Slice" not in {n.op_type for n in graph.node}
-        own = {t.name: tuple(t.dims) for t in graph.initializer}
         for node in graph.node:
-            if node.op_type == "MatMul":  # its weight: a constant of the graph that runs it
-                assert node.input[1] in own
-                shapes.append(own[node.input[1]])
+            if node.op_type == "MatMul":  # its weight: a constant (pre-packed by onnxruntime)
+                assert node.input[1] in scope
+                weights[node.input[1]] = scope[node.input[1]]
     d_out = sum(sizes)
     expected = [(D_IN, q) for q in distinct] + [(q, d_out) for q in distinct]
     if ranks[0] is None:
         expected += [(D_IN, size) for size in sizes]
-    assert sorted(shapes) == sorted(expected)
-    # stored: one pair per distinct rank, one bias per level, the dense weight if needed
+    assert sorted(weights.values()) == sorted(expected)  # each stored once
+    # stored: one pair per distinct rank, a bias per level (the whole-model form: per
+    # factored level, as _gated's differ), and where some level is dense, its weight and bias
     dense = D_IN * d_out if ranks[0] is None else 0
-    dense_bias = d_out if ranks[0] is None else 0
-    assert stored_params(gated) == (sum(distinct) * (D_IN + d_out) + dense + dense_bias
-                                    + len(ranks) * d_out)
+    biases = len(ranks) if form == "operator" else sum(q is not None for q in ranks)
+    assert stored_params(gated) == (sum(distinct) * (D_IN + d_out) + dense
+                                    + (d_out if ranks[0] is None else 0) + biases * d_out)

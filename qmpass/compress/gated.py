@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -29,10 +29,11 @@ from qmpass.compress.config import DEFAULT_ALIGN, CompressConfig
 from qmpass.compress.gated_report import GatedReport, LevelRow, stored_params
 from qmpass.compress.pipeline import BUDGET_SLACK, compress
 from qmpass.compress.report import operator_flops, operator_params
+from qmpass.compress.sensitivity import PROBE_SECONDS, ProbesTooSlow, measure_gains
 from qmpass.errors import QmpassInputError
 from qmpass.extdata import embedded, external_tensors
-from qmpass.extract import Operator, extract_operators
-from qmpass.extract.channels import channel_groups
+from qmpass.extract import Extraction, Operator, extract_operators
+from qmpass.extract.channels import ChannelGroup, channel_groups
 from qmpass.extract.shapes import infer_shapes
 from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
 from qmpass.parallel import Executor, model_file
@@ -41,6 +42,7 @@ from qmpass.plan.plan import Cost, Plan
 from qmpass.plan.planner import unit_candidates
 from qmpass.plan.resource import PARAMS, Cycles
 from qmpass.plan.units import Candidate
+from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
 from qmpass.rewrite.gated_lowrank import GATED_INPUT, build_gated, refuse_gated
 from qmpass.verify import Verification, Verifier, check_feeds, compare, synthesize_inputs
@@ -103,6 +105,7 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
 
     timer = time.perf_counter()
     values = stored_values(original)
+    pricing = _Pricing(config, original, extraction, groups, split)
 
     def levels(align: int) -> LevelPlan:
         memo: dict[tuple[str, ...], Candidate | None] = {}
@@ -121,13 +124,15 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
                                                              for n in c.operators})),
                     steps=(), declined=tuple(sorted(declined.items())),
                     resource=resource.name)
-        return plan_levels(gated, memo, ops, budgets, resource, base)
+        return plan_levels(gated, memo, ops, budgets, resource, base, pricing.gains(gated))
 
     planned = levels(config.align or DEFAULT_ALIGN)
     if config.align is None and planned.miss > BUDGET_SLACK:
         finer = levels(1)  # steps of 8 too coarse for these budgets
         planned = finer if finer.miss < planned.miss else planned
-    seconds["plan"] = time.perf_counter() - timer
+    seconds["plan"] = time.perf_counter() - timer - pricing.seconds
+    if pricing.seconds:
+        seconds["sensitivity"] = pricing.seconds
 
     timer = time.perf_counter()
     gated, declined_units = _build(original, ops, planned)
@@ -156,9 +161,51 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
         operator_params=operator_params(extraction), operator_flops=operator_flops(extraction),
         latency_ms=runner.latency(original, None), default_is_level_0=default_ok,
         samples=split.samples, seconds=seconds,
-        notes=tuple(n for n in [split.note, *(n for p in plans for n in p.notes)] if n),
+        notes=tuple(n for n in [split.note, pricing.note, *(n for p in plans for n in p.notes)]
+                    if n),
+        pricing="output" if pricing.priced else "layer",
+        gains=tuple(sorted(pricing.measured.items())),
     )
     return gated, report
+
+
+class _Pricing:
+    """The gains the levels are priced by, as ``compress``'s ``--pricing``: with output
+    pricing, every gated unit probed once (:func:`measure_gains`, at the variant nearest
+    its probe error); ``--pricing auto`` falls back to each unit's own error (a note)
+    when the probes are projected past ``PROBE_SECONDS``."""
+
+    def __init__(self, config: CompressConfig, original: onnx.ModelProto,
+                 extraction: Extraction, groups: Sequence[ChannelGroup], split: Split) -> None:
+        self.config, self.original, self.split = config, original, split
+        self.applier = Applier(original, extraction, groups)
+        self.priced = config.priced_by_output
+        self.measured: dict[str, float] = {}
+        self.seconds = 0.0
+        self.note: str | None = None
+
+    def gains(self, candidates: Sequence[Candidate]) -> dict[str, float] | None:
+        if not self.priced:
+            return None
+        unpriced = [c for c in candidates if c.key not in self.measured]
+        if unpriced:
+            started = time.perf_counter()
+            split = self.split
+            try:
+                found = measure_gains(
+                    self.original, self.applier, unpriced, split.fit,
+                    split.samples[0] if split.separate else 0, self.config.seed, None,
+                    PROBE_SECONDS if self.config.pricing == "auto" else None)
+                self.measured.update({key: gain.value for key, gain in found.items()})
+                self.measured.update({c.key: 1.0 for c in unpriced if c.key not in found})
+            except ProbesTooSlow as slow:
+                self.priced = False
+                self.measured.clear()
+                self.note = (f"--pricing auto priced the levels' units by their own error: "
+                             f"pricing by the output ({slow}) would pass "
+                             f"{PROBE_SECONDS:.0f} s; --pricing output forces it")
+            self.seconds += time.perf_counter() - started
+        return self.measured if self.priced else None
 
 
 def _build(original: onnx.ModelProto, ops: Mapping[str, Operator], planned: LevelPlan

@@ -89,11 +89,15 @@ def plan_levels(
     budgets: Sequence[float],
     resource: Resource,
     base: Plan,
+    gains: Mapping[str, float] | None = None,
 ) -> LevelPlan:
     """The nested plans of ``budgets`` (decreasing) over ``candidates`` (from
     :func:`~qmpass.plan.planner.unit_candidates`, whose ``memo`` holds each cluster's
     shared-basis and member units). ``base`` gives the plans' model, method, baseline
-    and declined operators."""
+    and declined operators. ``gains`` (by candidate key, 1 where absent) scale each
+    candidate's predicted errors, whatever form it takes at a level, as
+    :func:`~qmpass.plan.make_plan`'s do: what the model's output feels of them
+    (:func:`qmpass.compress.sensitivity.measure_gains`)."""
     names = sorted({n for c in candidates for n in c.operators if n in ops})
     full = resource.operators([ops[n] for n in names])
     states = {c.key: _State() for c in candidates}
@@ -104,7 +108,8 @@ def plan_levels(
         units: list[Unit] = []
         sources: dict[str, Candidate] = {}
         for c in candidates:
-            for key, source, options in _options(c, states[c.key], memo):
+            gain = (gains or {}).get(c.key, 1.0)
+            for key, source, options in _options(c, states[c.key], memo, gain):
                 units.append(Unit(key, tuple(options)))
                 sources[key] = source
         # a budget of 1 is the model as it is: allocate() would take variants that lose
@@ -147,18 +152,20 @@ _CAPPED = "capped:"  # unit keys whose options exclude the unchanged unit
 
 
 def _options(candidate: Candidate, state: _State,
-             memo: Mapping[tuple[str, ...], Candidate | None]
+             memo: Mapping[tuple[str, ...], Candidate | None], gain: float
              ) -> list[tuple[str, Candidate, list[Option]]]:
     """The allocation units ``candidate`` offers at the next level, given ``state``:
-    (unit key, the candidate whose variants the options index, the options)."""
+    (unit key, the candidate whose variants the options index, the options, their
+    errors times ``gain``)."""
     if state.form == "free":
-        return [(candidate.key, candidate, _indexed(candidate, range(len(candidate.variants))))]
+        return [(candidate.key, candidate,
+                 _indexed(candidate, range(len(candidate.variants)), gain))]
     if state.form == "single":
         source = candidate if state.fused is None else memo.get(state.fused)
         assert source is not None  # the unit that planned the level above
         allowed = [i for i, v in enumerate(source.variants)
                    if i > 0 and state.rank is not None and 0 <= v.label <= state.rank]
-        return [(_CAPPED + candidate.key, source, _indexed(source, allowed))]
+        return [(_CAPPED + candidate.key, source, _indexed(source, allowed, gain))]
     assert state.members is not None
     out = []
     for name, cap in state.members.items():
@@ -168,12 +175,13 @@ def _options(candidate: Candidate, state: _State,
         allowed = [i for i, v in enumerate(member.variants)
                    if cap is None or (i > 0 and v.label <= cap)]
         key = (_CAPPED if cap is not None else "") + f"member:{name}"
-        out.append((key, member, _indexed(member, allowed)))
+        out.append((key, member, _indexed(member, allowed, gain)))
     return out
 
 
-def _indexed(source: Candidate, indices: Sequence[int] | range) -> list[Option]:
-    return [Option(i, source.variants[i].cost, source.variants[i].error) for i in indices]
+def _indexed(source: Candidate, indices: Sequence[int] | range, gain: float) -> list[Option]:
+    return [Option(i, source.variants[i].cost, source.variants[i].error * gain)
+            for i in indices]
 
 
 def _advance(candidate: Candidate, state: _State,

@@ -32,6 +32,7 @@ a gated model apart and refuse it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -50,10 +51,12 @@ from qmpass.rewrite.base import (
     unique_name,
     weight_dtype,
 )
+from qmpass.rewrite.gated_switch import switch_model
 
 __all__ = [
     "GATED_INPUT",
     "GATED_METADATA",
+    "GatedForm",
     "GatedLowRank",
     "build_gated",
     "refuse_gated",
@@ -62,6 +65,8 @@ __all__ = [
 GATED_INPUT = "budget_level"
 GATED_METADATA = "qmpass.budgets"
 _MIN_OPSET = 13  # Split sizes as an input
+#: the graph form: whole-model branches under one If chain, or an If chain per operator
+GatedForm = Literal["model", "operator"]
 
 
 def refuse_gated(model: onnx.ModelProto, command: str) -> None:
@@ -89,6 +94,13 @@ class GatedLowRank:
         return reason or nested_ranks_declines(ranks, members[0].shape[1],
                                                [op.shape[0] for op in members])
 
+    def fix(self, graph: gs.Graph, members: Sequence[Operator], record: GatedFactors,
+            level: int) -> None:
+        """The members as level ``level`` (factored) computes them, nothing gated."""
+        outputs = [detach_output(graph, op.output) for op in members]
+        _Printer(graph, f"{members[0].name}/gated", graph.tensors()[members[0].input],
+                 record, None, weight_dtype(graph, members[0])).fixed(graph, outputs, level)
+
     def apply(self, graph: gs.Graph, members: Sequence[Operator], record: GatedFactors,
               level: gs.Variable) -> None:
         dtype = weight_dtype(graph, members[0])
@@ -110,7 +122,7 @@ class _Printer:
     fresh name) and read only by the (sub)graph a ``fill`` builds."""
 
     def __init__(self, main: gs.Graph, base: str, x: gs.Tensor, record: GatedFactors,
-                 level: gs.Variable, dtype: np.dtype) -> None:
+                 level: gs.Variable | None, dtype: np.dtype) -> None:
         self.main, self.base, self.x, self.record = main, base, x, record
         self.level, self.dtype = level, dtype
 
@@ -138,6 +150,7 @@ class _Printer:
             else:
                 self.switch(branch, branch_outs, rest, last)
             branches.append(branch)
+        assert self.level is not None
         taken = gs.Variable(unique_name(self.main, f"{self.base}/below{bound}"),
                             dtype=np.bool_, shape=[])
         scalar = gs.Constant(unique_name(self.main, f"{self.base}/bound{bound}"),
@@ -181,15 +194,29 @@ class _Printer:
         cases = [(b, self.pair(r)) for b, r in zip(bounds, ranks, strict=True)]
         self.switch(sub, [product], cases[:-1], self.pair(ranks[-1]))
         bias = self.var("bias")
+        assert self.level is not None
         add_node(sub, "Gather", f"{self.base}/Gather_bias",
                  [self.const("biases", record.biases), self.level], [bias], {"axis": 0})
+        self.biased(sub, product, bias, outs)
+
+    def fixed(self, sub: gs.Graph, outs: list[gs.Variable], level: int) -> None:
+        """Level ``level`` (factored) alone: its pair, its bias, the split."""
+        rank = self.record.ranks[level]
+        assert rank is not None
+        product = self.var("product")
+        self.pair(rank)(sub, [product])
+        self.biased(sub, product, self.const(f"r{rank}/bias", self.record.biases[level]), outs)
+
+    def biased(self, sub: gs.Graph, product: gs.Variable, bias: gs.Tensor,
+               outs: list[gs.Variable]) -> None:
+        """``outs``: ``product + bias``, split into the members."""
         if len(outs) == 1:
             add_node(sub, "Add", f"{self.base}/Add_bias", [product, bias], outs)
             return
         fused = self.var("fused")
         add_node(sub, "Add", f"{self.base}/Add_bias", [product, bias], [fused])
         add_node(sub, "Split", f"{self.base}/Split",
-                 [fused, self.const("split", np.array(record.sizes), np.dtype(np.int64))],
+                 [fused, self.const("split", np.array(self.record.sizes), np.dtype(np.int64))],
                  outs, {"axis": -1})
 
 
@@ -198,11 +225,14 @@ def build_gated(
     ops: Mapping[str, Operator],
     units: Sequence[tuple[Sequence[Operator], GatedFactors]],
     budgets: Sequence[float],
+    form: GatedForm = "model",
 ) -> tuple[onnx.ModelProto, dict[int, str]]:
     """``model`` (named by :func:`~qmpass.rewrite.base.name_nodes`, in caller form) with
     every unit gated, the ``budget_level`` input (default 0) and the budgets in its
     metadata; and, by position, the units that declined (with why). The result passes
-    ``onnx.checker``; its interface is the original's plus ``budget_level``."""
+    ``onnx.checker``; its interface is the original's plus ``budget_level``. ``form``:
+    one ``If`` chain over whole-model branches (``"model"``, :mod:`.gated_switch`) or
+    one per gated operator (``"operator"``; see the module docstring)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < _MIN_OPSET:
         return model, dict.fromkeys(range(len(units)),
@@ -212,23 +242,30 @@ def build_gated(
     if GATED_INPUT in graph.tensors():
         return model, dict.fromkeys(range(len(units)), f"the model already has a tensor "
                                     f"named '{GATED_INPUT}'")
-    # the checked level: out of -L .. L-1 an onnxruntime error, negative from the end
-    given = gs.Variable(GATED_INPUT, dtype=np.int64, shape=[])
-    level = gs.Variable(unique_name(graph, f"{GATED_INPUT}/checked"), dtype=np.int64, shape=[])
-    add_node(graph, "Gather", f"{GATED_INPUT}/Gather",
-             [new_constant(graph, f"{GATED_INPUT}/levels", np.arange(len(budgets)),
-                           np.dtype(np.int64)), given], [level], {"axis": 0})
     rewrite = GatedLowRank()
     declined: dict[int, str] = {}
+    accepted = []
     for index, (members, record) in enumerate(units):
         reason = rewrite.check(graph, members, ops, record.ranks)
-        if reason is not None:
+        if reason is None:
+            accepted.append((members, record))
+        else:
             declined[index] = reason
-            continue
-        rewrite.apply(graph, members, record, level)
     if len(declined) == len(units):
         return model, declined
-    out = export_like(graph, model)
+    if form == "operator":
+        # the checked level: out of -L .. L-1 an onnxruntime error, negative from the end
+        level = gs.Variable(unique_name(graph, f"{GATED_INPUT}/checked"), dtype=np.int64,
+                            shape=[])
+        add_node(graph, "Gather", f"{GATED_INPUT}/Gather",
+                 [new_constant(graph, f"{GATED_INPUT}/levels", np.arange(len(budgets)),
+                               np.dtype(np.int64)),
+                  gs.Variable(GATED_INPUT, dtype=np.int64, shape=[])], [level], {"axis": 0})
+        for members, record in accepted:
+            rewrite.apply(graph, members, record, level)
+        out = export_like(graph, model)
+    else:
+        out = _whole_model(model, accepted, len(budgets))
     out.ir_version = max(out.ir_version, 4)  # an input with an initializer is its default
     out.graph.input.append(helper.make_tensor_value_info(GATED_INPUT, TensorProto.INT64, []))
     out.graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64),
@@ -239,3 +276,20 @@ def build_gated(
         key=GATED_METADATA, value=",".join(f"{b:g}" for b in budgets)))
     onnx.checker.check_model(out, full_check=True)
     return out, declined
+
+
+def _whole_model(model: onnx.ModelProto,
+                 units: Sequence[tuple[Sequence[Operator], GatedFactors]],
+                 count: int) -> onnx.ModelProto:
+    """Each distinct level as a model of its own, joined by :func:`switch_model`."""
+    maps = [tuple((record.ranks[k], record.biases[k].tobytes()) for _, record in units)
+            for k in range(count)]
+    starts = [k for k in range(count) if k == 0 or maps[k] != maps[k - 1]]
+    levels = []
+    for k in starts:
+        graph = gs.import_onnx(model)
+        for members, record in units:
+            if record.ranks[k] is not None:
+                GatedLowRank().fix(graph, members, record, k)
+        levels.append(export_like(graph, model))
+    return switch_model(model, levels, starts, GATED_INPUT, count)
