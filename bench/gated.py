@@ -7,21 +7,25 @@ Per level, measured on the test split (which neither the plan nor the verificati
 
 * parameters and FLOPs of the weight operators in use at that level;
 * the relative output error against the original and the top-1 accuracy, for the
-  gated model at that level and for a standalone ``compress --keep <budget>`` (and
-  ``--refit on``, the error-correcting second factors, which are not nested and so not
-  gated: the column says what gating without them gives up);
+  gated model at that level (and for one whose levels are priced by each unit's own
+  error, ``--pricing layer``), for a standalone ``compress --keep <budget>`` (today's
+  defaults) and for ``--refit on`` (the error-correcting second factors, which are not
+  nested and so not gated: the column says what gating without them gives up);
 * onnxruntime latency (CPU, one intra-op thread: the work a level does, not how threads
   are scheduled on a shared machine) of one run over the whole test split and of one
-  sample, the median of ``ROUNDS`` timings taken in interleaved rounds (every model once
-  per round) so load on the machine hits all of them alike.
+  sample, for the gated model as written (one ``If`` chain over whole-model branches),
+  the same levels with an ``If`` chain per gated operator (``form="operator"``) and the
+  standalone model: the median of ``ROUNDS`` timings taken in interleaved rounds (every
+  model once per round) so load on the machine hits all of them alike.
 
 Last, the graph forms a gated level could take, on one 1024-wide layer with levels dense,
 256, 192, 128, every level at batch 1 and 450, interleaved in one run: a standalone model
-per level (constant factors), the form ``compress --budgets`` wrote before (``Slice`` of
+per level (constant factors), the form ``compress --budgets`` wrote first (``Slice`` of
 the pair stored at the largest rank: copies on every run, weights not pre-packed), the
 nested pieces summed (the smallest rank's pair, each further piece of directions added
-under an ``If`` only the levels using it take), and what it writes now (one constant pair
-per distinct rank in an ``If`` chain, :func:`~qmpass.rewrite.gated_lowrank.build_gated`).
+under an ``If`` only the levels using it take), and one constant pair per distinct rank
+chosen by ``If``s, per operator or over whole-model branches (what it writes now,
+:func:`~qmpass.rewrite.gated_lowrank.build_gated`).
 
 ``python bench/gated.py`` (``--forms``: only the last part)
 """
@@ -32,6 +36,7 @@ import statistics
 import sys
 import time
 from collections.abc import Hashable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -49,7 +54,7 @@ from qmpass.compress import CompressConfig, compress, compress_gated  # noqa: E4
 from qmpass.compress.gated_report import stored_params  # noqa: E402
 from qmpass.extract import extract_operators  # noqa: E402
 from qmpass.rewrite.base import name_nodes  # noqa: E402
-from qmpass.rewrite.gated_lowrank import GATED_INPUT, build_gated  # noqa: E402
+from qmpass.rewrite.gated_lowrank import GATED_INPUT, GatedForm, build_gated  # noqa: E402
 from qmpass.verify import accuracy, compare, run_model  # noqa: E402
 from qmpass.verify.runner import session  # noqa: E402
 
@@ -57,13 +62,16 @@ ROUNDS = 15
 Key = TypeVar("Key", bound=Hashable)
 
 
-def _cases() -> list[tuple[str, onnx.ModelProto, dict[str, np.ndarray], np.ndarray,
-                           np.ndarray, tuple[float, ...]]]:
+Case = tuple[str, onnx.ModelProto, dict[str, np.ndarray], np.ndarray, np.ndarray,
+             tuple[float, ...]]
+
+
+def _cases() -> list[Case]:
     name = "transformer_digits"
     model = onnx.load(str(models.fixture_path(name)))
     calib = models.load_calib(name)
     x, y = models.load_test_split(name)
-    cases = [(name, model, calib, x, y, (1.0, 0.75, 0.5))]
+    cases: list[Case] = [(name, model, calib, x, y, (1.0, 0.75, 0.5))]
     try:
         from models import _common, wide_mlp
     except ImportError as exc:  # torch is the models extra
@@ -117,7 +125,9 @@ def _level_forms(width: int = 1024, ranks: tuple[int | None, ...] = (None, 256, 
     models_ = {"standalone (one model per level)": None,
                "sliced (before: `Slice` of the stored pair)": forms.sliced(),
                "pieces summed (nested `If`s)": forms.pieces(),
-               "one pair per rank (`If` chain; built)": forms.built()}
+               "one pair per rank, `If` chain per operator (`form=\"operator\"`)":
+                   forms.built("operator"),
+               "one pair per rank, whole-model `If` chain (written)": forms.built("model")}
     x = rng.normal(size=(450, width)).astype(np.float32)
     for batch in (1, len(x)):
         runs = {}
@@ -257,63 +267,79 @@ class _Forms:
 
         return self._gate(piece(0, None))
 
-    def built(self) -> onnx.ModelProto:
-        """What ``compress --budgets`` writes (:func:`build_gated`)."""
+    def built(self, form: GatedForm) -> onnx.ModelProto:
+        """What ``compress --budgets`` writes (:func:`build_gated`), in ``form``."""
         model = self.standalone(0)
         ops = extract_operators(name_nodes(model)).operators
         gated, declined = build_gated(name_nodes(model), {op.name: op for op in ops},
-                                      [(ops, self.record)], (1.0, 0.75, 0.5, 0.25))
+                                      [(ops, self.record)], (1.0, 0.75, 0.5, 0.25), form)
         assert not declined
         return gated
 
 
+def _table(name: str, original: onnx.ModelProto, calib: dict[str, np.ndarray],
+           x: np.ndarray, y: np.ndarray, budgets: tuple[float, ...]) -> None:
+    """The level tables of one model (see the module docstring)."""
+    feeds = {original.graph.input[0].name: x}
+    reference = run_model(original, feeds)
+    config = CompressConfig(budgets=budgets, calib=calib)
+    gated, report = compress_gated(original, config, standalone=False)
+    per_op, _ = compress_gated(original, config, standalone=False, form="operator")
+    own, own_report = compress_gated(original, replace(config, pricing="layer"),
+                                     standalone=False)
+    runs = {"original": (original, feeds)}
+    rows = []
+    for row in report.levels:
+        level_feeds = {**feeds, GATED_INPUT: np.array(row.level)}
+        runs[f"level {row.level}"] = (gated, level_feeds)
+        runs[f"per-op {row.level}"] = (per_op, level_feeds)
+        if row.budget < 1.0:
+            alone, _ = compress(original, CompressConfig(keep=row.budget, calib=calib))
+            refit, _ = compress(original, CompressConfig(keep=row.budget, calib=calib,
+                                                         refit="on"))
+        else:
+            alone = refit = original
+        runs[f"alone {row.level}"] = (alone, feeds)
+        err = _error(reference, gated, level_feeds, len(x))
+        err_alone = _error(reference, alone, feeds, len(x))
+        rows.append((row, f"{err:.4f} | {_error(reference, own, level_feeds, len(x)):.4f} | "
+                          f"{err_alone:.4f} | {err - err_alone:+.4f} | "
+                          f"{_error(reference, refit, feeds, len(x)):.4f} | "
+                          f"{accuracy(gated, level_feeds, y):.4f} | "
+                          f"{accuracy(alone, feeds, y):.4f}"))
+    latency = {batch: _latencies(runs, batch) for batch in (len(x), 1)}
+    doc = report.to_dict()
+    print(f"\n### {name}: {len(x)} test samples, budgets {', '.join(map(str, budgets))}")
+    print(f"\noriginal: {report.operator_params:,} weight-operator parameters, "
+          f"{report.operator_flops:,} FLOPs/sample, accuracy "
+          f"{accuracy(original, feeds, y):.4f}, {latency[len(x)]['original']:.3f} ms "
+          f"(batch {len(x)}), {latency[1]['original']:.3f} ms (batch 1). Stored parameters: "
+          f"the gated file {doc['params_stored']:,} (the per-operator form "
+          f"{stored_params(per_op):,}), the original {doc['params_before']:,}. Levels "
+          f"priced by {doc['pricing']}; by each unit's own error: levels of ranks "
+          + ("equal" if [r['ranks'] for r in doc['levels']] ==
+             [r['ranks'] for r in own_report.to_dict()['levels']] else "different") + "\n")
+    print("| level | budget | params in use | FLOPs in use | error gated | error gated, own-"
+          "error pricing | error standalone | nesting cost | error standalone refit | "
+          "accuracy gated | accuracy standalone |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row, errors in rows:
+        print(f"| {row.level} | {row.budget:g} | {row.params:,} | {row.flops:,} | {errors} |")
+    print(f"\n| level | ms gated (batch {len(x)}) | ms per-operator form | ms standalone | "
+          "ms gated (batch 1) | ms per-operator form | ms standalone | gated / standalone "
+          "(batch 1) |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row, _ in rows:
+        timed = [latency[b][f"{who} {row.level}"] for b in (len(x), 1)
+                 for who in ("level", "per-op", "alone")]
+        print(f"| {row.level} | " + " | ".join(f"{t:.3f}" for t in timed)
+              + f" | {timed[3] / timed[5]:.2f}x |", flush=True)
+
+
 def main() -> int:
     started = time.perf_counter()
-    if "--forms" in sys.argv[1:]:
-        _level_forms()
-        print(f"\n{time.perf_counter() - started:.0f} s")
-        return 0
-    for name, original, calib, x, y, budgets in _cases():
-        feeds = {original.graph.input[0].name: x}
-        reference = run_model(original, feeds)
-        gated, report = compress_gated(original, CompressConfig(budgets=budgets, calib=calib),
-                                       standalone=False)
-        runs = {"original": (original, feeds)}
-        rows = []
-        for row in report.levels:
-            level_feeds = {**feeds, GATED_INPUT: np.array(row.level)}
-            runs[f"level {row.level}"] = (gated, level_feeds)
-            if row.budget < 1.0:
-                alone, _ = compress(original, CompressConfig(keep=row.budget, calib=calib))
-                refit, _ = compress(original, CompressConfig(keep=row.budget, calib=calib,
-                                                             refit="on"))
-            else:
-                alone = refit = original
-            runs[f"alone {row.level}"] = (alone, feeds)
-            rows.append((row, _error(reference, gated, level_feeds, len(x)),
-                         accuracy(gated, level_feeds, y), _error(reference, alone, feeds, len(x)),
-                         accuracy(alone, feeds, y), _error(reference, refit, feeds, len(x))))
-        latency = {batch: _latencies(runs, batch) for batch in (len(x), 1)}
-        doc = report.to_dict()
-        print(f"\n### {name}: {len(x)} test samples, budgets {', '.join(map(str, budgets))}")
-        print(f"\noriginal: {report.operator_params:,} weight-operator parameters, "
-              f"{report.operator_flops:,} FLOPs/sample, accuracy "
-              f"{accuracy(original, feeds, y):.4f}, {latency[len(x)]['original']:.3f} ms "
-              f"(batch {len(x)}), {latency[1]['original']:.3f} ms (batch 1); the gated file "
-              f"stores {doc['params_stored']:,} parameters (the original "
-              f"{doc['params_before']:,})\n")
-        print(f"| level | budget | params in use | FLOPs in use | error gated | error "
-              f"standalone | nesting cost | error standalone refit | accuracy gated | "
-              f"accuracy standalone | ms gated (batch {len(x)}) | ms standalone | ms gated "
-              f"(batch 1) | ms standalone |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for row, err, acc, err_alone, acc_alone, err_refit in rows:
-            timed = [latency[b][f"{who} {row.level}"] for b in (len(x), 1)
-                     for who in ("level", "alone")]
-            print(f"| {row.level} | {row.budget:g} | {row.params:,} | {row.flops:,} | "
-                  f"{err:.4f} | {err_alone:.4f} | {err - err_alone:+.4f} | {err_refit:.4f} | "
-                  f"{acc:.4f} | {acc_alone:.4f} | "
-                  + " | ".join(f"{t:.3f}" for t in timed) + " |", flush=True)
+    if "--forms" not in sys.argv[1:]:
+        for case in _cases():
+            _table(*case)
     _level_forms()
     print(f"\n{time.perf_counter() - started:.0f} s")
     return 0

@@ -44,7 +44,7 @@ from qmpass.plan.resource import PARAMS, Cycles
 from qmpass.plan.units import Candidate
 from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
-from qmpass.rewrite.gated_lowrank import GATED_INPUT, build_gated, refuse_gated
+from qmpass.rewrite.gated_lowrank import GATED_INPUT, GatedForm, build_gated, refuse_gated
 from qmpass.verify import Verification, Verifier, check_feeds, compare, synthesize_inputs
 from qmpass.verify.compare import sample_count
 from qmpass.verify.runner import DEFAULT_BATCH, feed_batches, session
@@ -62,19 +62,22 @@ LATENCY_THREADS = 1
 
 
 def compress_gated(
-    model: ModelLike, config: CompressConfig, standalone: bool = True
+    model: ModelLike, config: CompressConfig, standalone: bool = True,
+    form: GatedForm = "model",
 ) -> tuple[onnx.ModelProto, GatedReport]:
     """The budget-gated model of ``model`` for ``config.budgets`` and its report.
     ``standalone``: also compress the model separately at every budget below 1 (one
-    :func:`~qmpass.compress.compress` each) to measure what nesting cost."""
+    :func:`~qmpass.compress.compress` each) to measure what nesting cost. ``form``: the
+    graph form (:func:`~qmpass.rewrite.gated_lowrank.build_gated`; ``bench/gated.py``
+    times both)."""
     if config.budgets is None:
         raise QmpassInputError("a gated model needs budgets (CompressConfig(budgets=...)).")
     with Executor(config.jobs, config.scheduler) as executor:
-        return _compress_gated(model, config, executor, standalone)
+        return _compress_gated(model, config, executor, standalone, form)
 
 
 def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor,
-                    standalone: bool) -> tuple[onnx.ModelProto, GatedReport]:
+                    standalone: bool, form: GatedForm) -> tuple[onnx.ModelProto, GatedReport]:
     assert config.budgets is not None
     budgets = config.budgets
     seconds: dict[str, float] = {}
@@ -135,7 +138,7 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
         seconds["sensitivity"] = pricing.seconds
 
     timer = time.perf_counter()
-    gated, declined_units = _build(original, ops, planned)
+    gated, declined_units = _build(original, ops, planned, form)
     plans = [replace(plan, steps=tuple(s for s in plan.steps
                                        if s.operators not in declined_units))
              for plan in planned.plans]
@@ -208,7 +211,8 @@ class _Pricing:
         return self.measured if self.priced else None
 
 
-def _build(original: onnx.ModelProto, ops: Mapping[str, Operator], planned: LevelPlan
+def _build(original: onnx.ModelProto, ops: Mapping[str, Operator], planned: LevelPlan,
+           form: GatedForm
            ) -> tuple[onnx.ModelProto, dict[tuple[str, ...], str]]:
     """The gated model and the units left dense at every level (with why)."""
     units, declined = [], {}
@@ -218,7 +222,7 @@ def _build(original: onnx.ModelProto, ops: Mapping[str, Operator], planned: Leve
             units.append((members, GatedFactors.of(members, unit.levels)))
         except ValueError as exc:
             declined[unit.operators] = str(exc)
-    model, refused = build_gated(original, ops, units, planned.budgets)
+    model, refused = build_gated(original, ops, units, planned.budgets, form)
     for index, why in refused.items():
         declined[tuple(op.name for op in units[index][0])] = why
     if len(declined) == len(planned.units) and planned.units:

@@ -10,11 +10,14 @@ they are) and this module joins them:
     outputs = If(level < s_1) { branch 0 } else If(level < s_2) { branch 1 } ... else { last }
 
 where ``s_j`` is the first level of branch ``j`` (levels that compute the same map share
-a branch). Branches hold nodes only; an initializer of the same name and contents in
-several level models (the original weights, a factor pair two levels share) is stored
-once. onnxruntime pre-packs constants a branch reads from the outer scope as it does its
-own (measured: ``bench/gated.py``), so a level runs as a standalone model of its budget
-plus one ``Gather`` and one ``If`` per distinct level above it.
+a branch). An initializer of the same name and contents in several level models (the
+original weights, a factor pair two levels share) is stored once in the main graph, if
+it is a weight or large (:data:`SHARED_SIZE`); small ones (shapes, biases, norms'
+scales) are copied into each branch that reads them, where onnxruntime's constant
+folding and fusions see them. onnxruntime pre-packs a weight a branch reads from the
+outer scope as it does its own, so a level runs about as a standalone model of its
+budget plus one ``Gather`` and one ``If`` per distinct level above it (measured:
+``bench/gated.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["switch_model"]
+__all__ = ["SHARED_SIZE", "switch_model"]
+
+#: initializers with fewer values that are no MatMul's or Gemm's weight stay in each
+#: branch that reads them (shapes, axes, biases, norms' scales: onnxruntime folds and
+#: fuses with a branch's own constants, not with the outer scope's); weights and larger
+#: ones are stored once in the main graph (onnxruntime pre-packs a weight either way)
+SHARED_SIZE = 4096
 
 
 def switch_model(model: onnx.ModelProto, levels: Sequence[onnx.ModelProto],
@@ -86,10 +95,17 @@ def _records(records: Sequence[onnx.ValueInfoProto], names: Sequence[str]
 def _branch(level: onnx.ModelProto, prefix: str, stored: dict[str, onnx.TensorProto],
             outputs: Sequence[onnx.ValueInfoProto]) -> onnx.GraphProto:
     """The nodes of ``level`` as a branch: every value they produce renamed under
-    ``prefix``; its initializers moved into ``stored`` (one of another's name but other
-    contents renamed too)."""
+    ``prefix``; its weights (a MatMul's or Gemm's second input) and initializers of
+    ``SHARED_SIZE`` values or more moved into ``stored`` (one of another's name but other
+    contents renamed too), the others kept."""
     rename: dict[str, str] = {}
+    weights = {n.input[1] for n in level.graph.node
+               if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1}
+    own = []
     for tensor in level.graph.initializer:
+        if tensor.name not in weights and int(np.prod(tensor.dims)) < SHARED_SIZE:
+            own.append(tensor)
+            continue
         kept = stored.get(tensor.name)
         if kept is None:
             stored[tensor.name] = tensor
@@ -118,7 +134,7 @@ def _branch(level: onnx.ModelProto, prefix: str, stored: dict[str, onnx.TensorPr
             nodes.append(helper.make_node("Identity", [rename.get(record.name, record.name)],
                                           [name], f"{prefix}/Identity/{record.name}"))
         names.append(name)
-    return helper.make_graph(nodes, prefix, [], _records(outputs, names))
+    return helper.make_graph(nodes, prefix, [], _records(outputs, names), own)
 
 
 def _rename(node: onnx.NodeProto, rename: dict[str, str]) -> None:
