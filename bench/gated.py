@@ -7,10 +7,10 @@ Per level, measured on the test split (which neither the plan nor the verificati
 
 * parameters and FLOPs of the weight operators in use at that level;
 * the relative output error against the original and the top-1 accuracy, for the
-  gated model at that level (and for one whose levels are priced by each unit's own
-  error, ``--pricing layer``), for a standalone ``compress --keep <budget>`` (today's
-  defaults) and for ``--refit on`` (the error-correcting second factors, which are not
-  nested and so not gated: the column says what gating without them gives up);
+  gated model at that level (and for one whose levels are priced by their measured
+  effect on the output, ``--pricing output``), for a standalone ``compress --keep
+  <budget>`` (today's defaults) and for ``--refit on`` (the error-correcting second
+  factors, which are not nested and so not gated: what gating without them gives up);
 * onnxruntime latency (CPU, one intra-op thread: the work a level does, not how threads
   are scheduled on a shared machine) of one run over the whole test split and of one
   sample, for the gated model as written (one ``If`` chain over whole-model branches),
@@ -285,8 +285,8 @@ def _table(name: str, original: onnx.ModelProto, calib: dict[str, np.ndarray],
     config = CompressConfig(budgets=budgets, calib=calib)
     gated, report = compress_gated(original, config, standalone=False)
     per_op, _ = compress_gated(original, config, standalone=False, form="operator")
-    own, own_report = compress_gated(original, replace(config, pricing="layer"),
-                                     standalone=False)
+    priced, priced_report = compress_gated(original, replace(config, pricing="output"),
+                                           standalone=False)
     runs = {"original": (original, feeds)}
     rows = []
     for row in report.levels:
@@ -302,7 +302,7 @@ def _table(name: str, original: onnx.ModelProto, calib: dict[str, np.ndarray],
         runs[f"alone {row.level}"] = (alone, feeds)
         err = _error(reference, gated, level_feeds, len(x))
         err_alone = _error(reference, alone, feeds, len(x))
-        rows.append((row, f"{err:.4f} | {_error(reference, own, level_feeds, len(x)):.4f} | "
+        rows.append((row, f"{err:.4f} | {_error(reference, priced, level_feeds, len(x)):.4f} | "
                           f"{err_alone:.4f} | {err - err_alone:+.4f} | "
                           f"{_error(reference, refit, feeds, len(x)):.4f} | "
                           f"{accuracy(gated, level_feeds, y):.4f} | "
@@ -316,11 +316,12 @@ def _table(name: str, original: onnx.ModelProto, calib: dict[str, np.ndarray],
           f"(batch {len(x)}), {latency[1]['original']:.3f} ms (batch 1). Stored parameters: "
           f"the gated file {doc['params_stored']:,} (the per-operator form "
           f"{stored_params(per_op):,}), the original {doc['params_before']:,}. Levels "
-          f"priced by {doc['pricing']}; by each unit's own error: levels of ranks "
-          + ("equal" if [r['ranks'] for r in doc['levels']] ==
-             [r['ranks'] for r in own_report.to_dict()['levels']] else "different") + "\n")
-    print("| level | budget | params in use | FLOPs in use | error gated | error gated, own-"
-          "error pricing | error standalone | nesting cost | error standalone refit | "
+          f"priced by {doc['pricing']}; with --pricing output their ranks are "
+          + ("the same" if [r['ranks'] for r in doc['levels']] ==
+             [r['ranks'] for r in priced_report.to_dict()['levels']] else "different")
+          + "\n")
+    print("| level | budget | params in use | FLOPs in use | error gated | error gated, "
+          "--pricing output | error standalone | nesting cost | error standalone refit | "
           "accuracy gated | accuracy standalone |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row, errors in rows:

@@ -29,7 +29,7 @@ from qmpass.compress.config import DEFAULT_ALIGN, CompressConfig
 from qmpass.compress.gated_report import GatedReport, LevelRow, stored_params
 from qmpass.compress.pipeline import BUDGET_SLACK, compress
 from qmpass.compress.report import operator_flops, operator_params
-from qmpass.compress.sensitivity import PROBE_SECONDS, ProbesTooSlow, measure_gains
+from qmpass.compress.sensitivity import measure_gains
 from qmpass.errors import QmpassInputError
 from qmpass.extdata import embedded, external_tensors
 from qmpass.extract import Extraction, Operator, extract_operators
@@ -127,7 +127,10 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
                                                              for n in c.operators})),
                     steps=(), declined=tuple(sorted(declined.items())),
                     resource=resource.name)
-        return plan_levels(gated, memo, ops, budgets, resource, base, pricing.gains(gated))
+        planned = plan_levels(gated, memo, ops, budgets, resource, base)
+        gains = pricing.gains(gated, planned.chosen)  # probed where the levels went
+        return planned if gains is None else plan_levels(gated, memo, ops, budgets, resource,
+                                                         base, gains)
 
     planned = levels(config.align or DEFAULT_ALIGN)
     if config.align is None and planned.miss > BUDGET_SLACK:
@@ -164,8 +167,7 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
         operator_params=operator_params(extraction), operator_flops=operator_flops(extraction),
         latency_ms=runner.latency(original, None), default_is_level_0=default_ok,
         samples=split.samples, seconds=seconds,
-        notes=tuple(n for n in [split.note, pricing.note, *(n for p in plans for n in p.notes)]
-                    if n),
+        notes=tuple(n for n in [split.note, *(n for p in plans for n in p.notes)] if n),
         pricing="output" if pricing.priced else "layer",
         gains=tuple(sorted(pricing.measured.items())),
     )
@@ -173,40 +175,34 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
 
 
 class _Pricing:
-    """The gains the levels are priced by, as ``compress``'s ``--pricing``: with output
-    pricing, every gated unit probed once (:func:`measure_gains`, at the variant nearest
-    its probe error); ``--pricing auto`` falls back to each unit's own error (a note)
-    when the probes are projected past ``PROBE_SECONDS``."""
+    """The gains the levels are priced by. Only ``--pricing output`` prices them by the
+    output: every gated unit probed once (:func:`measure_gains`), as ``compress`` does,
+    at the variant the levels priced by each unit's own error chose (the first level
+    that compressed it), and the levels planned again. By measurement (docs/GATED.md)
+    that is no better for nested levels than each unit's own error, which the default
+    ``--pricing auto`` therefore keeps for ``--budgets``."""
 
     def __init__(self, config: CompressConfig, original: onnx.ModelProto,
                  extraction: Extraction, groups: Sequence[ChannelGroup], split: Split) -> None:
         self.config, self.original, self.split = config, original, split
         self.applier = Applier(original, extraction, groups)
-        self.priced = config.priced_by_output
+        self.priced = config.priced_by_output and config.pricing == "output"
         self.measured: dict[str, float] = {}
         self.seconds = 0.0
-        self.note: str | None = None
 
-    def gains(self, candidates: Sequence[Candidate]) -> dict[str, float] | None:
+    def gains(self, candidates: Sequence[Candidate], at: Mapping[str, int]
+              ) -> dict[str, float] | None:
         if not self.priced:
             return None
         unpriced = [c for c in candidates if c.key not in self.measured]
         if unpriced:
             started = time.perf_counter()
             split = self.split
-            try:
-                found = measure_gains(
-                    self.original, self.applier, unpriced, split.fit,
-                    split.samples[0] if split.separate else 0, self.config.seed, None,
-                    PROBE_SECONDS if self.config.pricing == "auto" else None)
-                self.measured.update({key: gain.value for key, gain in found.items()})
-                self.measured.update({c.key: 1.0 for c in unpriced if c.key not in found})
-            except ProbesTooSlow as slow:
-                self.priced = False
-                self.measured.clear()
-                self.note = (f"--pricing auto priced the levels' units by their own error: "
-                             f"pricing by the output ({slow}) would pass "
-                             f"{PROBE_SECONDS:.0f} s; --pricing output forces it")
+            found = measure_gains(self.original, self.applier, unpriced, split.fit,
+                                  split.samples[0] if split.separate else 0,
+                                  self.config.seed, at)
+            self.measured.update({key: gain.value for key, gain in found.items()})
+            self.measured.update({c.key: 1.0 for c in unpriced if c.key not in found})
             self.seconds += time.perf_counter() - started
         return self.measured if self.priced else None
 

@@ -29,7 +29,7 @@ gated rule takes (MatMul/Gemm, :func:`qmpass.algebra.gated.gated_declines`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -64,6 +64,9 @@ class LevelPlan:
     budgets: tuple[float, ...]
     plans: tuple[Plan, ...]
     units: tuple[GatedUnit, ...]
+    #: per candidate key, the variant the first level that compressed it chose (where
+    #: that level took one of the candidate's own variants): where to probe its gain
+    chosen: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def miss(self) -> float:
@@ -104,6 +107,7 @@ def plan_levels(
     built: dict[tuple[str, int], list[LevelStep]] = {}
     per_level: list[dict[tuple[str, ...], LevelStep]] = []
     plans: list[Plan] = []
+    chosen: dict[str, int] = {}
     for budget in budgets:
         units: list[Unit] = []
         sources: dict[str, Candidate] = {}
@@ -123,6 +127,8 @@ def plan_levels(
             source = sources[key]
             if option.value == 0:  # unchanged (never an option of a capped unit)
                 continue
+            if key == source.key:  # a free candidate's own variant
+                chosen.setdefault(key, option.value)
             cache = (key, option.value)
             if cache not in built:
                 built[cache] = source.variants[option.value].build()
@@ -145,7 +151,7 @@ def plan_levels(
     keys = sorted({k for steps in per_level for k in steps},
                   key=lambda k: names.index(k[0]) if k[0] in names else len(names))
     gated = tuple(GatedUnit(k, tuple(steps.get(k) for steps in per_level)) for k in keys)
-    return LevelPlan(tuple(float(b) for b in budgets), tuple(plans), gated)
+    return LevelPlan(tuple(float(b) for b in budgets), tuple(plans), gated, chosen)
 
 
 _CAPPED = "capped:"  # unit keys whose options exclude the unchanged unit
