@@ -1,28 +1,35 @@
-"""Gated low-rank factorisation: one MatMul/Gemm (or a shared basis's members) whose rank
-a run-time input ``budget_level`` chooses, every level's factors stored as constants.
+"""Gated low-rank factorisation: MatMul/Gemm operators (or a shared basis's members) whose
+rank a run-time input ``budget_level`` chooses, every level's factors stored as constants.
 
 The algebra is :class:`qmpass.algebra.GatedFactors`; this module prints it. The model
 gets one int64 scalar input ``budget_level`` that is also an initializer (0), so a
 caller who does not feed it runs level 0 (ONNX IR 4 and later: an initializer listed
-among the inputs is its default). Once per model, ``level = Gather(0 .. L-1,
-budget_level)`` checks it (outside ``-L .. L-1`` an onnxruntime error; negative values
-count from the end, as Gather's do). Per gated operator, with ``R_0 > R_1 > ...`` the
-distinct ranks of its factored levels:
+among the inputs is its default), checked once by ``level = Gather(0 .. L-1,
+budget_level)`` (outside ``-L .. L-1`` an onnxruntime error; negative values count from
+the end, as Gather's do). Two graph forms (``build_gated``'s ``form``):
 
-    y = If(level < t_0) { MatMul(MatMul(x, first[:R_0]^T), second[:, :R_0]^T) }
-        else If(level < t_1) { ... R_1 ... } ... else { ... the smallest rank ... }
-        + Gather(biases, level)                                  [-> Split into members]
+* ``"model"`` (written by ``compress --budgets``): each distinct level printed as a model
+  of its own (:meth:`GatedLowRank.fix`: a factored operator at rank ``q`` becomes
+  ``MatMul(MatMul(x, first[:q]^T), second[:, :q]^T) + b_level``, constants of exactly
+  that rank), joined under one ``If`` chain on the level by
+  :func:`~qmpass.rewrite.gated_switch.switch_model`: a run pays one ``If`` per branch
+  above its own, whatever the number of operators.
+* ``"operator"``: per gated operator, with ``R_0 > R_1 > ...`` the distinct ranks of its
+  factored levels and ``t_j`` the number of levels whose rank is at least ``R_j``::
 
-where ``t_j`` counts the levels whose rank is at least ``R_j``. Every branch multiplies
-by constants of exactly its rank (onnxruntime pre-packs them; nothing is sliced or
-copied at run time), at the price of storing each distinct rank's pair: ``sum_j R_j``
-directions instead of ``R_0``. ``bench/gated.py`` measured the alternatives (slicing the
-largest pair; summing nested pieces of it under ``If``s) against this form and a
-standalone model, and this was the fastest at batch 1 and at batch 450 (docs/GATED.md).
-Where the first levels leave the operator dense, an outer ``If(level < dense_levels)``
-runs the original map (``x W^T + b``, its weight kept once) in one branch and the chain
-above in the other. Every constant lives in the branch that reads it; the branches read
-``x`` and the level from the outer scope.
+      y = If(level < t_0) { MatMul(MatMul(x, first[:R_0]^T), second[:, :R_0]^T) }
+          else If(level < t_1) { ... R_1 ... } ... else { ... the smallest rank ... }
+          + Gather(biases, level)                                [-> Split into members]
+
+  and, where the first levels leave the operator dense, an outer
+  ``If(level < dense_levels)`` running the original map (``x W^T + b``) in one branch.
+  Every constant lives in the branch that reads it. Each operator pays its ``If``s.
+
+Either way nothing is sliced or copied at run time (onnxruntime pre-packs the constant
+factors), at the price of storing each distinct rank's pair: ``sum_j R_j`` directions
+instead of ``R_0``. ``bench/gated.py`` measured the alternatives (slicing the largest
+pair; summing nested pieces of it under ``If``s) and both forms against standalone
+models; the whole-model form was the fastest on whole models (docs/GATED.md).
 
 The model also carries ``metadata_props`` ``qmpass.budgets`` (the budgets, comma
 separated); :func:`refuse_gated` is how ``lower``, the Relax pass and ``compress`` tell

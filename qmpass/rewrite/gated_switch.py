@@ -16,8 +16,9 @@ onnxruntime pre-packs it; one that several branches read with the same name and
 contents (weights of operators no level changes, a pair two levels share) is stored once
 in the main graph if it is a weight or large (:data:`SHARED_SIZE`), and copied into each
 branch otherwise (shapes, biases, norms' scales: where constant folding and fusions see
-it). Measured (onnxruntime 1.31, batch 450): a weight read from two scopes up ran about
-13 % slower than one of the branch's own, one scope up no slower. A level thus runs about
+it). In a probe while building this (onnxruntime 1.31, batch 450; not in ``bench/``),
+a weight read from two scopes up ran about 13 % slower than a branch's own, one scope
+up no slower. A level thus runs about
 as a standalone model of its budget plus one ``Gather`` and an ``If`` per distinct level
 above it (``bench/gated.py``).
 """
