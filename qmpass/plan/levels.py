@@ -2,7 +2,8 @@
 
 Each level is planned by the Lagrangian of :mod:`qmpass.plan.budget` at its own budget
 (``keep`` of the compressible operators' cost, in weight parameters or a target's
-cycles), from the largest budget down, with every unit capped by what the level before
+cycles; what its last hull step leaves is spent on milder options, as ``compress``
+does), from the largest budget down, with every unit capped by what the level before
 it chose, so one stored set of factors serves every level (the rank-``q`` factors are the
 first ``q`` directions of the rank-``r`` ones; :mod:`qmpass.algebra.gated`):
 
@@ -120,7 +121,7 @@ def plan_levels(
         # nothing on the calibration data (a rank at the statistics' numerical rank),
         # which is not nothing on other inputs
         choice = ({u.key: u.options[0] for u in units} if budget >= 1.0 else
-                  allocate(units, budget * full))
+                  _fill(units, allocate(units, budget * full), budget * full))
         spent = sum(option.cost for option in choice.values())
         steps: dict[tuple[str, ...], LevelStep] = {}
         for key, option in choice.items():
@@ -152,6 +153,31 @@ def plan_levels(
                   key=lambda k: names.index(k[0]) if k[0] in names else len(names))
     gated = tuple(GatedUnit(k, tuple(steps.get(k) for steps in per_level)) for k in keys)
     return LevelPlan(tuple(float(b) for b in budgets), tuple(plans), gated, chosen)
+
+
+def _fill(units: Sequence[Unit], choice: dict[str, Option], target: float
+          ) -> dict[str, Option]:
+    """Spend what the Lagrangian's last hull step left of ``target``, as ``compress``
+    does (:func:`qmpass.plan.allocation.choose`): while some unit's option with less
+    (priced) error fits in what is left, take the one that buys back the most. The
+    options are the level's, so the caps of the level above still hold."""
+    choice = dict(choice)
+    spent = sum(option.cost for option in choice.values())
+    while True:
+        best: tuple[float, str, Option] | None = None
+        for unit in units:
+            now = choice[unit.key]
+            for option in unit.options:
+                gain = now.error - option.error
+                if gain > 0 and option.cost > now.cost and \
+                        spent + option.cost - now.cost <= target + 0.5 and \
+                        (best is None or gain > best[0]):
+                    best = (gain, unit.key, option)
+        if best is None:
+            return choice
+        _, key, option = best
+        spent += option.cost - choice[key].cost
+        choice[key] = option
 
 
 _CAPPED = "capped:"  # unit keys whose options exclude the unchanged unit
