@@ -7,19 +7,27 @@ Per level, measured on the test split (which neither the plan nor the verificati
 
 * parameters and FLOPs of the weight operators in use at that level;
 * the relative output error against the original and the top-1 accuracy, for the
-  gated model at that level and for a standalone ``compress --keep <budget>`` (and
-  ``--refit on``, the error-correcting second factors, which are not nested and so not
-  gated: the column says what gating without them gives up);
+  gated model at that level (and for one whose levels are priced by their measured
+  effect on the output, ``--pricing output``), for a standalone ``compress --keep
+  <budget>`` (today's defaults) and for ``--refit on`` (the error-correcting second
+  factors, which are not nested and so not gated: what gating without them gives up);
 * onnxruntime latency (CPU, one intra-op thread: the work a level does, not how threads
   are scheduled on a shared machine) of one run over the whole test split and of one
-  sample, the median of ``ROUNDS`` timings taken in interleaved rounds (every model once
-  per round) so load on the machine hits all of them alike.
+  sample, for the gated model as written (one ``If`` chain over whole-model branches),
+  the same levels with an ``If`` chain per gated operator (``form="operator"``) and the
+  standalone model: the median of ``ROUNDS`` timings taken in interleaved rounds (every
+  model once per round) so load on the machine hits all of them alike.
 
-Last, where a gated level's time goes at batch 1, on one 1024-wide layer pair at rank
-192 of 256 stored: constant factors (a standalone model), the same factors fed as inputs
-(not constants: no pre-packing), and the gated form (``Slice`` of the stored factors).
+Last, the graph forms a gated level could take, on one 1024-wide layer with levels dense,
+256, 192, 128, every level at batch 1 and 450, interleaved in one run: a standalone model
+per level (constant factors), the form ``compress --budgets`` wrote first (``Slice`` of
+the pair stored at the largest rank: copies on every run, weights not pre-packed), the
+nested pieces summed (the smallest rank's pair, each further piece of directions added
+under an ``If`` only the levels using it take), and one constant pair per distinct rank
+chosen by ``If``s, per operator or over whole-model branches (what it writes now,
+:func:`~qmpass.rewrite.gated_lowrank.build_gated`).
 
-``python bench/gated.py``
+``python bench/gated.py`` (``--forms``: only the last part)
 """
 
 from __future__ import annotations
@@ -27,7 +35,10 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections.abc import Hashable, Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -38,21 +49,29 @@ sys.path.insert(0, str(ROOT))
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import models  # noqa: E402
+from qmpass.algebra.gated import GatedFactors  # noqa: E402
 from qmpass.compress import CompressConfig, compress, compress_gated  # noqa: E402
-from qmpass.rewrite.gated_lowrank import GATED_INPUT  # noqa: E402
+from qmpass.compress.gated_report import stored_params  # noqa: E402
+from qmpass.extract import extract_operators  # noqa: E402
+from qmpass.rewrite.base import name_nodes  # noqa: E402
+from qmpass.rewrite.gated_lowrank import GATED_INPUT, GatedForm, build_gated  # noqa: E402
 from qmpass.verify import accuracy, compare, run_model  # noqa: E402
 from qmpass.verify.runner import session  # noqa: E402
 
 ROUNDS = 15
+Key = TypeVar("Key", bound=Hashable)
 
 
-def _cases() -> list[tuple[str, onnx.ModelProto, dict[str, np.ndarray], np.ndarray,
-                           np.ndarray, tuple[float, ...]]]:
+Case = tuple[str, onnx.ModelProto, dict[str, np.ndarray], np.ndarray, np.ndarray,
+             tuple[float, ...]]
+
+
+def _cases() -> list[Case]:
     name = "transformer_digits"
     model = onnx.load(str(models.fixture_path(name)))
     calib = models.load_calib(name)
     x, y = models.load_test_split(name)
-    cases = [(name, model, calib, x, y, (1.0, 0.75, 0.5))]
+    cases: list[Case] = [(name, model, calib, x, y, (1.0, 0.75, 0.5))]
     try:
         from models import _common, wide_mlp
     except ImportError as exc:  # torch is the models extra
@@ -64,8 +83,8 @@ def _cases() -> list[tuple[str, onnx.ModelProto, dict[str, np.ndarray], np.ndarr
     return cases
 
 
-def _latencies(runs: dict[str, tuple[onnx.ModelProto, dict[str, np.ndarray]]],
-               batch: int | None) -> dict[str, float]:
+def _latencies(runs: Mapping[Key, tuple[onnx.ModelProto, dict[str, np.ndarray]]],
+               batch: int | None, rounds: int = ROUNDS) -> dict[Key, float]:
     """Median ms of one run on the first ``batch`` samples (None: the feeds as they are),
     per key, over ROUNDS interleaved rounds (after a warm-up), single-threaded."""
     sessions = {k: (session(m, threads=1),
@@ -73,11 +92,11 @@ def _latencies(runs: dict[str, tuple[onnx.ModelProto, dict[str, np.ndarray]]],
                      for n, a in feeds.items()})
                 for k, (m, feeds) in runs.items()}
     repeat = max(1, 256 // (batch or 1))  # runs per timing, so short runs are not all timer noise
-    times: dict[str, list[float]] = {k: [] for k in runs}
+    times: dict[Key, list[float]] = {k: [] for k in runs}
     for _ in range(2):
         for sess, feeds in sessions.values():
             sess.run(None, feeds)
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for key, (sess, feeds) in sessions.items():
             start = time.perf_counter()
             for _ in range(repeat):
@@ -91,92 +110,238 @@ def _error(reference: list[np.ndarray], model: onnx.ModelProto,
     return compare(reference, run_model(model, feeds), samples).relative_error
 
 
-def _slice_cost(width: int = 1024, stored: int = 256, rank: int = 192) -> None:
-    """Batch-1 time of one factor pair three ways (see the module docstring)."""
+def _level_forms(width: int = 1024, ranks: tuple[int | None, ...] = (None, 256, 192, 128),
+                 rounds: int = 25) -> None:
+    """One gated ``width``-wide layer four ways, every level at batch 1 and 450 (see the
+    module docstring); each form's stored parameters beside its times."""
     rng = np.random.default_rng(0)
-    first_t = rng.normal(size=(width, stored)).astype(np.float32)  # x @ first^T
-    second_t = rng.normal(size=(stored, width)).astype(np.float32)
-    x = rng.normal(size=(1, width)).astype(np.float32)
-    pair = [helper.make_node("MatMul", ["x", "a"], ["h"]),
-            helper.make_node("MatMul", ["h", "b"], ["y"])]
+    widest = max(q for q in ranks if q is not None)
+    weight = rng.normal(size=(width, width)) / np.sqrt(width)
+    first = rng.normal(size=(widest, width)) / np.sqrt(width)
+    second = rng.normal(size=(width, widest)) / np.sqrt(widest)
+    biases = rng.normal(size=(len(ranks), width))
+    record = GatedFactors(first, second, ranks, biases, weight, (width,))
+    forms = _Forms(width, record)
+    models_ = {"standalone (one model per level)": None,
+               "sliced (before: `Slice` of the stored pair)": forms.sliced(),
+               "pieces summed (nested `If`s)": forms.pieces(),
+               "one pair per rank, `If` chain per operator (`form=\"operator\"`)":
+                   forms.built("operator"),
+               "one pair per rank, whole-model `If` chain (written)": forms.built("model")}
+    x = rng.normal(size=(450, width)).astype(np.float32)
+    for batch in (1, len(x)):
+        runs = {}
+        for level in range(len(ranks)):
+            for key, model in models_.items():
+                if model is None:
+                    runs[(key, level)] = (forms.standalone(level), {"x": x})
+                else:
+                    runs[(key, level)] = (model, {"x": x, GATED_INPUT: np.array(level)})
+        latency = _latencies(runs, batch, rounds)
+        print(f"\n### one {width}-wide layer, levels of rank "
+              f"{', '.join(str(q or 'dense') for q in ranks)}: ms at batch {batch}\n")
+        print("| form | params stored | " + " | ".join(f"level {k}" for k in range(len(ranks)))
+              + " |\n|---|---:|" + "---:|" * len(ranks))
+        for key, model in models_.items():
+            stored = (sum(stored_params(forms.standalone(k)) for k in range(len(ranks)))
+                      if model is None else stored_params(model))
+            print(f"| {key} | {stored:,} | " + " | ".join(
+                f"{latency[(key, k)]:.4f}" for k in range(len(ranks))) + " |")
 
-    def build(nodes: list[onnx.NodeProto], inputs: list[tuple[str, list[int], int]],
-              inits: dict[str, np.ndarray]) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            nodes, "pair", [helper.make_tensor_value_info(n, t, s) for n, s, t in inputs],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-            [numpy_helper.from_array(v, k) for k, v in inits.items()])
+
+class _Forms:
+    """The candidate graphs of one gated layer (``record``; level 0 dense); every form
+    adds the level's bias the same way (``Gather`` of the level's row)."""
+
+    def __init__(self, width: int, record: GatedFactors) -> None:
+        self.width, self.record, self.names = width, record, 0
+
+    def _name(self, base: str) -> str:
+        self.names += 1
+        return f"{base}{self.names}"
+
+    def _const(self, array: np.ndarray, base: str = "c") -> onnx.TensorProto:
+        kind = np.int64 if array.dtype.kind == "i" else np.float32
+        return numpy_helper.from_array(np.ascontiguousarray(array, dtype=kind), self._name(base))
+
+    def _info(self, name: str, kind: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, kind, ["batch", self.width])
+
+    def _model(self, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
+               gated: bool = True) -> onnx.ModelProto:
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", self.width])]
+        if gated:
+            inputs.append(helper.make_tensor_value_info(GATED_INPUT, TensorProto.INT64, []))
+        graph = helper.make_graph(nodes, "layer", inputs, [self._info("y")], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
+        onnx.checker.check_model(model)
         return model
 
-    a, b = np.ascontiguousarray(first_t[:, :rank]), np.ascontiguousarray(second_t[:rank])
-    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    runs = {
-        "constant factors": (build(pair, [("x", [1, width], f32)], {"a": a, "b": b}),
-                             {"x": x}),
-        "factors fed as inputs": (build(pair, [("x", [1, width], f32), ("a", [width, rank], f32),
-                                               ("b", [rank, width], f32)], {}),
-                                  {"x": x, "a": a, "b": b}),
-        "sliced (gated)": (build(
-            [helper.make_node("Slice", ["a_all", "zero", "q", "one"], ["a"]),
-             helper.make_node("Slice", ["b_all", "zero", "q", "zero"], ["b"]), *pair],
-            [("x", [1, width], f32), ("q", [1], i64)],
-            {"a_all": first_t, "b_all": second_t, "zero": np.array([0]),
-             "one": np.array([1])}), {"x": x, "q": np.array([rank])}),
-    }
-    latency = _latencies(runs, None)
-    print(f"\n### batch 1, one {width}-wide pair at rank {rank} ({stored} stored), "
-          "single-threaded\n")
-    print("| form | ms | vs constant |\n|---|---:|---:|")
-    for key, ms in latency.items():
-        print(f"| {key} | {ms:.4f} | {ms / latency['constant factors']:.2f}x |")
+    def _pair(self, lo: int, hi: int, out: str) -> tuple[list[onnx.NodeProto],
+                                                         list[onnx.TensorProto]]:
+        a = self._const(self.record.first[lo:hi].T, "first")
+        b = self._const(self.record.second[:, lo:hi].T, "second")
+        hidden = self._name("hidden")
+        return [helper.make_node("MatMul", ["x", a.name], [hidden]),
+                helper.make_node("MatMul", [hidden, b.name], [out])], [a, b]
+
+    def _if(self, bound: int, then: tuple[list[onnx.NodeProto], list[onnx.TensorProto], str],
+            other: tuple[list[onnx.NodeProto], list[onnx.TensorProto], str], out: str
+            ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+        """``out = then if budget_level < bound else other`` (each: nodes, constants, out)."""
+        c, cond = self._const(np.array(bound)), self._name("cond")
+        graphs = [helper.make_graph(n, self._name("g"), [], [self._info(o)], i)
+                  for n, i, o in (then, other)]
+        return [helper.make_node("Less", [GATED_INPUT, c.name], [cond]),
+                helper.make_node("If", [cond], [out], then_branch=graphs[0],
+                                 else_branch=graphs[1])], [c]
+
+    def _gate(self, factored: tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]
+              ) -> onnx.ModelProto:
+        """The dense level in one branch; the factored product plus the level's bias in
+        the other."""
+        assert self.record.weight is not None
+        w, b = self._const(self.record.weight.T), self._const(self.record.biases[0])
+        dense = ([helper.make_node("MatMul", ["x", w.name], ["dense_xw"]),
+                  helper.make_node("Add", ["dense_xw", b.name], ["dense_y"])], [w, b], "dense_y")
+        nodes, inits, product = factored
+        biases = self._const(self.record.biases, "biases")
+        nodes = [*nodes, helper.make_node("Gather", [biases.name, GATED_INPUT], ["bias"]),
+                 helper.make_node("Add", [product, "bias"], ["factored_y"])]
+        return self._model(*self._if(self.record.dense_levels, dense,
+                                     (nodes, [*inits, biases], "factored_y"), "y"))
+
+    def standalone(self, level: int) -> onnx.ModelProto:
+        q, bias = self.record.ranks[level], self._const(self.record.biases[level])
+        if q is None:
+            assert self.record.weight is not None
+            w = self._const(self.record.weight.T)
+            nodes, inits = [helper.make_node("MatMul", ["x", w.name], ["xw"])], [w]
+        else:
+            nodes, inits = self._pair(0, q, "xw")
+        return self._model([*nodes, helper.make_node("Add", ["xw", bias.name], ["y"])],
+                           [*inits, bias], gated=False)
+
+    def sliced(self) -> onnx.ModelProto:
+        """The form this one replaced: the rank gathered, the stored pair sliced."""
+        rec = self.record
+        table = self._const(np.array([q or rec.rank for q in rec.ranks]))
+        zero, one, axes = self._const(np.array([0])), self._const(np.array([1])), \
+            self._const(np.array([0]))
+        a, b = self._const(rec.first.T, "first"), self._const(rec.second.T, "second")
+        nodes = [helper.make_node("Unsqueeze", [GATED_INPUT, axes.name], ["level_1d"]),
+                 helper.make_node("Gather", [table.name, "level_1d"], ["q"]),
+                 helper.make_node("Slice", [a.name, zero.name, "q", one.name], ["a"]),
+                 helper.make_node("Slice", [b.name, zero.name, "q", zero.name], ["b"]),
+                 helper.make_node("MatMul", ["x", "a"], ["h"]),
+                 helper.make_node("MatMul", ["h", "b"], ["product"])]
+        return self._gate((nodes, [table, zero, one, axes, a, b], "product"))
+
+    def _ascending(self) -> tuple[list[int], list[int]]:
+        """The distinct ranks, smallest first, and the bound below which a level's rank is
+        at least each."""
+        ranks = sorted({q for q in self.record.ranks if q is not None})
+        return ranks, [sum(q is None or q >= r for q in self.record.ranks) for r in ranks]
+
+    def pieces(self) -> onnx.ModelProto:
+        """The smallest rank's pair, then each next piece of directions added under an
+        ``If`` that only the levels using it take (its constants in that branch)."""
+        ranks, bounds = self._ascending()
+
+        def piece(j: int, total: str | None) -> tuple[list[onnx.NodeProto],
+                                                      list[onnx.TensorProto], str]:
+            out = self._name("piece")
+            nodes, inits = self._pair(ranks[j - 1] if j else 0, ranks[j], out)
+            if total is not None:
+                nodes.append(helper.make_node("Add", [total, out], [summed := self._name("sum")]))
+                out = summed
+            if j + 1 == len(ranks):
+                return nodes, inits, out
+            same = self._name("same")
+            keep: tuple[list[onnx.NodeProto], list[onnx.TensorProto], str] = (
+                [helper.make_node("Identity", [out], [same])], [], same)
+            more, extra = self._if(bounds[j + 1], piece(j + 1, out), keep,
+                                   result := self._name("result"))
+            return [*nodes, *more], [*inits, *extra], result
+
+        return self._gate(piece(0, None))
+
+    def built(self, form: GatedForm) -> onnx.ModelProto:
+        """What ``compress --budgets`` writes (:func:`build_gated`), in ``form``."""
+        model = self.standalone(0)
+        ops = extract_operators(name_nodes(model)).operators
+        gated, declined = build_gated(name_nodes(model), {op.name: op for op in ops},
+                                      [(ops, self.record)], (1.0, 0.75, 0.5, 0.25), form)
+        assert not declined
+        return gated
+
+
+def _table(name: str, original: onnx.ModelProto, calib: dict[str, np.ndarray],
+           x: np.ndarray, y: np.ndarray, budgets: tuple[float, ...]) -> None:
+    """The level tables of one model (see the module docstring)."""
+    feeds = {original.graph.input[0].name: x}
+    reference = run_model(original, feeds)
+    config = CompressConfig(budgets=budgets, calib=calib)
+    gated, report = compress_gated(original, config, standalone=False)
+    per_op, _ = compress_gated(original, config, standalone=False, form="operator")
+    priced, priced_report = compress_gated(original, replace(config, pricing="output"),
+                                           standalone=False)
+    runs = {"original": (original, feeds)}
+    rows = []
+    for row in report.levels:
+        level_feeds = {**feeds, GATED_INPUT: np.array(row.level)}
+        runs[f"level {row.level}"] = (gated, level_feeds)
+        runs[f"per-op {row.level}"] = (per_op, level_feeds)
+        if row.budget < 1.0:
+            alone, _ = compress(original, CompressConfig(keep=row.budget, calib=calib))
+            refit, _ = compress(original, CompressConfig(keep=row.budget, calib=calib,
+                                                         refit="on"))
+        else:
+            alone = refit = original
+        runs[f"alone {row.level}"] = (alone, feeds)
+        err = _error(reference, gated, level_feeds, len(x))
+        err_alone = _error(reference, alone, feeds, len(x))
+        rows.append((row, f"{err:.4f} | {_error(reference, priced, level_feeds, len(x)):.4f} | "
+                          f"{err_alone:.4f} | {err - err_alone:+.4f} | "
+                          f"{_error(reference, refit, feeds, len(x)):.4f} | "
+                          f"{accuracy(gated, level_feeds, y):.4f} | "
+                          f"{accuracy(alone, feeds, y):.4f}"))
+    latency = {batch: _latencies(runs, batch) for batch in (len(x), 1)}
+    doc = report.to_dict()
+    print(f"\n### {name}: {len(x)} test samples, budgets {', '.join(map(str, budgets))}")
+    print(f"\noriginal: {report.operator_params:,} weight-operator parameters, "
+          f"{report.operator_flops:,} FLOPs/sample, accuracy "
+          f"{accuracy(original, feeds, y):.4f}, {latency[len(x)]['original']:.3f} ms "
+          f"(batch {len(x)}), {latency[1]['original']:.3f} ms (batch 1). Stored parameters: "
+          f"the gated file {doc['params_stored']:,} (the per-operator form "
+          f"{stored_params(per_op):,}), the original {doc['params_before']:,}. Levels "
+          f"priced by {doc['pricing']}; with --pricing output their ranks are "
+          + ("the same" if [r['ranks'] for r in doc['levels']] ==
+             [r['ranks'] for r in priced_report.to_dict()['levels']] else "different")
+          + "\n")
+    print("| level | budget | params in use | FLOPs in use | error gated | error gated, "
+          "--pricing output | error standalone | nesting cost | error standalone refit | "
+          "accuracy gated | accuracy standalone |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row, errors in rows:
+        print(f"| {row.level} | {row.budget:g} | {row.params:,} | {row.flops:,} | {errors} |")
+    print(f"\n| level | ms gated (batch {len(x)}) | ms per-operator form | ms standalone | "
+          "ms gated (batch 1) | ms per-operator form | ms standalone | gated / standalone "
+          "(batch 1) |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row, _ in rows:
+        timed = [latency[b][f"{who} {row.level}"] for b in (len(x), 1)
+                 for who in ("level", "per-op", "alone")]
+        print(f"| {row.level} | " + " | ".join(f"{t:.3f}" for t in timed)
+              + f" | {timed[3] / timed[5]:.2f}x |", flush=True)
 
 
 def main() -> int:
     started = time.perf_counter()
-    for name, original, calib, x, y, budgets in _cases():
-        feeds = {original.graph.input[0].name: x}
-        reference = run_model(original, feeds)
-        gated, report = compress_gated(original, CompressConfig(budgets=budgets, calib=calib),
-                                       standalone=False)
-        runs = {"original": (original, feeds)}
-        rows = []
-        for row in report.levels:
-            level_feeds = {**feeds, GATED_INPUT: np.array(row.level)}
-            runs[f"level {row.level}"] = (gated, level_feeds)
-            if row.budget < 1.0:
-                alone, _ = compress(original, CompressConfig(keep=row.budget, calib=calib))
-                refit, _ = compress(original, CompressConfig(keep=row.budget, calib=calib,
-                                                             refit="on"))
-            else:
-                alone = refit = original
-            runs[f"alone {row.level}"] = (alone, feeds)
-            rows.append((row, _error(reference, gated, level_feeds, len(x)),
-                         accuracy(gated, level_feeds, y), _error(reference, alone, feeds, len(x)),
-                         accuracy(alone, feeds, y), _error(reference, refit, feeds, len(x))))
-        latency = {batch: _latencies(runs, batch) for batch in (len(x), 1)}
-        doc = report.to_dict()
-        print(f"\n### {name}: {len(x)} test samples, budgets {', '.join(map(str, budgets))}")
-        print(f"\noriginal: {report.operator_params:,} weight-operator parameters, "
-              f"{report.operator_flops:,} FLOPs/sample, accuracy "
-              f"{accuracy(original, feeds, y):.4f}, {latency[len(x)]['original']:.3f} ms "
-              f"(batch {len(x)}), {latency[1]['original']:.3f} ms (batch 1); the gated file "
-              f"stores {doc['params_stored']:,} parameters (the original "
-              f"{doc['params_before']:,})\n")
-        print(f"| level | budget | params in use | FLOPs in use | error gated | error "
-              f"standalone | nesting cost | error standalone refit | accuracy gated | "
-              f"accuracy standalone | ms gated (batch {len(x)}) | ms standalone | ms gated "
-              f"(batch 1) | ms standalone |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for row, err, acc, err_alone, acc_alone, err_refit in rows:
-            timed = [latency[b][f"{who} {row.level}"] for b in (len(x), 1)
-                     for who in ("level", "alone")]
-            print(f"| {row.level} | {row.budget:g} | {row.params:,} | {row.flops:,} | "
-                  f"{err:.4f} | {err_alone:.4f} | {err - err_alone:+.4f} | {err_refit:.4f} | "
-                  f"{acc:.4f} | {acc_alone:.4f} | "
-                  + " | ".join(f"{t:.3f}" for t in timed) + " |", flush=True)
-    _slice_cost()
+    if "--forms" not in sys.argv[1:]:
+        for case in _cases():
+            _table(*case)
+    _level_forms()
     print(f"\n{time.perf_counter() - started:.0f} s")
     return 0
 

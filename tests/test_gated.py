@@ -187,3 +187,37 @@ def test_a_level_is_capped_by_the_rank_above_it_even_when_a_larger_rank_is_cheap
     planned = plan_levels([candidate], {}, {"op": object()}, (0.6, 0.45), _Units(), base)
     assert [unit.ranks() for unit in planned.units] == [(16, 8)]  # not 24, cheaper as it is
     assert planned.plans[1].kept == 0.5 and "level above" in planned.plans[1].notes[0]
+
+
+def test_output_pricing_of_the_levels_is_asked_for(transformer, gated) -> None:
+    """By measurement no better for nested levels (docs/GATED.md): the default prices
+    each unit by its own error; --pricing output probes the units and plans again."""
+    _, report = gated
+    assert report.pricing == "layer" and not report.gains
+    model, calib = transformer
+    _, priced = compress_gated(model, CompressConfig(budgets=BUDGETS, calib=calib,
+                                                     pricing="output"), standalone=False)
+    assert priced.pricing == "output" and priced.to_dict()["gains"]
+    assert all(gain > 0 for _, gain in priced.gains)
+    for row in priced.levels[1:]:
+        assert row.plan.kept is not None and row.plan.kept <= row.budget + 1e-9
+
+
+def test_a_level_spends_what_the_lagrangian_step_leaves() -> None:
+    """As compress does: an option above the hull that fits the budget is taken."""
+    from qmpass.plan.levels import plan_levels
+    from qmpass.plan.plan import Cost, Plan, Step
+    from qmpass.plan.units import Candidate, Variant
+    from qmpass.plan.units.common import unchanged
+
+    def variant(rank: int, cost: float, error: float) -> Variant:
+        step = Step("lowrank", ("op",), Cost(100, 100), Cost(rank, rank), error, rank=rank)
+        return Variant(cost, error, error, rank, lambda: [(step, {})])
+
+    candidate = Candidate("lowrank:op", ("op",), (
+        unchanged(100.0), variant(8, 30.0, 0.5), variant(16, 50.0, 0.2),
+        variant(20, 58.0, 0.18), variant(24, 70.0, 0.05)))
+    base = Plan(model="m", method="qmfrg", budget={}, baseline=Cost(100, 100), steps=())
+    planned = plan_levels([candidate], {}, {"op": object()}, (0.6, 0.45), _Units(), base)
+    assert [unit.ranks() for unit in planned.units] == [(20, 8)]  # the hull alone: 16
+    assert [p.kept for p in planned.plans] == [0.58, 0.3]

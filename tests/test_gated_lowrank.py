@@ -84,7 +84,7 @@ def test_onnxruntime_computes_each_level_of_the_record() -> None:
     assert gated.ir_version >= 4
     assert [i.name for i in gated.graph.input] == ["x", GATED_INPUT]
     assert GATED_INPUT in {t.name for t in gated.graph.initializer}  # its default
-    assert {n.op_type for n in gated.graph.node} >= {"If", "Less", "Unsqueeze"}
+    assert {n.op_type for n in gated.graph.node} >= {"If", "Less", "Gather"}
     original = run_model(model, {"x": x})[0]
     outputs = []
     for level in range(4):
@@ -115,7 +115,7 @@ def test_a_shared_basis_is_gated_with_its_split() -> None:
     assert record.weight is None  # no dense level: the original weights are dropped
     gated, declined = build_gated(model, {op.name: op for op in members}, [(members, record)],
                                   (0.6, 0.3))
-    assert not declined and "If" not in {n.op_type for n in gated.graph.node}
+    assert not declined and "MatMul" not in {n.op_type for n in gated.graph.node}  # in Ifs
     assert not any(t.name.startswith("w") for t in gated.graph.initializer)
     for level in range(2):
         ys = run_model(gated, {"x": x, GATED_INPUT: np.array(level)})

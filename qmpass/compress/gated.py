@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -29,10 +29,11 @@ from qmpass.compress.config import DEFAULT_ALIGN, CompressConfig
 from qmpass.compress.gated_report import GatedReport, LevelRow, stored_params
 from qmpass.compress.pipeline import BUDGET_SLACK, compress
 from qmpass.compress.report import operator_flops, operator_params
+from qmpass.compress.sensitivity import measure_gains
 from qmpass.errors import QmpassInputError
 from qmpass.extdata import embedded, external_tensors
-from qmpass.extract import Operator, extract_operators
-from qmpass.extract.channels import channel_groups
+from qmpass.extract import Extraction, Operator, extract_operators
+from qmpass.extract.channels import ChannelGroup, channel_groups
 from qmpass.extract.shapes import infer_shapes
 from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
 from qmpass.parallel import Executor, model_file
@@ -41,8 +42,9 @@ from qmpass.plan.plan import Cost, Plan
 from qmpass.plan.planner import unit_candidates
 from qmpass.plan.resource import PARAMS, Cycles
 from qmpass.plan.units import Candidate
+from qmpass.rewrite import Applier
 from qmpass.rewrite.base import name_nodes
-from qmpass.rewrite.gated_lowrank import GATED_INPUT, build_gated, refuse_gated
+from qmpass.rewrite.gated_lowrank import GATED_INPUT, GatedForm, build_gated, refuse_gated
 from qmpass.verify import Verification, Verifier, check_feeds, compare, synthesize_inputs
 from qmpass.verify.compare import sample_count
 from qmpass.verify.runner import DEFAULT_BATCH, feed_batches, session
@@ -60,19 +62,22 @@ LATENCY_THREADS = 1
 
 
 def compress_gated(
-    model: ModelLike, config: CompressConfig, standalone: bool = True
+    model: ModelLike, config: CompressConfig, standalone: bool = True,
+    form: GatedForm = "model",
 ) -> tuple[onnx.ModelProto, GatedReport]:
     """The budget-gated model of ``model`` for ``config.budgets`` and its report.
     ``standalone``: also compress the model separately at every budget below 1 (one
-    :func:`~qmpass.compress.compress` each) to measure what nesting cost."""
+    :func:`~qmpass.compress.compress` each) to measure what nesting cost. ``form``: the
+    graph form (:func:`~qmpass.rewrite.gated_lowrank.build_gated`; ``bench/gated.py``
+    times both)."""
     if config.budgets is None:
         raise QmpassInputError("a gated model needs budgets (CompressConfig(budgets=...)).")
     with Executor(config.jobs, config.scheduler) as executor:
-        return _compress_gated(model, config, executor, standalone)
+        return _compress_gated(model, config, executor, standalone, form)
 
 
 def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor,
-                    standalone: bool) -> tuple[onnx.ModelProto, GatedReport]:
+                    standalone: bool, form: GatedForm) -> tuple[onnx.ModelProto, GatedReport]:
     assert config.budgets is not None
     budgets = config.budgets
     seconds: dict[str, float] = {}
@@ -103,6 +108,7 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
 
     timer = time.perf_counter()
     values = stored_values(original)
+    pricing = _Pricing(config, original, extraction, groups, split)
 
     def levels(align: int) -> LevelPlan:
         memo: dict[tuple[str, ...], Candidate | None] = {}
@@ -121,16 +127,21 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
                                                              for n in c.operators})),
                     steps=(), declined=tuple(sorted(declined.items())),
                     resource=resource.name)
-        return plan_levels(gated, memo, ops, budgets, resource, base)
+        planned = plan_levels(gated, memo, ops, budgets, resource, base)
+        gains = pricing.gains(gated, planned.chosen)  # probed where the levels went
+        return planned if gains is None else plan_levels(gated, memo, ops, budgets, resource,
+                                                         base, gains)
 
     planned = levels(config.align or DEFAULT_ALIGN)
     if config.align is None and planned.miss > BUDGET_SLACK:
         finer = levels(1)  # steps of 8 too coarse for these budgets
         planned = finer if finer.miss < planned.miss else planned
-    seconds["plan"] = time.perf_counter() - timer
+    seconds["plan"] = time.perf_counter() - timer - pricing.seconds
+    if pricing.seconds:
+        seconds["sensitivity"] = pricing.seconds
 
     timer = time.perf_counter()
-    gated, declined_units = _build(original, ops, planned)
+    gated, declined_units = _build(original, ops, planned, form)
     plans = [replace(plan, steps=tuple(s for s in plan.steps
                                        if s.operators not in declined_units))
              for plan in planned.plans]
@@ -157,11 +168,47 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
         latency_ms=runner.latency(original, None), default_is_level_0=default_ok,
         samples=split.samples, seconds=seconds,
         notes=tuple(n for n in [split.note, *(n for p in plans for n in p.notes)] if n),
+        pricing="output" if pricing.priced else "layer",
+        gains=tuple(sorted(pricing.measured.items())),
     )
     return gated, report
 
 
-def _build(original: onnx.ModelProto, ops: Mapping[str, Operator], planned: LevelPlan
+class _Pricing:
+    """The gains the levels are priced by. Only ``--pricing output`` prices them by the
+    output: every gated unit probed once (:func:`measure_gains`), as ``compress`` does,
+    at the variant the levels priced by each unit's own error chose (the first level
+    that compressed it), and the levels planned again. By measurement (docs/GATED.md)
+    that is no better for nested levels than each unit's own error, which the default
+    ``--pricing auto`` therefore keeps for ``--budgets``."""
+
+    def __init__(self, config: CompressConfig, original: onnx.ModelProto,
+                 extraction: Extraction, groups: Sequence[ChannelGroup], split: Split) -> None:
+        self.config, self.original, self.split = config, original, split
+        self.applier = Applier(original, extraction, groups)
+        self.priced = config.priced_by_output and config.pricing == "output"
+        self.measured: dict[str, float] = {}
+        self.seconds = 0.0
+
+    def gains(self, candidates: Sequence[Candidate], at: Mapping[str, int]
+              ) -> dict[str, float] | None:
+        if not self.priced:
+            return None
+        unpriced = [c for c in candidates if c.key not in self.measured]
+        if unpriced:
+            started = time.perf_counter()
+            split = self.split
+            found = measure_gains(self.original, self.applier, unpriced, split.fit,
+                                  split.samples[0] if split.separate else 0,
+                                  self.config.seed, at)
+            self.measured.update({key: gain.value for key, gain in found.items()})
+            self.measured.update({c.key: 1.0 for c in unpriced if c.key not in found})
+            self.seconds += time.perf_counter() - started
+        return self.measured if self.priced else None
+
+
+def _build(original: onnx.ModelProto, ops: Mapping[str, Operator], planned: LevelPlan,
+           form: GatedForm
            ) -> tuple[onnx.ModelProto, dict[tuple[str, ...], str]]:
     """The gated model and the units left dense at every level (with why)."""
     units, declined = [], {}
@@ -171,7 +218,7 @@ def _build(original: onnx.ModelProto, ops: Mapping[str, Operator], planned: Leve
             units.append((members, GatedFactors.of(members, unit.levels)))
         except ValueError as exc:
             declined[unit.operators] = str(exc)
-    model, refused = build_gated(original, ops, units, planned.budgets)
+    model, refused = build_gated(original, ops, units, planned.budgets, form)
     for index, why in refused.items():
         declined[tuple(op.name for op in units[index][0])] = why
     if len(declined) == len(planned.units) and planned.units:

@@ -81,12 +81,16 @@ class GatedReport:
     samples: tuple[int, int] = (0, 0)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    pricing: str = "layer"  # the levels' errors: "output" (measured gains) or each unit's own
+    gains: tuple[tuple[str, float], ...] = ()  # output pricing: each unit's measured gain
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "method": self.method,
             "resource": self.resource,
+            "pricing": self.pricing,
+            "gains": dict(self.gains),
             "budgets": [row.budget for row in self.levels],
             "levels": [row.to_dict() for row in self.levels],
             "params_before": self.params[0],

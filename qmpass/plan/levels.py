@@ -2,7 +2,8 @@
 
 Each level is planned by the Lagrangian of :mod:`qmpass.plan.budget` at its own budget
 (``keep`` of the compressible operators' cost, in weight parameters or a target's
-cycles), from the largest budget down, with every unit capped by what the level before
+cycles; what its last hull step leaves is spent on milder options, as ``compress``
+does), from the largest budget down, with every unit capped by what the level before
 it chose, so one stored set of factors serves every level (the rank-``q`` factors are the
 first ``q`` directions of the rank-``r`` ones; :mod:`qmpass.algebra.gated`):
 
@@ -29,7 +30,7 @@ gated rule takes (MatMul/Gemm, :func:`qmpass.algebra.gated.gated_declines`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -64,6 +65,9 @@ class LevelPlan:
     budgets: tuple[float, ...]
     plans: tuple[Plan, ...]
     units: tuple[GatedUnit, ...]
+    #: per candidate key, the variant the first level that compressed it chose (where
+    #: that level took one of the candidate's own variants): where to probe its gain
+    chosen: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def miss(self) -> float:
@@ -89,35 +93,43 @@ def plan_levels(
     budgets: Sequence[float],
     resource: Resource,
     base: Plan,
+    gains: Mapping[str, float] | None = None,
 ) -> LevelPlan:
     """The nested plans of ``budgets`` (decreasing) over ``candidates`` (from
     :func:`~qmpass.plan.planner.unit_candidates`, whose ``memo`` holds each cluster's
     shared-basis and member units). ``base`` gives the plans' model, method, baseline
-    and declined operators."""
+    and declined operators. ``gains`` (by candidate key, 1 where absent) scale each
+    candidate's predicted errors, whatever form it takes at a level, as
+    :func:`~qmpass.plan.make_plan`'s do: what the model's output feels of them
+    (:func:`qmpass.compress.sensitivity.measure_gains`)."""
     names = sorted({n for c in candidates for n in c.operators if n in ops})
     full = resource.operators([ops[n] for n in names])
     states = {c.key: _State() for c in candidates}
     built: dict[tuple[str, int], list[LevelStep]] = {}
     per_level: list[dict[tuple[str, ...], LevelStep]] = []
     plans: list[Plan] = []
+    chosen: dict[str, int] = {}
     for budget in budgets:
         units: list[Unit] = []
         sources: dict[str, Candidate] = {}
         for c in candidates:
-            for key, source, options in _options(c, states[c.key], memo):
+            gain = (gains or {}).get(c.key, 1.0)
+            for key, source, options in _options(c, states[c.key], memo, gain):
                 units.append(Unit(key, tuple(options)))
                 sources[key] = source
         # a budget of 1 is the model as it is: allocate() would take variants that lose
         # nothing on the calibration data (a rank at the statistics' numerical rank),
         # which is not nothing on other inputs
         choice = ({u.key: u.options[0] for u in units} if budget >= 1.0 else
-                  allocate(units, budget * full))
+                  _fill(units, allocate(units, budget * full), budget * full))
         spent = sum(option.cost for option in choice.values())
         steps: dict[tuple[str, ...], LevelStep] = {}
         for key, option in choice.items():
             source = sources[key]
             if option.value == 0:  # unchanged (never an option of a capped unit)
                 continue
+            if key == source.key:  # a free candidate's own variant
+                chosen.setdefault(key, option.value)
             cache = (key, option.value)
             if cache not in built:
                 built[cache] = source.variants[option.value].build()
@@ -140,25 +152,52 @@ def plan_levels(
     keys = sorted({k for steps in per_level for k in steps},
                   key=lambda k: names.index(k[0]) if k[0] in names else len(names))
     gated = tuple(GatedUnit(k, tuple(steps.get(k) for steps in per_level)) for k in keys)
-    return LevelPlan(tuple(float(b) for b in budgets), tuple(plans), gated)
+    return LevelPlan(tuple(float(b) for b in budgets), tuple(plans), gated, chosen)
+
+
+def _fill(units: Sequence[Unit], choice: dict[str, Option], target: float
+          ) -> dict[str, Option]:
+    """Spend what the Lagrangian's last hull step left of ``target``, as ``compress``
+    does (:func:`qmpass.plan.allocation.choose`): while some unit's option with less
+    (priced) error fits in what is left, take the one that buys back the most. The
+    options are the level's, so the caps of the level above still hold."""
+    choice = dict(choice)
+    spent = sum(option.cost for option in choice.values())
+    while True:
+        best: tuple[float, str, Option] | None = None
+        for unit in units:
+            now = choice[unit.key]
+            for option in unit.options:
+                gain = now.error - option.error
+                if gain > 0 and option.cost > now.cost and \
+                        spent + option.cost - now.cost <= target + 0.5 and \
+                        (best is None or gain > best[0]):
+                    best = (gain, unit.key, option)
+        if best is None:
+            return choice
+        _, key, option = best
+        spent += option.cost - choice[key].cost
+        choice[key] = option
 
 
 _CAPPED = "capped:"  # unit keys whose options exclude the unchanged unit
 
 
 def _options(candidate: Candidate, state: _State,
-             memo: Mapping[tuple[str, ...], Candidate | None]
+             memo: Mapping[tuple[str, ...], Candidate | None], gain: float
              ) -> list[tuple[str, Candidate, list[Option]]]:
     """The allocation units ``candidate`` offers at the next level, given ``state``:
-    (unit key, the candidate whose variants the options index, the options)."""
+    (unit key, the candidate whose variants the options index, the options, their
+    errors times ``gain``)."""
     if state.form == "free":
-        return [(candidate.key, candidate, _indexed(candidate, range(len(candidate.variants))))]
+        return [(candidate.key, candidate,
+                 _indexed(candidate, range(len(candidate.variants)), gain))]
     if state.form == "single":
         source = candidate if state.fused is None else memo.get(state.fused)
         assert source is not None  # the unit that planned the level above
         allowed = [i for i, v in enumerate(source.variants)
                    if i > 0 and state.rank is not None and 0 <= v.label <= state.rank]
-        return [(_CAPPED + candidate.key, source, _indexed(source, allowed))]
+        return [(_CAPPED + candidate.key, source, _indexed(source, allowed, gain))]
     assert state.members is not None
     out = []
     for name, cap in state.members.items():
@@ -168,12 +207,13 @@ def _options(candidate: Candidate, state: _State,
         allowed = [i for i, v in enumerate(member.variants)
                    if cap is None or (i > 0 and v.label <= cap)]
         key = (_CAPPED if cap is not None else "") + f"member:{name}"
-        out.append((key, member, _indexed(member, allowed)))
+        out.append((key, member, _indexed(member, allowed, gain)))
     return out
 
 
-def _indexed(source: Candidate, indices: Sequence[int] | range) -> list[Option]:
-    return [Option(i, source.variants[i].cost, source.variants[i].error) for i in indices]
+def _indexed(source: Candidate, indices: Sequence[int] | range, gain: float) -> list[Option]:
+    return [Option(i, source.variants[i].cost, source.variants[i].error * gain)
+            for i in indices]
 
 
 def _advance(candidate: Candidate, state: _State,
