@@ -54,6 +54,8 @@ class Spilled:
 
 
 def _remove(path: str) -> None:
+    with _LOCK:  # a later file of the same name must not find this one's copy
+        _LOADED.pop(path, None)
     with contextlib.suppress(OSError):
         os.remove(path)
 
