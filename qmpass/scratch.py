@@ -105,9 +105,8 @@ def active() -> Scratch | None:
 
 def release() -> None:
     """Remove the scratch files of finished blocks (models referring to them no longer
-    read: write them out first)."""
-    open_ = _ACTIVE.get()
-    _KEPT[:] = [scratch for scratch in _KEPT if scratch is open_]
+    read: write them out first). An open block's file is not among them."""
+    _KEPT.clear()
 
 
 def resolve(location: str) -> Path | None:

@@ -35,8 +35,6 @@ class Spilled:
         handle, self.path = tempfile.mkstemp(prefix="qmpass-", suffix=".npy")
         with os.fdopen(handle, "wb") as file:
             np.save(file, array, allow_pickle=False)
-        self.shape: tuple[int, ...] = tuple(array.shape)
-        self.nbytes = int(array.nbytes)
         weakref.finalize(self, _remove, self.path)
 
     def load(self) -> np.ndarray:

@@ -223,3 +223,26 @@ def test_the_paths_of_models_too_large_to_hold_twice_give_the_same_model(
                                     providers=["CPUExecutionProvider"]).run(None, feeds)
                for k in ("held", "parked")]
     assert np.array_equal(results[0][0], results[1][0])
+
+
+def test_a_kept_scratch_file_stays_until_released() -> None:
+    import gc
+
+    from qmpass import scratch
+
+    with scratch.scratch_file() as kept:
+        reference = kept.put("w", np.arange(6, dtype=np.float32).reshape(2, 3))
+        kept.kept = True
+    with scratch.scratch_file() as dropped:
+        dropped.put("v", np.ones(4, np.float32))
+    location = reference.external_data[0].value
+    assert extdata.in_scratch(reference)
+    np.testing.assert_array_equal(extdata.tensor_array(reference),
+                                  np.arange(6, dtype=np.float32).reshape(2, 3))
+    path, other = kept.path, dropped.path
+    del kept, dropped
+    gc.collect()
+    assert path.is_file() and not other.exists()  # an unkept file goes with its block
+    scratch.release()
+    gc.collect()
+    assert not path.exists() and scratch.resolve(location) is None

@@ -124,10 +124,9 @@ def _bisected(
             failing = middle
             failed_at[middle] = tried[2].relative_error
     model, declined, verification = best
-    outcomes: list[Outcome] = []
-    for position, (step, _) in enumerate(steps_of(passing)):
-        outcomes.append(_outcome(step, declined.get(position), (
-            Attempt(tuple(s for s, _ in steps_of(passing)), verification.relative_error),)))
+    kept = tuple(step for step, _ in steps_of(passing))
+    together = (Attempt(kept, verification.relative_error),)
+    outcomes = [_outcome(step, declined.get(i), together) for i, step in enumerate(kept)]
     for rank, unit in enumerate(units[passing:], start=passing + 1):
         first = min(count for count in failed_at if count >= rank)
         error = failed_at[first]
