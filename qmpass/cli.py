@@ -370,7 +370,7 @@ def _write_reports(
 
 def _print_compress_summary(report: Report) -> None:
     header = (f"{'rewrite':<15} {'operators':<44} {'rank/kept':>9} {'params':>17} "
-              f"{'pred.err':>8} {'status':<11}")
+              f"{'pred.err':>8} {'local':>8} {'status':<11}")
     print(header)
     print("-" * len(header))
     for outcome in report.outcomes:
@@ -385,8 +385,9 @@ def _print_compress_summary(report: Report) -> None:
         )
         params = f"{step.before.params:,} -> {step.after.params:,}"
         tries = f" ({len(outcome.attempts)} variants tried)" if len(outcome.attempts) > 1 else ""
+        local = "-" if outcome.local_error is None else f"{outcome.local_error:.2g}"
         print(f"{step.kind:<15} {names[:44]:<44} {size!s:>9} {params:>17} "
-              f"{step.predicted_error:8.2g} {outcome.status}{tries}")
+              f"{step.predicted_error:8.2g} {local:>8} {outcome.status}{tries}")
     doc = report.to_dict()
     v = report.verification
     print(

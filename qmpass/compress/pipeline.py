@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Literal
@@ -21,7 +21,7 @@ from qmpass.compress.report import (
     operator_flops,
     operator_params,
 )
-from qmpass.compress.rollback import Tried, apply_all, apply_verified
+from qmpass.compress.rollback import Local, Tried, apply_all, apply_verified, measured_locally
 from qmpass.compress.sensitivity import PROBE_SECONDS, Gain, ProbesTooSlow, measure_gains
 from qmpass.errors import QmpassInputError
 from qmpass.extdata import data_folder, embedded, embedded_bytes, external_tensors, in_scratch
@@ -30,7 +30,7 @@ from qmpass.extract.channels import channel_groups
 from qmpass.extract.shapes import infer_shapes
 from qmpass.modelio import LoadedModel, ModelLike, caller_form, load_model, stored_values
 from qmpass.parallel import Executor, model_file
-from qmpass.plan import factors
+from qmpass.plan import Step, factors
 from qmpass.plan.planner import Planned, make_plan
 from qmpass.plan.resource import PARAMS, Cycles
 from qmpass.plan.sequential import refit
@@ -42,6 +42,7 @@ from qmpass.rewrite.gated_lowrank import refuse_gated
 from qmpass.scratch import Scratch, scratch_file
 from qmpass.verify import Verifier, check_feeds, synthesize_inputs
 from qmpass.verify.compare import sample_count
+from qmpass.verify.local import boundaries, local_errors
 
 __all__ = ["BUDGET_SLACK", "SEARCH_STEPS", "compress"]
 
@@ -213,6 +214,13 @@ def _compress(
     extdata.release()
 
     timer = time.perf_counter()
+    local: Local | None = None
+    if config.calib is not None:  # each step alone, on the held-out inputs
+
+        def local(model: onnx.ModelProto, steps: Sequence[Step]) -> dict[int, float]:
+            return local_errors(original, model, boundaries(steps, extraction, groups),
+                                split.held_out)
+
     tolerance = config.effective_tolerance
     tried = [*tried, *(apply_all(applier, verifier, planned)
                        for planned in candidates[len(tried):])]
@@ -223,10 +231,10 @@ def _compress(
     if within:  # all steps pass: the same budget, so the smaller error wins
         best = min(within, key=lambda i: tried[i][2].relative_error)
         results = {best: apply_verified(applier, verifier, candidates[best], tolerance,
-                                        tried[best])}
+                                        tried[best], local)}
     else:  # the tolerance forces rollbacks: the treatment that ends smaller wins
-        results = {i: apply_verified(applier, verifier, candidates[i], tolerance, tried[i])
-                   for i in range(len(candidates))}
+        results = {i: apply_verified(applier, verifier, candidates[i], tolerance, tried[i],
+                                     local) for i in range(len(candidates))}
         best = min(results, key=lambda i: (model_params(results[i][0]),
                                            results[i][2].relative_error))
     plan = candidates[best].plan
@@ -238,6 +246,10 @@ def _compress(
     result, outcomes, verification = results[best]
     fit_verification = Verifier(original, split.fit).check(result) if split.separate else None
     seconds["rewrite_and_verify"] = time.perf_counter() - timer
+    if local is not None:
+        timer = time.perf_counter()
+        outcomes = measured_locally(outcomes, result, local)
+        seconds["local_errors"] = time.perf_counter() - timer
 
     after = extract_operators(result)
     report = Report(

@@ -42,6 +42,8 @@ class Outcome:
     status: Literal["kept", "rolled_back", "declined"]
     reason: str | None = None
     attempts: tuple[Attempt, ...] = ()
+    #: a kept step's error alone on the held-out inputs (:mod:`qmpass.verify.local`)
+    local_error: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         step = self.step
@@ -61,6 +63,8 @@ class Outcome:
             out.update(group=step.group, channels=step.channels, kept_channels=len(step.kept or ()))
         if self.reason:
             out["reason"] = self.reason
+        if self.local_error is not None:
+            out["local_error"] = self.local_error
         out["attempts"] = [_attempt_dict(step, attempt) for attempt in self.attempts]
         return out
 

@@ -12,13 +12,19 @@ That costs a run of the whole model per unit and variant: on a large model (more
 prefix of the units, least predicted error first, that verifies within the tolerance
 while one more unit does not (the error is not exactly monotone in the prefix, so a
 longer passing prefix may exist). The units past it are rolled back, each with the error
-of the shortest failing prefix that added it; milder variants are not tried.
+of the shortest failing prefix that added it; milder variants are not tried. With a
+``local`` measure (:mod:`qmpass.verify.local`), the units are ordered by their error
+alone measured on the held-out inputs, not by the error predicted on the fitting ones.
+
+:func:`measured_locally` adds each kept step's local error to its outcome.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import onnx
 
@@ -29,13 +35,15 @@ from qmpass.plan.units import Built
 from qmpass.rewrite import Applier
 from qmpass.verify import Verification, Verifier
 
-__all__ = ["BISECT_UNITS", "Tried", "apply_all", "apply_verified"]
+__all__ = ["BISECT_UNITS", "Local", "Tried", "apply_all", "apply_verified", "measured_locally"]
 
 #: plans with more units than this are bisected, not taken a unit at a time
 BISECT_UNITS = 64
 
 #: a plan applied whole: the model, the steps that declined (by position), its error
 Tried = tuple[onnx.ModelProto, dict[int, str], Verification]
+#: the local error of each measurable step (by position) of a model built with ``steps``
+Local = Callable[[onnx.ModelProto, Sequence[Step]], dict[int, float]]
 
 
 def apply_all(applier: Applier, verifier: Verifier, planned: Planned) -> Tried:
@@ -45,10 +53,11 @@ def apply_all(applier: Applier, verifier: Verifier, planned: Planned) -> Tried:
 
 
 def apply_verified(
-    applier: Applier, verifier: Verifier, planned: Planned, tolerance: float, first: Tried
+    applier: Applier, verifier: Verifier, planned: Planned, tolerance: float, first: Tried,
+    local: Local | None = None,
 ) -> tuple[onnx.ModelProto, list[Outcome], Verification]:
     """Apply the plan, keeping only what verification accepts (see module docstring);
-    ``first`` is :func:`apply_all` of the plan."""
+    ``first`` is :func:`apply_all` of the plan; ``local`` orders a bisection."""
     everything = list(zip(planned.plan.steps, planned.tensors, strict=True))
     model, declined, verification = first
     if verification.relative_error <= tolerance:
@@ -62,7 +71,13 @@ def apply_verified(
     units = sorted(planned.units, key=lambda u: sum(
         planned.plan.steps[i].predicted_error for i in u.steps))
     if len(units) > BISECT_UNITS:
-        return _bisected(applier, verifier, planned, units, tolerance, verification)
+        order = "predicted error"
+        if local is not None:  # measured on held-out inputs, each unit alone
+            alone = local(model, planned.plan.steps)
+            units.sort(key=lambda u: max(alone.get(i, math.sqrt(
+                planned.plan.steps[i].predicted_error)) for i in u.steps))
+            order = "error alone on the held-out inputs"
+        return _bisected(applier, verifier, planned, units, tolerance, verification, order)
     accepted: Built = []
     outcomes: list[Outcome] = []
     model, _ = applier.build([])
@@ -99,7 +114,7 @@ def apply_verified(
 
 def _bisected(
     applier: Applier, verifier: Verifier, planned: Planned, units: list[PlannedUnit],
-    tolerance: float, whole: Verification,
+    tolerance: float, whole: Verification, order: str,
 ) -> tuple[onnx.ModelProto, list[Outcome], Verification]:
     """A prefix of ``units`` that verifies within ``tolerance``, by bisection (the module
     docstring); ``whole`` is the verification of all of them, which failed."""
@@ -130,13 +145,23 @@ def _bisected(
     for rank, unit in enumerate(units[passing:], start=passing + 1):
         first = min(count for count in failed_at if count >= rank)
         error = failed_at[first]
-        reason = (f"bisected: the {first} units of least predicted error together give a "
+        reason = (f"bisected: the {first} units of least {order} together give a "
                   f"relative output error {error:.4g} over the tolerance {tolerance:g}; "
                   f"the first {passing} pass, and this is unit {rank}")
         outcomes += [Outcome(planned.plan.steps[i], "rolled_back", reason,
                              (Attempt(tuple(s for s, _ in steps_of(first)), error),))
                      for i in unit.steps]
     return model, outcomes, verification
+
+
+def measured_locally(outcomes: Sequence[Outcome], model: onnx.ModelProto, local: Local
+                     ) -> list[Outcome]:
+    """``outcomes`` with each kept step's local error in ``model`` (where measurable)."""
+    kept = [i for i, o in enumerate(outcomes) if o.status == "kept"]
+    measured = local(model, [outcomes[i].step for i in kept])
+    found = {kept[position]: error for position, error in measured.items()}
+    return [replace(o, local_error=found[i]) if i in found else o
+            for i, o in enumerate(outcomes)]
 
 
 def _outcome(step: Step, declined: str | None, attempts: tuple[Attempt, ...],

@@ -79,10 +79,10 @@ def compare(
         diff_sq += d_sq
         ref_sq += r_sq
         max_abs = max(max_abs, float(diff.max()) if diff.size else 0.0)
-        per_output.append(_relative(d_sq, r_sq))
+        per_output.append(relative(d_sq, r_sq))
     return Verification(
         max_abs_error=max_abs,
-        relative_error=_relative(diff_sq, ref_sq),
+        relative_error=relative(diff_sq, ref_sq),
         inputs=int(inputs),
         per_output=tuple(per_output),
     )
@@ -187,7 +187,8 @@ def _values(output: Any) -> np.ndarray:
     return np.atleast_1d(np.asarray(output))
 
 
-def _relative(diff_sq: float, ref_sq: float) -> float:
+def relative(diff_sq: float, ref_sq: float) -> float:
+    """``sqrt(diff_sq / ref_sq)``, the module docstring's relative error of two sums."""
     if ref_sq == 0.0:
         return 0.0 if diff_sq == 0.0 else math.inf
     return math.sqrt(diff_sq / ref_sq)
