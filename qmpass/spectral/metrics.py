@@ -138,14 +138,37 @@ def weighted_fs(
     return float(np.sqrt(total))
 
 
-def operator_norm(matrix: np.ndarray) -> float:
-    """``||matrix||_op``, never below the true value (certificates rely on it): the top
+def operator_norm(matrix: np.ndarray,
+                  minus: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """``||matrix||_op``, or ``||matrix - second @ first||_op`` with ``minus`` =
+    ``(second, first)``, never below the true value (certificates rely on it): the top
     eigenvalue of the Gram matrix on the smaller side (only that one is computed), raised
-    by a bound on its rounding error (Weyl: ``n eps ||G||_inf``)."""
+    by a bound on its rounding error (Weyl: ``n eps ||G||_inf``). The Gram is summed over
+    blocks of the matrix, so a low-rank residual of a large layer (822 MB for VGG's first
+    FC layer) is never held whole."""
     if not matrix.size:
         return 0.0
-    gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
-    n = gram.shape[0]
-    top = float(scipy.linalg.eigvalsh(gram, subset_by_index=[n - 1, n - 1])[0])
-    rounding = n * np.finfo(float).eps * float(np.abs(gram).sum(axis=1).max())
+    rows, cols = matrix.shape
+    wide = rows <= cols
+    side = rows if wide else cols
+    gram = np.zeros((side, side))
+    step = max(1, _BLOCK_VALUES // side)
+    for start in range(0, cols if wide else rows, step):
+        part = slice(start, start + step)
+        if wide:
+            block = matrix[:, part]
+            if minus is not None:
+                block = block - minus[0] @ minus[1][:, part]
+            gram += block @ block.T
+        else:
+            block = matrix[part]
+            if minus is not None:
+                block = block - minus[0][part] @ minus[1]
+            gram += block.T @ block
+    top = float(scipy.linalg.eigvalsh(gram, subset_by_index=[side - 1, side - 1])[0])
+    rounding = side * np.finfo(float).eps * float(np.abs(gram).sum(axis=1).max())
     return float(np.sqrt(max(top, 0.0) + rounding))
+
+
+#: values of a block of the matrix whose Gram :func:`operator_norm` adds up
+_BLOCK_VALUES = 1 << 22

@@ -27,11 +27,13 @@ from qmpass.spectral import operator_norm
 __all__ = ["certificate", "cluster_candidate", "lowrank_candidate"]
 
 
-def certificate(delta_w: np.ndarray, delta_b: np.ndarray, radius: float | None
-                 ) -> dict[str, float]:
+def certificate(delta_w: np.ndarray, delta_b: np.ndarray, radius: float | None,
+                minus: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
     """Terms of the sound bound ``R ||W - W'||_op + ||b - b'||`` on one output vector
-    (``R``: the largest input norm seen in calibration, when there was calibration)."""
-    cert = {"op_norm": operator_norm(delta_w), "bias_change": float(np.linalg.norm(delta_b))}
+    (``R``: the largest input norm seen in calibration, when there was calibration);
+    ``W - W'`` is ``delta_w``, or ``delta_w - second @ first`` with ``minus``."""
+    cert = {"op_norm": operator_norm(delta_w, minus),
+            "bias_change": float(np.linalg.norm(delta_b))}
     if radius is not None:
         cert["radius"] = float(radius)
         cert["bound"] = cert["radius"] * cert["op_norm"] + cert["bias_change"]
@@ -67,13 +69,12 @@ def lowrank_candidate(
 
     def build(rank: int) -> Built:
         proj = held.get()
-        first, second = proj.factors(rank)
-        approx = second @ first
+        first, second = proj.factors(rank)  # W' = second @ first, never formed whole
         original = _biases(members)
         bias = original.copy()
         tensors = {"first": first, "second": second}
-        if stats is not None:
-            bias += (proj.weight - approx) @ stats.mean  # the mean of what was cut
+        if stats is not None:  # the mean of what was cut
+            bias += proj.weight @ stats.mean - second @ (first @ stats.mean)
         if stats is not None or any(op.bias is not None for op in members):
             tensors["bias"] = bias
         step = Step(
@@ -83,9 +84,8 @@ def lowrank_candidate(
             after=lowrank_cost(members, rank),
             predicted_error=proj.tail(rank),
             rank=rank,
-            certificate=certificate(
-                proj.weight - approx, bias - original, None if stats is None else stats.max_norm
-            ),
+            certificate=certificate(proj.weight, bias - original,
+                                    None if stats is None else stats.max_norm, (second, first)),
             data_aware=stats is not None,
         )
         return [(step, tensors)]
