@@ -246,6 +246,11 @@ def build_gated(
         return model, dict.fromkeys(range(len(units)),
                                     f"gated models need opset {_MIN_OPSET} or later "
                                     f"(the model has {opset})")
+    untyped = [o.name for o in model.graph.output
+               if not o.type.HasField("tensor_type") or not o.type.tensor_type.elem_type]
+    if form == "model" and untyped:  # the If chain starts from empty tensors of each type
+        return model, dict.fromkeys(range(len(units)), f"the model's output '{untyped[0]}' "
+                                    "is not a tensor of a known type")
     graph = gs.import_onnx(model)
     if GATED_INPUT in graph.tensors():
         return model, dict.fromkeys(range(len(units)), f"the model already has a tensor "
