@@ -27,7 +27,10 @@ under an ``If`` only the levels using it take), and one constant pair per distin
 chosen by ``If``s, per operator or over whole-model branches (what it writes now,
 :func:`~qmpass.rewrite.gated_lowrank.build_gated`).
 
-``python bench/gated.py`` (``--forms``: only the last part)
+``python bench/gated.py`` (``--forms``: only the last part). ``--llama DIR [--size S]
+[--rounds N] [--reuse]``: instead, the level table of the LLaMA layout ``bench/scale.py
+--sizes S`` (default ``small``) wrote into ``DIR`` (``bench/gated_llama.py``; ``--reuse``
+times the compressed models a previous run left in ``DIR/gated_bench``).
 """
 
 from __future__ import annotations
@@ -35,13 +38,14 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -85,24 +89,58 @@ def _cases() -> list[Case]:
 
 def _latencies(runs: Mapping[Key, tuple[onnx.ModelProto, dict[str, np.ndarray]]],
                batch: int | None, rounds: int = ROUNDS) -> dict[Key, float]:
+    """:func:`_timings` by the wall clock."""
+    return _timings(runs, batch, rounds)[0]
+
+
+def _timings(runs: Mapping[Key, tuple[onnx.ModelProto, dict[str, np.ndarray]]],
+             batch: int | None, rounds: int = ROUNDS, repeat: int | None = None,
+             clocks: tuple[Callable[[], float], ...] = (time.perf_counter,),
+             unpacked: Collection[Key] = ()) -> list[dict[Key, float]]:
     """Median ms of one run on the first ``batch`` samples (None: the feeds as they are),
-    per key, over ROUNDS interleaved rounds (after a warm-up), single-threaded."""
-    sessions = {k: (session(m, threads=1),
+    per key, over ``rounds`` interleaved rounds (after a warm-up; every model once per
+    round, in an order shuffled per round), single-threaded; ``repeat`` runs per timing
+    (default: enough that short runs are not all timer noise). With several ``clocks``
+    (e.g. ``time.thread_time`` too: onnxruntime runs a one-thread session on the calling
+    thread, so that is the CPU time of the run, which load on a shared machine disturbs
+    less than wall time), one result per clock. The sessions of ``unpacked`` keys run
+    with onnxruntime's pre-packing of constant weights switched off."""
+    made: dict[tuple[int, bool], ort.InferenceSession] = {}  # one per model (memory)
+    for k, (m, _) in runs.items():
+        if (id(m), k in unpacked) not in made:
+            made[(id(m), k in unpacked)] = _session(m, k in unpacked)
+    sessions = {k: (made[(id(m), k in unpacked)],
                     {n: a if a.ndim == 0 or batch is None else a[:batch]
                      for n, a in feeds.items()})
                 for k, (m, feeds) in runs.items()}
-    repeat = max(1, 256 // (batch or 1))  # runs per timing, so short runs are not all timer noise
-    times: dict[Key, list[float]] = {k: [] for k in runs}
+    repeat = repeat or max(1, 256 // (batch or 1))
+    times: list[dict[Key, list[float]]] = [{k: [] for k in runs} for _ in clocks]
     for _ in range(2):
         for sess, feeds in sessions.values():
             sess.run(None, feeds)
+    order = list(sessions)
+    shuffle = np.random.default_rng(0)
     for _ in range(rounds):
-        for key, (sess, feeds) in sessions.items():
-            start = time.perf_counter()
+        for index in shuffle.permutation(len(order)):
+            key = order[index]
+            sess, feeds = sessions[key]
+            start = [clock() for clock in clocks]
             for _ in range(repeat):
                 sess.run(None, feeds)
-            times[key].append((time.perf_counter() - start) / repeat)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            for clock, begun, column in zip(clocks, start, times, strict=True):
+                column[key].append((clock() - begun) / repeat)
+    return [{k: 1e3 * statistics.median(v) for k, v in column.items()} for column in times]
+
+
+def _session(model: onnx.ModelProto, unpacked: bool = False) -> ort.InferenceSession:
+    """A one-thread CPU session (``unpacked``: constant weights not pre-packed)."""
+    if not unpacked:
+        return session(model, threads=1)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
 
 
 def _error(reference: list[np.ndarray], model: onnx.ModelProto,
@@ -338,6 +376,20 @@ def _table(name: str, original: onnx.ModelProto, calib: dict[str, np.ndarray],
 
 def main() -> int:
     started = time.perf_counter()
+    if "--llama" in sys.argv[1:]:  # the model of real size (bench/gated_llama.py)
+        import gated_llama
+
+        at = sys.argv.index("--llama") + 1
+        if at == len(sys.argv) or not Path(sys.argv[at]).is_dir():
+            print("--llama needs the folder bench/scale.py --sizes small wrote.",
+                  file=sys.stderr)
+            return 2
+        size = sys.argv[sys.argv.index("--size") + 1] if "--size" in sys.argv else "small"
+        rounds = (int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv
+                  else gated_llama.ROUNDS)
+        gated_llama.scopes(_timings)
+        gated_llama.table(Path(sys.argv[at]), _timings, size, "--reuse" in sys.argv, rounds)
+        return 0
     if "--forms" not in sys.argv[1:]:
         for case in _cases():
             _table(*case)

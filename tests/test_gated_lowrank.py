@@ -84,7 +84,7 @@ def test_onnxruntime_computes_each_level_of_the_record() -> None:
     assert gated.ir_version >= 4
     assert [i.name for i in gated.graph.input] == ["x", GATED_INPUT]
     assert GATED_INPUT in {t.name for t in gated.graph.initializer}  # its default
-    assert {n.op_type for n in gated.graph.node} >= {"If", "Less", "Gather"}
+    assert {n.op_type for n in gated.graph.node} >= {"If", "Equal", "Gather"}
     original = run_model(model, {"x": x})[0]
     outputs = []
     for level in range(4):
@@ -165,3 +165,20 @@ def test_a_model_with_its_own_budget_level_tensor_is_declined() -> None:
     ops = {o.name: o for o in extract_operators(taken).operators}
     same, declined = build_gated(taken, ops, [([ops[op.name]], record)], (1, 0.5))
     assert same is taken and GATED_INPUT in declined[0]
+
+
+def test_a_model_with_an_output_that_is_no_tensor_is_declined() -> None:
+    model, op = _one_matmul()
+    _, cov, mean = _feeds(40)
+    record = GatedFactors.of([op], _levels([op], [None, 8], cov, mean))
+    listed = onnx.ModelProto()
+    listed.CopyFrom(model)
+    listed.graph.node.append(helper.make_node("SequenceConstruct", ["y"], ["ys"]))
+    del listed.graph.output[:]
+    listed.graph.output.append(helper.make_tensor_sequence_value_info(
+        "ys", onnx.TensorProto.FLOAT, None))
+    same, declined = build_gated(listed, {op.name: op}, [([op], record)], (1, 0.5))
+    assert same is listed and "'ys' is not a tensor" in declined[0]
+    gated, declined = build_gated(listed, {op.name: op}, [([op], record)], (1, 0.5),
+                                  "operator")  # its If chains are per operator
+    assert not declined and gated is not listed

@@ -11,9 +11,10 @@ the end, as Gather's do). Two graph forms (``build_gated``'s ``form``):
 * ``"model"`` (written by ``compress --budgets``): each distinct level printed as a model
   of its own (:meth:`GatedLowRank.fix`: a factored operator at rank ``q`` becomes
   ``MatMul(MatMul(x, first[:q]^T), second[:, :q]^T) + b_level``, constants of exactly
-  that rank), joined under one ``If`` chain on the level by
-  :func:`~qmpass.rewrite.gated_switch.switch_model`: a run pays one ``If`` per branch
-  above its own, whatever the number of operators.
+  that rank), joined by a flat chain of ``If``s on the level in the main graph
+  (:func:`~qmpass.rewrite.gated_switch.switch_model`): a run pays one ``If`` per
+  distinct level, whatever the number of operators, and reads every weight from at
+  most one scope up (where onnxruntime pre-packs it).
 * ``"operator"``: per gated operator, with ``R_0 > R_1 > ...`` the distinct ranks of its
   factored levels and ``t_j`` the number of levels whose rank is at least ``R_j``::
 
@@ -238,13 +239,18 @@ def build_gated(
     every unit gated, the ``budget_level`` input (default 0) and the budgets in its
     metadata; and, by position, the units that declined (with why). The result passes
     ``onnx.checker``; its interface is the original's plus ``budget_level``. ``form``:
-    one ``If`` chain over whole-model branches (``"model"``, :mod:`.gated_switch`) or
+    a flat ``If`` chain over whole-model branches (``"model"``, :mod:`.gated_switch`) or
     one per gated operator (``"operator"``; see the module docstring)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < _MIN_OPSET:
         return model, dict.fromkeys(range(len(units)),
                                     f"gated models need opset {_MIN_OPSET} or later "
                                     f"(the model has {opset})")
+    untyped = [o.name for o in model.graph.output
+               if not o.type.HasField("tensor_type") or not o.type.tensor_type.elem_type]
+    if form == "model" and untyped:  # the If chain starts from empty tensors of each type
+        return model, dict.fromkeys(range(len(units)), f"the model's output '{untyped[0]}' "
+                                    "is not a tensor of a known type")
     graph = gs.import_onnx(model)
     if GATED_INPUT in graph.tensors():
         return model, dict.fromkeys(range(len(units)), f"the model already has a tensor "

@@ -1,26 +1,31 @@
-"""The whole-model form of a budget-gated model: one ``If`` chain on the level at the top
-of the graph, each branch the model's nodes as one level computes them, every constant
-stored once in the main graph and read by the branches that use it.
+"""The whole-model form of a budget-gated model: a flat chain of ``If``s on the level in
+the main graph, each branch the model's nodes as one level computes them, every constant
+stored once and read by the branches that use it from at most one scope up.
 
 :func:`~qmpass.rewrite.gated_lowrank.build_gated` writes each level as a model of its
 own (the gated operators at the level's rank as constant factor pairs, the others as
 they are) and this module joins them:
 
-    level = Gather(0 .. L-1, budget_level)
-    outputs = If(level < s_1) { branch 0 } else If(level < s_2) { branch 1 } ... else { last }
+    branch = Gather(branch_of_level, budget_level)        # checks the level
+    t_0 = If(branch == 0) { branch 0 } else { empty tensors }
+    t_j = If(branch == j) { branch j } else { t_(j-1) }    # the last writes the outputs
 
-where ``s_j`` is the first level of branch ``j`` (levels that compute the same map share
-a branch). An initializer only one branch reads (a level's factor pairs, the dense
-weights of the levels that leave an operator dense) stays in that branch, where
-onnxruntime pre-packs it; one that several branches read with the same name and
-contents (weights of operators no level changes, a pair two levels share) is stored once
-in the main graph if it is a weight or large (:data:`SHARED_SIZE`), and copied into each
-branch otherwise (shapes, biases, norms' scales: where constant folding and fusions see
-it). In a probe while building this (onnxruntime 1.31, batch 450; not in ``bench/``),
-a weight read from two scopes up ran about 13 % slower than a branch's own, one scope
-up no slower. A level thus runs about
-as a standalone model of its budget plus one ``Gather`` and an ``If`` per distinct level
-above it (``bench/gated.py``).
+(levels that compute the same map share a branch). Every branch is one scope below the
+main graph. That is the point of the flat chain: onnxruntime (1.31) pre-packs a
+MatMul's constant weight when it is an initializer of the MatMul's own graph or of the
+graph right above it, not one stored two or more scopes up, which then runs unpacked
+(measured: 1.45x the time of one 1024 x 1024 MatMul at 64 rows, the same as with
+pre-packing switched off; 1.8-2x per MatMul on the ``small`` LLaMA layout, whose lower
+levels, nested two scopes deep in an ``If`` chain as this module first wrote them, took
+1.35-1.39x their standalone models; docs/GATED.md). A run pays one ``Gather``, an
+``Equal`` and an ``If`` per branch, and the branches after its own pass its outputs on.
+
+An initializer only one branch reads (a level's factor pairs, the dense weights of the
+levels that leave an operator dense) stays in that branch; one that several branches
+read with the same name and contents (weights of operators no level changes, a pair two
+levels share) is stored once in the main graph if it is a weight or large
+(:data:`SHARED_SIZE`), and copied into each branch otherwise (shapes, biases, norms'
+scales: where constant folding and fusions see it).
 """
 
 from __future__ import annotations
@@ -46,39 +51,25 @@ def switch_model(model: onnx.ModelProto, levels: Sequence[onnx.ModelProto],
                  starts: Sequence[int], level_input: str, count: int) -> onnx.ModelProto:
     """``model``'s envelope and interface plus the int64 scalar ``level_input``, computing
     ``levels[j]`` for the levels from ``starts[j]`` (increasing, ``starts[0] == 0``) up
-    to the next start, of ``count`` levels in all."""
+    to the next start, of ``count`` levels in all: a flat chain of ``If``s in the main
+    graph (module docstring), every branch one scope below the weights it shares."""
     uses = Counter(_key(t) for level in levels for t in level.graph.initializer)
     shared = {key for key, n in uses.items() if n > 1}
     stored: dict[str, onnx.TensorProto] = {}
     branches = [_branch(level, f"level{starts[j]}", stored, shared, model.graph.output)
                 for j, level in enumerate(levels)]
-    checked = f"{level_input}/checked"
-    tables = [numpy_helper.from_array(np.arange(count, dtype=np.int64), f"{level_input}/levels")]
-    nodes = [helper.make_node("Gather", [tables[0].name, level_input], [checked],
-                              f"{level_input}/Gather", axis=0)]
     outputs = [o.name for o in model.graph.output]
-    chain: onnx.GraphProto | None = None  # built from the last branch up
-    for j in range(len(branches) - 1, 0, -1):
-        bound = numpy_helper.from_array(np.array(starts[j], dtype=np.int64),
-                                        f"{level_input}/below{starts[j]}")
-        tables.append(bound)
-        taken = f"{level_input}/below{starts[j]}/taken"
-        names = outputs if j == 1 else [f"{level_input}/chain{starts[j - 1]}/{n}"
-                                        for n in outputs]
-        if_nodes = [helper.make_node("Less", [checked, bound.name], [taken],
-                                     f"{level_input}/Less{starts[j]}"),
-                    helper.make_node("If", [taken], names, f"{level_input}/If{starts[j]}",
-                                     then_branch=branches[j - 1],
-                                     else_branch=chain or branches[j])]
-        if j == 1:
-            nodes += if_nodes
-        else:
-            chain = helper.make_graph(if_nodes, f"chain{starts[j - 1]}", [],
-                                      _records(model.graph.output, names))
     if len(branches) == 1:  # every level computes the same map
-        nodes += [helper.make_node("Identity", [o.name], [n])
-                  for o, n in zip(branches[0].output, outputs, strict=True)]
-        nodes[1:1] = list(branches[0].node)
+        checked = f"{level_input}/checked"
+        tables = [numpy_helper.from_array(np.arange(count, dtype=np.int64),
+                                          f"{level_input}/levels")]
+        nodes = [helper.make_node("Gather", [tables[0].name, level_input], [checked],
+                                  f"{level_input}/Gather", axis=0),
+                 *branches[0].node,
+                 *(helper.make_node("Identity", [o.name], [n])
+                   for o, n in zip(branches[0].output, outputs, strict=True))]
+    else:
+        nodes, tables = _chain(branches, starts, level_input, count, model.graph.output)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = helper.make_graph(nodes, model.graph.name, list(model.graph.input),
@@ -88,13 +79,56 @@ def switch_model(model: onnx.ModelProto, levels: Sequence[onnx.ModelProto],
     return out
 
 
-def _records(records: Sequence[onnx.ValueInfoProto], names: Sequence[str]
-             ) -> list[onnx.ValueInfoProto]:
+def _chain(branches: Sequence[onnx.GraphProto], starts: Sequence[int], level_input: str,
+           count: int, records: Sequence[onnx.ValueInfoProto]
+           ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The main graph's nodes selecting a branch (and their constants): the level's
+    branch gathered from a table (which checks the level), then per branch ``j`` an
+    ``If(branch == j) { branch j } else { the previous If's outputs }``, the first
+    ``else`` passing empty tensors, the last ``If`` writing the graph's outputs."""
+    index = np.searchsorted(np.asarray(starts), np.arange(count), side="right") - 1
+    table = numpy_helper.from_array(index.astype(np.int64), f"{level_input}/branches")
+    taken = f"{level_input}/branch"
+    tables = [table]
+    nodes = [helper.make_node("Gather", [table.name, level_input], [taken],
+                              f"{level_input}/Gather", axis=0)]
+    previous = []
+    for i, record in enumerate(records):
+        kind = record.type.tensor_type.elem_type or onnx.TensorProto.FLOAT
+        rank = len(record.type.tensor_type.shape.dim)
+        empty = np.zeros((0,) * max(rank, 1), helper.tensor_dtype_to_np_dtype(kind))
+        tables.append(numpy_helper.from_array(empty, f"{level_input}/empty{i}"))
+        previous.append(tables[-1].name)
+    for j, branch in enumerate(branches):
+        bound = numpy_helper.from_array(np.array(j, dtype=np.int64), f"{level_input}/is{j}")
+        tables.append(bound)
+        last = j == len(branches) - 1
+        names = [r.name if last else f"{level_input}/after{starts[j]}/{r.name}"
+                 for r in records]
+        passed = [f"{level_input}/pass{starts[j]}/{r.name}" for r in records]
+        keep = helper.make_graph(
+            [helper.make_node("Identity", [p], [n], f"{level_input}/pass{starts[j]}/{i}")
+             for i, (p, n) in enumerate(zip(previous, passed, strict=True))],
+            f"pass{starts[j]}", [], _records(records, passed, shaped=False))
+        nodes += [helper.make_node("Equal", [taken, bound.name], [f"{taken}/is{j}"],
+                                   f"{level_input}/Equal{j}"),
+                  helper.make_node("If", [f"{taken}/is{j}"], names,
+                                   f"{level_input}/If{starts[j]}", then_branch=branch,
+                                   else_branch=keep)]
+        previous = names
+    return nodes, tables
+
+
+def _records(records: Sequence[onnx.ValueInfoProto], names: Sequence[str],
+             shaped: bool = True) -> list[onnx.ValueInfoProto]:
+    """``records`` renamed ``names`` (without their shapes unless ``shaped``)."""
     out = []
     for record, name in zip(records, names, strict=True):
         copy = onnx.ValueInfoProto()
         copy.CopyFrom(record)
         copy.name = name
+        if not shaped:
+            copy.type.tensor_type.ClearField("shape")
         out.append(copy)
     return out
 
