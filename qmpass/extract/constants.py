@@ -83,11 +83,16 @@ class ConstantScope:
     def stored_external(self, name: str) -> onnx.TensorProto | None:
         """The initializer ``name`` (of this graph or an enclosing one) if its data is in an
         external file, else None."""
+        tensor = self.initializer(name)
+        return tensor if tensor is not None and is_external(tensor) else None
+
+    def initializer(self, name: str) -> onnx.TensorProto | None:
+        """The initializer ``name`` of this graph or an enclosing one (None if ``name`` is
+        computed, or not there)."""
         scope: ConstantScope | None = self
         while scope is not None:
             if name in scope._initializers:
-                tensor = scope._initializers[name]
-                return tensor if is_external(tensor) else None
+                return scope._initializers[name]
             if name in scope._producers:
                 return None
             scope = scope._parent

@@ -23,7 +23,7 @@ from onnx import helper
 
 from qmpass.algebra.fold import fold_batchnorm
 from qmpass.errors import QmpassInputError
-from qmpass.extdata import LazyArray, current_folder
+from qmpass.extdata import HeldArray, LazyArray, current_folder, is_external
 from qmpass.extract.constants import ConstantScope
 from qmpass.extract.operator import ConvGeometry, Operator, Skipped
 from qmpass.extract.shapes import Shape, infer_shapes
@@ -177,13 +177,15 @@ class _Match:
         return method()
 
     # -- helpers ---------------------------------------------------------------------------
-    def _const(self, name: str) -> np.ndarray | None:
+    def _const(self, name: str, stored: bool = False) -> np.ndarray | None:
+        """The floating-point constant ``name`` in float64 (``stored``: in its own type,
+        not copied), checked finite; None if it is not one."""
         value = self.scope.value(name)
         if value is None:
             return None
         if value.dtype.kind != "f":
             return None
-        array = value.astype(np.float64)
+        array = value if stored else value.astype(np.float64)
         if not np.isfinite(array).all():
             raise QmpassInputError(
                 f"tensor '{name}' read by node '{self.name}' contains NaN or Inf values."
@@ -257,7 +259,7 @@ class _Match:
         trans_b: bool,
         bias_input: str | None,
     ) -> Operator | str:
-        a_val, b_val = self._const(a), self._const(b)
+        a_val, b_val = self._const(a, stored=True), self._const(b, stored=True)
         if a_val is not None and b_val is not None:
             return "both operands are constant (a constant subgraph, not an operator)"
         if a_val is None and b_val is None:
@@ -270,13 +272,11 @@ class _Match:
         assert value is not None
         if value.ndim != 2:
             return f"constant operand has rank {value.ndim}; only 2-D weights are analysed"
-        if side == "right":
-            w = (value if trans_b else value.T) * alpha  # d_out x d_in
-            x = a
-        else:
-            w = (value.T if trans_a else value) * alpha
-            x = b
-        d_out, d_in = w.shape
+        # W (d_out x d_in) is the value, transposed unless trans_b (right) / if trans_a
+        # (left), times alpha: made when used (_held)
+        flipped = (not trans_b) if side == "right" else trans_a
+        x = a if side == "right" else b
+        d_out, d_in = value.shape[::-1] if flipped else value.shape
         notes: list[str] = []
         bias, bias_source, output = None, None, self.node.output[0]
         bias_params = 0
@@ -298,17 +298,12 @@ class _Match:
             if bias is not None:
                 bias_source, bias_params = "Add", d_out
         flops = 2 * d_out * d_in * self._vectors(x, side)
-        stored, folder = self.scope.stored_external(weight_in), current_folder()
         return self._operator(
             input=x,
             output=output,
             weight_name=weight_in,
             weight_source=self.scope.source(weight_in) or "unknown",
-            # an external weight is read again when used (the same arrays, computed the
-            # same way), so that extraction never holds every weight
-            weight=np.ascontiguousarray(w) if stored is None or folder is None else LazyArray(
-                stored, folder, transpose=(not trans_b) if side == "right" else trans_a,
-                scale=alpha),
+            weight=self._held(weight_in, flipped, alpha),
             bias=bias,
             bias_source=bias_source,
             flops=flops,
@@ -318,6 +313,20 @@ class _Match:
             transposed_input=trans_a if side == "right" else trans_b,
             unfolded_bias=bool(bias_input) and bias is None,
         )
+
+    def _held(self, name: str, transpose: bool, scale: float) -> LazyArray | HeldArray:
+        """The float64 weight of constant ``name``, transposed if ``transpose``, times
+        ``scale``, made when it is used (the same arrays, computed the same way), so that
+        extraction never holds every weight in float64: an external one is read from its
+        file again, one in memory converted from its initializer or folded value."""
+        tensor, folder = self.scope.initializer(name), current_folder()
+        if tensor is not None and is_external(tensor) and folder is not None:
+            return LazyArray(tensor, folder, transpose=transpose, scale=scale)
+        if tensor is not None and not is_external(tensor):
+            return HeldArray(tensor, transpose, scale)
+        value = self.scope.value(name)
+        assert value is not None  # (the caller read it)
+        return HeldArray(value, transpose, scale)
 
     def _vectors(self, x: str, side: str) -> int:
         """How many vectors the operator maps for one sample (dynamic dims count as 1)."""
