@@ -135,3 +135,23 @@ def test_a_bisection_takes_units_by_their_local_error(monkeypatch: pytest.Monkey
         least[number] = min(least.get(number, math.inf), outcome.step.predicted_error)
     in_order = [least[number] for number in sorted(least)]
     assert len(in_order) > 2 and in_order == sorted(in_order, reverse=True)
+
+
+def test_a_boundary_that_cannot_run_is_left_out_and_the_others_measured() -> None:
+    """A boundary whose feeds do not fit (here: a narrowing to a channel that does not
+    exist) fails the model of them all; each is then measured alone, and only it is
+    left out (no traceback for the user)."""
+    from dataclasses import replace
+
+    named, _, held_out, model, report = _case("transformer_digits", 0.5)
+    steps = [o.step for o in report.outcomes if o.status == "kept"]
+    measured = boundaries(steps, extract_operators(named), channel_groups(named))
+    first = min(measured)
+    broken = dict(measured)
+    broken[first] = replace(measured[first], narrowed=(
+        (measured[first].inputs[0], -1, (10**6,)),))
+    errors = local_errors(named, model, broken, held_out)
+    assert first not in errors
+    assert errors == pytest.approx(
+        {k: v for k, v in local_errors(named, model, measured, held_out).items()
+         if k != first})

@@ -52,7 +52,7 @@ from qmpass.verify.runner import (
 
 __all__ = ["CAPTURE_BYTES", "Boundary", "boundaries", "local_errors"]
 
-#: captured tensors held at once (original outputs and the local model's) per batch
+#: bytes of captured tensors in one batch, and held in memory in all (the rest on disk)
 CAPTURE_BYTES = 256 << 20
 
 
@@ -130,7 +130,7 @@ def local_errors(
         captured = _captures(original, wanted, feeds)
         return _compared(session(local), captured, wanted, {k: measured[k] for k in closed},
                          names)
-    except ORT_ERRORS:
+    except _FAILURES:
         if len(closed) == 1:
             return {}
     return {key: error for one in closed
@@ -138,6 +138,8 @@ def local_errors(
                                            feeds).items()}
 
 
+#: what makes a local model fail: onnxruntime, or shapes the boundary did not foresee
+_FAILURES: tuple[type[Exception], ...] = (*ORT_ERRORS, ValueError, IndexError)
 #: captured batches: in memory, or parked on disk when they pass CAPTURE_BYTES together
 _Captured = list[list[np.ndarray] | list[Spilled]]
 
