@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import uuid
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -215,6 +215,7 @@ class _Converted:
     def load(self) -> np.ndarray:
         key = self._key
         with _CACHE_LOCK:
+            _drop_forgotten()
             if key in _CACHE:
                 _CACHE.move_to_end(key)
                 return _CACHE[key]
@@ -285,14 +286,23 @@ class HeldArray(_Converted):
 
 
 def _forget(key: tuple[object, ...]) -> None:
-    with _CACHE_LOCK:
-        _CACHE.pop(key, None)
+    """A :class:`HeldArray` is gone: its conversion leaves the cache at the next use of
+    it. Not here: this runs from the garbage collector, possibly inside ``load`` while it
+    holds the cache's lock (waiting for it would wait forever)."""
+    _FORGOTTEN.append(key)
+
+
+def _drop_forgotten() -> None:
+    """Drop the conversions of :class:`HeldArray` s that are gone (the lock held)."""
+    while _FORGOTTEN:
+        _CACHE.pop(_FORGOTTEN.popleft(), None)
 
 
 def release() -> None:
     """Empty the cache of recently read weights (:class:`LazyArray`)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+        _FORGOTTEN.clear()
 
 
 _CACHE: OrderedDict[tuple[object, ...], np.ndarray] = OrderedDict()
@@ -302,6 +312,8 @@ _IN_USE: weakref.WeakValueDictionary[tuple[object, ...], np.ndarray] = \
     weakref.WeakValueDictionary()
 _CACHE_LOCK = threading.Lock()
 _CACHE_BYTES = 256 * 2**20
+#: keys of HeldArrays that are gone (appended by the garbage collector, lock-free)
+_FORGOTTEN: deque[tuple[object, ...]] = deque()
 
 
 Payload = bytes | str | Callable[[BinaryIO], None]

@@ -25,7 +25,7 @@ import numpy as np
 __all__ = ["PARK_BYTES", "ArrayField", "Parked", "Spilled"]
 
 _LOADED: weakref.WeakValueDictionary[str, np.ndarray] = weakref.WeakValueDictionary()
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: _remove may run from the garbage collector inside load
 
 
 class Spilled:
