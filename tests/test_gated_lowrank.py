@@ -138,12 +138,19 @@ def test_ranks_that_are_not_nested_are_declined() -> None:
         GatedFactors.of([op], other)
 
 
-def test_old_opsets_are_declined_and_gated_models_refused_elsewhere() -> None:
+def _dense_and_rank_8():
+    """One MatMul, its record for the levels dense and rank 8, and a copy of its model to
+    alter."""
     model, op = _one_matmul()
-    _x, cov, mean = _feeds(40)
+    _, cov, mean = _feeds(40)
     record = GatedFactors.of([op], _levels([op], [None, 8], cov, mean))
-    old = onnx.ModelProto()
-    old.CopyFrom(model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return model, op, record, copy
+
+
+def test_old_opsets_are_declined_and_gated_models_refused_elsewhere() -> None:
+    model, op, record, old = _dense_and_rank_8()
     old.opset_import[0].version = 11
     same, declined = build_gated(old, {op.name: op}, [([op], record)], (1, 0.5))
     assert same is old and "opset 13" in declined[0]
@@ -154,11 +161,7 @@ def test_old_opsets_are_declined_and_gated_models_refused_elsewhere() -> None:
 
 
 def test_a_model_with_its_own_budget_level_tensor_is_declined() -> None:
-    model, op = _one_matmul()
-    _, cov, mean = _feeds(40)
-    record = GatedFactors.of([op], _levels([op], [None, 8], cov, mean))
-    taken = onnx.ModelProto()
-    taken.CopyFrom(model)
+    _, op, record, taken = _dense_and_rank_8()
     taken.graph.input[0].name = GATED_INPUT  # the activation itself
     taken.graph.node[0].input[0] = GATED_INPUT
     refuse_gated(taken, "lower")  # an input of that name alone is not a gated model
@@ -168,11 +171,7 @@ def test_a_model_with_its_own_budget_level_tensor_is_declined() -> None:
 
 
 def test_a_model_with_an_output_that_is_no_tensor_is_declined() -> None:
-    model, op = _one_matmul()
-    _, cov, mean = _feeds(40)
-    record = GatedFactors.of([op], _levels([op], [None, 8], cov, mean))
-    listed = onnx.ModelProto()
-    listed.CopyFrom(model)
+    _, op, record, listed = _dense_and_rank_8()
     listed.graph.node.append(helper.make_node("SequenceConstruct", ["y"], ["ys"]))
     del listed.graph.output[:]
     listed.graph.output.append(helper.make_tensor_sequence_value_info(

@@ -120,8 +120,9 @@ def local_errors(
     rewritten graph closes, on ``feeds`` of the original model; boundaries it does not
     close, or that onnxruntime cannot run, are left out (when the model of them all
     fails, each is tried alone)."""
+    index = _Index.of(rewritten.graph)
     closed = {key: nodes for key, b in measured.items()
-              if (nodes := _between(rewritten.graph, b)) is not None}
+              if (nodes := index.between(b)) is not None}
     if not closed:
         return {}
     wanted = sorted({t for k in closed for t in (*measured[k].inputs, *measured[k].outputs)})
@@ -200,30 +201,41 @@ def _chunks(capture: ort.InferenceSession, feeds: Mapping[str, np.ndarray], want
     yield from feed_batches(capture, feeds, batch)
 
 
-def _between(graph: onnx.GraphProto, boundary: Boundary) -> list[onnx.NodeProto] | None:
-    """The nodes of ``graph`` that compute ``boundary.outputs`` from its inputs and
-    constants, in graph order; None when they read any other activation."""
-    producer = {out: node for node in graph.node for out in node.output if out}
-    constants = {t.name for t in graph.initializer}
-    stop = set(boundary.inputs)
-    order = {id(node): i for i, node in enumerate(graph.node)}
-    taken: dict[int, onnx.NodeProto] = {}
-    pending = list(boundary.outputs)
-    while pending:
-        name = pending.pop()
-        if name in stop or name in constants or not name:
-            continue
-        node = producer.get(name)
-        if node is None:  # a graph input that is not on the boundary
-            return None
-        if id(node) in taken:
-            continue
-        taken[id(node)] = node
-        pending.extend(node.input)
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-           for node in taken.values() for a in node.attribute):
-        return None  # a subgraph may read outer-scope activations
-    return sorted(taken.values(), key=lambda node: order[id(node)])
+@dataclass(frozen=True)
+class _Index:
+    """A graph's nodes by the tensors they write, its constants, and the nodes' order."""
+
+    producer: dict[str, onnx.NodeProto]
+    constants: set[str]
+    order: dict[int, int]
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> _Index:
+        return cls({out: node for node in graph.node for out in node.output if out},
+                   {t.name for t in graph.initializer},
+                   {id(node): i for i, node in enumerate(graph.node)})
+
+    def between(self, boundary: Boundary) -> list[onnx.NodeProto] | None:
+        """The nodes that compute ``boundary.outputs`` from its inputs and constants, in
+        graph order; None when they read any other activation."""
+        stop = set(boundary.inputs)
+        taken: dict[int, onnx.NodeProto] = {}
+        pending = list(boundary.outputs)
+        while pending:
+            name = pending.pop()
+            if name in stop or name in self.constants or not name:
+                continue
+            node = self.producer.get(name)
+            if node is None:  # a graph input that is not on the boundary
+                return None
+            if id(node) in taken:
+                continue
+            taken[id(node)] = node
+            pending.extend(node.input)
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for node in taken.values() for a in node.attribute):
+            return None  # a subgraph may read outer-scope activations
+        return sorted(taken.values(), key=lambda node: self.order[id(node)])
 
 
 def _local_model(
