@@ -32,14 +32,17 @@ from typing import BinaryIO
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import TensorProto, helper, numpy_helper
 
 from qmpass.errors import QmpassInputError
 from qmpass.scratch import resolve as resolve_scratch
 
 __all__ = [
+    "ConvertedArray",
     "HeldArray",
     "LazyArray",
+    "copy_fields",
     "current_folder",
     "data_folder",
     "external_entries",
@@ -195,7 +198,7 @@ def tensor_array(tensor: TensorProto, folder: Path | None = None) -> np.ndarray:
             f"tensor '{tensor.name}' cannot be read from {place.path} ({exc}).") from exc
 
 
-class _Converted:
+class ConvertedArray:
     """What :class:`LazyArray` and :class:`HeldArray` share: a stored value read when
     :meth:`load` is called, ``value.astype(float64)``, transposed if ``transpose``, times
     ``scale``, contiguous and read-only (exactly what extraction computes for a weight).
@@ -211,6 +214,25 @@ class _Converted:
 
     def _stored(self) -> np.ndarray:
         raise NotImplementedError
+
+    def stored_view(self) -> np.ndarray | None:
+        """The value in its stored floating-point type, transposed as :meth:`load`'s,
+        without converting it (a view of the stored array or a memory map), or the
+        float64 conversion where one is held already; None where the stored values are
+        not the value (a folded scale, an integer type)."""
+        with _CACHE_LOCK:
+            found = _CACHE.get(self._key)
+            found = _IN_USE.get(self._key) if found is None else found
+        if found is not None:
+            return found
+        if self.scale != 1.0:
+            return None
+        stored = self._stored()
+        if stored.dtype.kind != "f":
+            return None
+        view = stored.T if self.transpose else stored
+        view.setflags(write=False)
+        return view
 
     def load(self) -> np.ndarray:
         key = self._key
@@ -237,8 +259,8 @@ class _Converted:
         return array
 
 
-class LazyArray(_Converted):
-    """A float64 view of one external tensor (:class:`_Converted`), read from its file
+class LazyArray(ConvertedArray):
+    """A float64 view of one external tensor (:class:`ConvertedArray`), read from its file
     through a memory map when used."""
 
     def __init__(self, tensor: TensorProto, folder: Path, transpose: bool,
@@ -259,8 +281,8 @@ class LazyArray(_Converted):
                          shape=self.stored)
 
 
-class HeldArray(_Converted):
-    """A float64 view (:class:`_Converted`) of a constant held in memory in its stored
+class HeldArray(ConvertedArray):
+    """A float64 view (:class:`ConvertedArray`) of a constant held in memory in its stored
     form: an initializer of the model (its ``TensorProto``, converted when used) or a
     value folded from constants (an array of its own type). An operator holding one holds
     no float64 copy of its weight: extraction of VGG-19 held 1.1 GB of them beside the
@@ -319,6 +341,19 @@ _FORGOTTEN: deque[tuple[object, ...]] = deque()
 Payload = bytes | str | Callable[[BinaryIO], None]
 
 
+def copy_fields(source: Message, target: Message, skip: str) -> None:
+    """Copy every field ``source`` has set but ``skip`` onto ``target`` (of its type)."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
 def skeleton(
     model: onnx.ModelProto, take: Callable[[TensorProto], bool]
 ) -> tuple[onnx.ModelProto, list[tuple[TensorProto, TensorProto]]]:
@@ -330,21 +365,8 @@ def skeleton(
     graph = model.graph
     inits = list(graph.initializer)
     # everything but the initializers: copy the graph minus them, a field at a time
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            if field.is_repeated:
-                getattr(copy, field.name).extend(value)
-            elif field.message_type is not None:
-                getattr(copy, field.name).CopyFrom(value)
-            else:
-                setattr(copy, field.name, value)
-    for field, value in graph.ListFields():
-        if field.name == "initializer":
-            continue
-        if field.is_repeated:
-            getattr(copy.graph, field.name).extend(value)
-        else:
-            setattr(copy.graph, field.name, value)
+    copy_fields(model, copy, skip="graph")
+    copy_fields(graph, copy.graph, skip="initializer")
     moved: list[tuple[TensorProto, TensorProto]] = []
     for tensor in inits:
         new = copy.graph.initializer.add()
@@ -461,19 +483,24 @@ def data_path(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
-def without_external(model: onnx.ModelProto) -> onnx.ModelProto:
-    """For ``onnx.checker`` in memory: ``model`` itself if it has no external tensor, else
-    a copy whose external initializers are graph inputs of the same type and shape (the
-    checker would look for their files in the working directory)."""
-    external = {t.name for t in model.graph.initializer if is_external(t)}
-    if not external:
+def without_external(model: onnx.ModelProto, large: bool = False) -> onnx.ModelProto:
+    """For ``onnx.checker`` in memory: ``model`` itself if it has no external tensor (nor,
+    with ``large``, an initializer of ``EXTERNAL_THRESHOLD`` bytes or more), else a copy
+    without those tensors' data: they become graph inputs of the same type and shape (the
+    checker would look for external files in the working directory; it serialises what
+    it checks, which for a model's own rewrite would hold its weights twice more)."""
+    def take(tensor: TensorProto) -> bool:
+        return is_external(tensor) or (large and large_embedded(tensor))
+
+    if not any(take(t) for t in model.graph.initializer):
         return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    kept = [t for t in copy.graph.initializer if t.name not in external]
-    moved = [t for t in copy.graph.initializer if t.name in external]
+    copy, moved = skeleton(model, take)
+    names = {original.name for _, original in moved}
+    kept = [t for t in copy.graph.initializer if t.name not in names]
     del copy.graph.initializer[:]
     copy.graph.initializer.extend(kept)
+    listed = {i.name for i in copy.graph.input}  # (an input with a default value)
     copy.graph.input.extend(
-        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved)
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for _, t in moved if t.name not in listed)
     return copy

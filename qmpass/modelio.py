@@ -60,6 +60,10 @@ class LoadedModel:
     files: tuple[Path, ...] = ()  # the model file and the external data files it reads
     name: str = "model"  # the path it was read from, or the graph's name
     folder: Path | None = None  # where external data locations point (None: in memory)
+    #: read from a file by :func:`load_model`: no caller holds ``proto``, so edits that
+    #: keep its meaning (:func:`caller_form`, naming nodes) are made on it, not on a copy
+    #: of every weight
+    owned: bool = False
 
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto | LoadedModel
@@ -98,7 +102,7 @@ def load_model(model: ModelLike) -> LoadedModel:
     # locations must stay in the model's folder and every tensor's bytes must be there
     files = (path, *check_external(proto, path.parent.resolve(), str(path)))
     validate(proto, str(path), path)  # the checker reads the file itself: any size
-    return LoadedModel(proto, external, files, str(path), path.parent.resolve())
+    return LoadedModel(proto, external, files, str(path), path.parent.resolve(), owned=True)
 
 
 def validate(model: onnx.ModelProto, source: str, path: Path | None = None) -> None:
@@ -123,14 +127,17 @@ def validate(model: onnx.ModelProto, source: str, path: Path | None = None) -> N
         raise QmpassInputError(f"{source}: not a valid ONNX model ({text}).") from exc
 
 
-def caller_form(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` itself when its IR version is 4 or later; else a copy at IR 4 whose graph
-    inputs are only those a caller feeds (IR < 4 also listed every initializer)."""
+def caller_form(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
+    """``model`` itself when its IR version is 4 or later; else a copy (``model`` itself,
+    ``in_place``) at IR 4 whose graph inputs are only those a caller feeds (IR < 4 also
+    listed every initializer)."""
     if model.ir_version >= 4:
         return model
     stored = {t.name for t in model.graph.initializer}
-    upgraded = onnx.ModelProto()
-    upgraded.CopyFrom(model)
+    upgraded = model
+    if not in_place:
+        upgraded = onnx.ModelProto()
+        upgraded.CopyFrom(model)
     upgraded.ir_version = 4
     fed = [v for v in model.graph.input if v.name not in stored]
     del upgraded.graph.input[:]

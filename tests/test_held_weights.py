@@ -49,3 +49,44 @@ def test_a_held_weight_collected_while_the_cache_is_locked_does_not_deadlock() -
     again = HeldArray(np.zeros((2, 2), np.float32), transpose=False, scale=1.0)
     assert again.load().sum() == 0  # the forgotten key is dropped at the next load
     assert not extdata._FORGOTTEN
+
+
+def test_stored_weights_are_views_and_planning_from_them_equals_float64() -> None:
+    """``Operator.stored_weight`` is the float32 matrix itself (not converted), and the
+    projections, factors and certificates the planner makes from it a block at a time
+    equal those from the float64 weight."""
+    from qmpass.plan.factors import projection
+    from qmpass.spectral import lower_gram, operator_norm
+
+    model = onnx.load(str(fixture_path("transformer_digits")))
+    for op in (op for op in extract_operators(model).operators if op.op_type == "MatMul"):
+        stored = op.stored_weight
+        assert stored.dtype == np.float32 and not stored.flags.writeable
+        np.testing.assert_array_equal(stored, op.weight)
+        exact = projection([op.weight], None)
+        blocked = projection([stored], None)
+        np.testing.assert_allclose(blocked.energy, exact.energy, rtol=1e-9, atol=1e-12)
+        for got, want in zip(blocked.factors(4), exact.factors(4), strict=True):
+            assert got.dtype == np.float64
+            np.testing.assert_allclose(got @ got.T, want @ want.T, rtol=1e-8, atol=1e-10)
+        second, first = exact.factors(4)[1], exact.factors(4)[0]
+        assert operator_norm(stored, (second, first)) == \
+            operator_norm(op.weight - second @ first)
+    # the Gram on the smaller side, lower triangle, for wide and tall float32 matrices
+    rng = np.random.default_rng(0)
+    for shape in [(30, 70), (70, 30)]:
+        m = rng.standard_normal(shape).astype(np.float32)
+        wide = m.astype(np.float64)
+        expected = wide @ wide.T if shape[0] <= shape[1] else wide.T @ wide
+        np.testing.assert_allclose(lower_gram(m), np.tril(expected), rtol=1e-12, atol=1e-10)
+
+
+def test_a_scaled_weight_has_no_stored_view() -> None:
+    held = HeldArray(np.ones((4, 3), np.float32), transpose=True, scale=2.0)
+    assert held.stored_view() is None
+    plain = HeldArray(np.arange(12, dtype=np.float32).reshape(4, 3), transpose=True,
+                      scale=1.0)
+    view = plain.stored_view()
+    assert view is not None and view.dtype == np.float32 and view.shape == (3, 4)
+    integer = HeldArray(np.ones((4, 3), np.int8), transpose=False, scale=1.0)
+    assert integer.stored_view() is None

@@ -28,7 +28,7 @@ from qmpass.extdata import data_folder, embedded, embedded_bytes, external_tenso
 from qmpass.extract import extract_operators
 from qmpass.extract.channels import channel_groups
 from qmpass.extract.shapes import infer_shapes
-from qmpass.modelio import LoadedModel, ModelLike, caller_form, load_model, stored_values
+from qmpass.modelio import LoadedModel, ModelLike, load_model, stored_values
 from qmpass.parallel import Executor, model_file
 from qmpass.plan import Step, factors
 from qmpass.plan.planner import Planned, make_plan
@@ -37,7 +37,7 @@ from qmpass.plan.sequential import refit
 from qmpass.plan.units import Candidate
 from qmpass.plan.units.crosslayer import crosslayer_verified
 from qmpass.rewrite import Applier
-from qmpass.rewrite.base import name_nodes
+from qmpass.rewrite.base import working_form
 from qmpass.rewrite.gated_lowrank import refuse_gated
 from qmpass.scratch import Scratch, scratch_file
 from qmpass.verify import Verifier, check_feeds, synthesize_inputs
@@ -100,7 +100,8 @@ def _compress(
     loaded: LoadedModel, config: CompressConfig, executor: Executor, timer: float
 ) -> tuple[onnx.ModelProto, Report]:
     seconds: dict[str, float] = {}
-    original = name_nodes(caller_form(loaded.proto))
+    ir_version = loaded.proto.ir_version  # (an owned model is brought to caller form)
+    original = working_form(loaded.proto, owned=loaded.owned)
     extraction = extract_operators(original, loaded.external)
     groups = channel_groups(original)
     seconds["analyse"] = time.perf_counter() - timer
@@ -262,7 +263,7 @@ def _compress(
         operator_params=(operator_params(extraction), operator_params(after)),
         seconds=seconds,
         alternatives=alternatives,
-        ir_version=(loaded.proto.ir_version, result.ir_version),
+        ir_version=(ir_version, result.ir_version),
         cycles=None if not isinstance(resource, Cycles) else (
             round(resource.operators(extraction.operators)),
             round(Cycles(resource.target.name, infer_shapes(result), resource.batch)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qmpass.extdata import LazyArray
+from qmpass.extdata import ConvertedArray, LazyArray
 from qmpass.spill import ArrayField
 
 __all__ = ["ConvGeometry", "Operator", "Skipped"]
@@ -79,6 +79,18 @@ class Operator:
         stored = self.__dict__["_weight"]
         rows, cols = stored.shape
         return int(rows), int(cols)
+
+    @property
+    def stored_weight(self) -> np.ndarray:
+        """``weight``'s values in the type the model stores them in (float32, float16;
+        an external tensor as a memory map), not converted to float64, where extraction
+        holds the weight so (:class:`~qmpass.extdata.HeldArray`,
+        :class:`~qmpass.extdata.LazyArray`, unscaled); otherwise ``weight`` itself. For
+        products that convert a block at a time (:mod:`qmpass.plan.factors`): VGG's first
+        FC layer is 0.41 GB stored and 0.82 GB converted."""
+        held = self.__dict__["_weight"]
+        view = held.stored_view() if isinstance(held, ConvertedArray) else None
+        return self.weight if view is None else view
 
     @property
     def lazy(self) -> bool:

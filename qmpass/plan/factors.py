@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.linalg
 
+from qmpass.spectral import lower_gram
 from qmpass.spill import Spilled
 
 if TYPE_CHECKING:  # the units import this module
@@ -165,7 +166,7 @@ class Projection:
         rank the extra directions are zero (the product is already exact there), so an
         aligned rank can be asked for."""
         u = self.basis[:, :rank]
-        first = (self.scale[:, None] * u).T @ self.weight  # no scaled copy of W
+        first = _times((self.scale[:, None] * u).T, self.weight)  # no scaled copy of W
         second = u / self.scale[:, None]
         missing = rank - u.shape[1]
         if missing > 0:
@@ -176,8 +177,28 @@ class Projection:
 
 def stacked_weight(weights: Sequence[np.ndarray]) -> np.ndarray:
     """The members' weights stacked (one member: its read-only weight itself, not a copy:
-    822 MB for VGG's first FC layer)."""
+    822 MB for VGG's first FC layer). They may be in their stored type
+    (:attr:`~qmpass.extract.Operator.stored_weight`): every product with them here
+    converts a block at a time (:func:`_times`, :func:`~qmpass.spectral.lower_gram`) or
+    promotes to float64."""
     return np.asarray(weights[0]) if len(weights) == 1 else np.vstack(weights)
+
+
+def _times(left: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``left @ weight`` in float64, ``weight`` converted a block of columns at a time
+    when it is in another type (the whole of it is not converted at once)."""
+    if weight.dtype == np.float64:
+        return left @ weight
+    out = np.empty((left.shape[0], weight.shape[1]))
+    step = max(1, _BLOCK_VALUES // max(weight.shape[0], 1))
+    for start in range(0, weight.shape[1], step):
+        out[:, start:start + step] = left @ np.asarray(weight[:, start:start + step],
+                                                       dtype=float)
+    return out
+
+
+#: values of a block of a weight converted at a time (:func:`_times`)
+_BLOCK_VALUES = 1 << 22
 
 
 def projection(weights: Sequence[np.ndarray], cov: np.ndarray | None) -> Projection:
@@ -193,13 +214,15 @@ def projection(weights: Sequence[np.ndarray], cov: np.ndarray | None) -> Project
     rows, cols = stacked.shape
     bounds = np.cumsum((0, *(w.shape[0] for w in weights)))
     if rows <= cols:  # (data-free too: no scaled copy of W, 822 MB on VGG's first FC)
-        gram = stacked @ stacked.T if cov is None else stacked @ cov @ stacked.T
-        gram = (gram + gram.T) / 2
-        row_energy = np.diag(gram)  # ||(W S)_r||^2 of each stacked row r
+        # data-free, a block of W at a time: W in its stored type is never converted whole
+        gram = lower_gram(stacked) if cov is None else stacked @ cov @ stacked.T
+        row_energy = np.diag(gram).copy()  # ||(W S)_r||^2 of each stacked row r
         scale = _member_scale(row_energy, bounds)
-        basis, energy = _left_singular_gram(scale[:, None] * gram * scale[None, :], rows, cols)
+        gram *= scale[:, None]  # in place: each temporary is 134 MB on AlexNet's first FC
+        gram *= scale[None, :]
+        basis, energy = _left_singular_gram(gram, rows, cols)
     else:
-        seen = stacked if cov is None else stacked @ _root(cov)
+        seen = np.asarray(stacked, dtype=float) if cov is None else stacked @ _root(cov)
         scale = _member_scale(np.einsum("ij,ij->i", seen, seen), bounds)
         basis, energy = _left_singular(scale[:, None] * seen)
     return Projection(
@@ -258,7 +281,7 @@ class HeldProjection:
 
 #: bytes of weights and bases of the projections held in memory (:class:`HeldProjection`;
 #: the others wait on disk)
-HELD_BYTES = 512 << 20
+HELD_BYTES = 128 << 20
 #: key -> (projection, the HeldProjection it is held for)
 _HELD: OrderedDict[object, tuple[Projection, HeldProjection]] = OrderedDict()
 _HELD_LOCK = threading.Lock()
@@ -269,7 +292,7 @@ def _hold(key: object, proj: Projection, owner: HeldProjection) -> None:
     with _HELD_LOCK:
         _HELD[key] = (proj, owner)
         _HELD.move_to_end(key)
-        while len(_HELD) > 1 and sum(
+        while _HELD and sum(  # one over the budget alone waits on disk too
                 p.weight.nbytes + p.basis.nbytes for p, _ in _HELD.values()) > HELD_BYTES:
             leaving.append(_HELD.popitem(last=False)[1])
     for gone, holder in leaving:
@@ -307,7 +330,7 @@ def _left_singular(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = matrix.shape
     if rows <= cols:
         return _left_singular_gram(matrix @ matrix.T, rows, cols)
-    energy, right = scipy.linalg.eigh(matrix.T @ matrix, driver="evd")
+    energy, right = _eigh(matrix.T @ matrix)
     energy, right = energy[::-1], right[:, ::-1]
     keep = _resolved(energy, rows, cols)
     energy = np.clip(energy[:keep], 0.0, None)
@@ -321,10 +344,25 @@ def _left_singular(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _left_singular_gram(gram: np.ndarray, rows: int, cols: int
                         ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_left_singular` of a ``rows x cols`` matrix from its output-side Gram."""
-    energy, basis = scipy.linalg.eigh(gram, driver="evd")
-    energy, basis = energy[::-1], basis[:, ::-1]
+    energy, basis = _eigh(gram)
+    energy = energy[::-1]
+    for start in range(0, basis.shape[0], 256):  # descending, in place (no second copy)
+        basis[start:start + 256] = basis[start:start + 256, ::-1].copy()
     keep = _resolved(energy, rows, cols)
     return np.ascontiguousarray(basis[:, :keep]), np.clip(energy[:keep], 0.0, None)
+
+
+def _eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric ``gram`` from its lower
+    triangle (no symmetrising copy), overwriting it. Divide and conquer (faster) up to
+    ``_EVD_SIDE``; past it MRRR, whose workspace is a few vectors rather than divide and
+    conquer's two more matrices of the Gram's size (256 MiB at 4096)."""
+    driver = "evd" if gram.shape[0] <= _EVD_SIDE else "evr"
+    return scipy.linalg.eigh(gram, driver=driver, overwrite_a=True)  # type: ignore[no-any-return]
+
+
+#: side of the largest Gram decomposed by divide and conquer (:func:`_eigh`)
+_EVD_SIDE = 2048
 
 
 def _resolved(energy: np.ndarray, rows: int, cols: int) -> int:

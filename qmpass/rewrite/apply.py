@@ -125,7 +125,7 @@ class Applier:
             rewrite.apply(graph, step, self.ops, arrays)
         model = export_like(graph, self.model)
         # external tensors stay references into the input's files: checked as inputs
-        onnx.checker.check_model(without_external(model), full_check=True)
+        onnx.checker.check_model(without_external(model, large=True), full_check=True)
         _check_interface(self.model, model)
         return model, declined
 

@@ -23,8 +23,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qmpass.algebra import FactoredConv, FactoredLinear, decline_factors, decline_rank
-from qmpass.extdata import tensor_array
+from qmpass.extdata import copy_fields, tensor_array
 from qmpass.extract import Operator
+from qmpass.modelio import caller_form
 from qmpass.plan.plan import Step, StepKind
 from qmpass.scratch import SCRATCH_BYTES
 from qmpass.scratch import active as active_scratch
@@ -44,6 +45,7 @@ __all__ = [
     "new_constant",
     "unique_name",
     "weight_dtype",
+    "working_form",
 ]
 
 #: new weights of a step, computed by ``qmpass.plan.factors`` (matrix views, float64)
@@ -126,12 +128,15 @@ class OperatorFactorisation(Rewrite):
         return decline_factors(tensors, step.rank, d_in, d_out, needs_bias=op.bias is not None)
 
 
-def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose nodes all have unique names, chosen exactly as
-    extraction names them (``node.name`` or ``<op_type>_<index>``, ``#k`` on repeats),
-    so Operator names find their nodes in the rewritten graph."""
-    named = onnx.ModelProto()
-    named.CopyFrom(model)
+def name_nodes(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` (``model`` itself, ``in_place``) whose nodes all have unique
+    names, chosen exactly as extraction names them (``node.name`` or
+    ``<op_type>_<index>``, ``#k`` on repeats), so Operator names find their nodes in the
+    rewritten graph."""
+    named = model
+    if not in_place:
+        named = onnx.ModelProto()
+        named.CopyFrom(model)
     seen: set[str] = set()
 
     def unique(name: str) -> str:
@@ -152,6 +157,14 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
     walk(named.graph)
     return named
+
+
+def working_form(model: onnx.ModelProto, *, owned: bool) -> onnx.ModelProto:
+    """``model`` as rewrites take it: in :func:`~qmpass.modelio.caller_form`, its nodes
+    named (:func:`name_nodes`). ``model`` itself, edited, when ``owned`` (nobody else
+    holds it: a copy would hold every weight twice); otherwise one copy."""
+    form = caller_form(model, in_place=owned)
+    return name_nodes(form, in_place=owned or form is not model)
 
 
 def find_node(graph: gs.Graph, name: str) -> gs.Node | None:
@@ -227,10 +240,13 @@ def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     ``original`` must be in :func:`qmpass.modelio.caller_form` (no initializer-backed
     inputs of IR < 4): its inputs are copied as they are."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    exported = gs.export_onnx(graph, do_type_check=False)
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
-    model.graph.CopyFrom(exported.graph)
+    model = gs.export_onnx(graph, do_type_check=False)
+    # the envelope onto the exported model (copying the original, then the graph into
+    # it, held every weight twice more)
+    for field in onnx.ModelProto.DESCRIPTOR.fields:
+        if field.name != "graph":
+            model.ClearField(field.name)
+    copy_fields(original, model, skip="graph")
     # the interface is the original's, record for record (onnx-graphsurgeon drops inputs
     # it sees no use for, e.g. the position inputs of Sequence ops)
     del model.graph.input[:]

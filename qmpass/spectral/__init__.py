@@ -1,9 +1,10 @@
 """Spectral states of operators and the metrics between them (read-only numerics).
 
 Used by ``analyze`` (states, FS distances, Bures angles for the QM-FRG and its report).
-``compress`` uses one helper, :func:`operator_norm`, for the certificates of plan steps;
-it computes no spectral states. The source paper's formulas that qmpass does not use
-live apart, in :mod:`qmpass.spectral.paper`, kept for the tests of its claims.
+``compress`` uses two helpers: :func:`operator_norm` for the certificates of plan steps
+and :func:`lower_gram` for the Gram matrices of its projections (both a block of a
+weight at a time); it computes no spectral states. The source paper's formulas that
+qmpass does not use live apart, in :mod:`qmpass.spectral.paper`, kept for the tests of its claims.
 """
 
 from qmpass.spectral.metrics import (
@@ -12,6 +13,7 @@ from qmpass.spectral.metrics import (
     fs_distance,
     fs_distance_matrix,
     input_factor,
+    lower_gram,
     operator_norm,
     psi_matrix,
     quantum_relative_entropy,
@@ -37,6 +39,7 @@ __all__ = [
     "fs_distance",
     "fs_distance_matrix",
     "input_factor",
+    "lower_gram",
     "operator_norm",
     "psi_matrix",
     "quantum_relative_entropy",

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import scipy.linalg
+from scipy.linalg.blas import dsyrk as _syrk
 
 from qmpass.spectral.state import SpectralState
 
@@ -37,6 +38,7 @@ __all__ = [
     "fs_distance",
     "fs_distance_matrix",
     "input_factor",
+    "lower_gram",
     "operator_norm",
     "psi_matrix",
     "quantum_relative_entropy",
@@ -142,32 +144,53 @@ def operator_norm(matrix: np.ndarray,
                   minus: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """``||matrix||_op``, or ``||matrix - second @ first||_op`` with ``minus`` =
     ``(second, first)``, never below the true value (certificates rely on it): the top
-    eigenvalue of the Gram matrix on the smaller side (only that one is computed), raised
-    by a bound on its rounding error (Weyl: ``n eps ||G||_inf``). The Gram is summed over
-    blocks of the matrix, so a low-rank residual of a large layer (822 MB for VGG's first
-    FC layer) is never held whole."""
+    eigenvalue of the Gram matrix on the smaller side (:func:`lower_gram`; only that one is
+    computed), raised by a bound on its rounding error (Weyl: ``n eps ||G||_inf``)."""
     if not matrix.size:
         return 0.0
+    lower = lower_gram(matrix, minus)
+    side = lower.shape[0]
+    rounding = side * np.finfo(float).eps * _symmetric_inf_norm(lower)
+    top = float(scipy.linalg.eigvalsh(lower, overwrite_a=True,
+                                      subset_by_index=[side - 1, side - 1])[0])
+    return float(np.sqrt(max(top, 0.0) + rounding))
+
+
+def lower_gram(matrix: np.ndarray, minus: tuple[np.ndarray, np.ndarray] | None = None
+         ) -> np.ndarray:
+    """The float64 Gram matrix on the smaller side of ``matrix`` (``M M^T`` when it is
+    wide, ``M^T M`` when tall), or of ``matrix - second @ first`` with ``minus`` =
+    ``(second, first)``; **its lower triangle only** (what ``eigh`` reads). Summed in
+    place by BLAS's ``syrk`` over blocks of the matrix, each converted to float64 on its
+    own: a weight in its stored type (float32, float16, a memory map) is never converted
+    whole, and a low-rank residual of a large layer (822 MB for VGG's first FC layer) is
+    never formed whole."""
     rows, cols = matrix.shape
     wide = rows <= cols
     side = rows if wide else cols
-    gram = np.zeros((side, side))
-    step = max(1, _BLOCK_VALUES // side)
+    total = np.zeros((side, side), order="F")
+    step = max(1, _BLOCK_VALUES // max(side, 1))
     for start in range(0, cols if wide else rows, step):
         part = slice(start, start + step)
-        if wide:
-            block = matrix[:, part]
-            if minus is not None:
-                block = block - minus[0] @ minus[1][:, part]
-            gram += block @ block.T
-        else:
-            block = matrix[part]
-            if minus is not None:
-                block = block - minus[0][part] @ minus[1]
-            gram += block.T @ block
-    top = float(scipy.linalg.eigvalsh(gram, subset_by_index=[side - 1, side - 1])[0])
-    rounding = side * np.finfo(float).eps * float(np.abs(gram).sum(axis=1).max())
-    return float(np.sqrt(max(top, 0.0) + rounding))
+        block = np.asarray(matrix[:, part] if wide else matrix[part], dtype=float)
+        if minus is not None:
+            block = block - (minus[0] @ minus[1][:, part] if wide else minus[0][part] @ minus[1])
+        total = _syrk(1.0, np.asfortranarray(block), beta=1.0, c=total,
+                      trans=0 if wide else 1, lower=1, overwrite_c=1)
+    return total
+
+
+def _symmetric_inf_norm(lower: np.ndarray) -> float:
+    """``||G||_inf`` of the symmetric ``G`` whose lower triangle ``lower`` holds, a few
+    rows at a time."""
+    side = lower.shape[0]
+    sums = np.zeros(side)
+    for start in range(0, side, 256):
+        part = np.abs(np.tril(lower[start:start + 256], k=start))
+        sums[start:start + part.shape[0]] += part.sum(axis=1)
+        sums += part.sum(axis=0)
+        sums[start:start + part.shape[0]] -= np.diagonal(part, offset=start)
+    return float(sums.max())
 
 
 #: values of a block of the matrix whose Gram :func:`operator_norm` adds up

@@ -27,10 +27,10 @@ from qmpass.compress.calibration import split_feeds
 from qmpass.extdata import embedded
 from qmpass.extract import Extraction, extract_operators
 from qmpass.extract.channels import ChannelGroup, channel_groups
-from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
+from qmpass.modelio import ModelLike, load_model, stored_values
 from qmpass.plan.planner import Method, PlanConfig, Planned, make_plan
 from qmpass.rewrite import Applier
-from qmpass.rewrite.base import name_nodes
+from qmpass.rewrite.base import working_form
 from qmpass.rewrite.gated_lowrank import refuse_gated
 from qmpass.tvm.extract import RelaxExtraction
 from qmpass.verify import check_feeds
@@ -77,7 +77,8 @@ def plan_onnx(
     loaded = load_model(model)
     refuse_gated(loaded.proto, "the Relax pass")
     # the plan is rewritten later, outside any data folder: external data read in here
-    named = name_nodes(caller_form(embedded(loaded.proto, loaded.folder)))
+    whole = embedded(loaded.proto, loaded.folder)
+    named = working_form(whole, owned=loaded.owned or whole is not loaded.proto)
     extraction = extract_operators(named, loaded.external)
     groups = channel_groups(named)
     stats = None

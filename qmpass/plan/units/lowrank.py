@@ -54,14 +54,17 @@ def lowrank_candidate(
     basis for operators that read one tensor (``fused=True``). None if no rank saves
     parameters and FLOPs (ranks that save them but cost more of ``resource`` stay: the
     allocation never picks them)."""
-    proj = projection([op.weight for op in members], None if stats is None else stats.cov)
+    # the weights in their stored type: the projection converts a block at a time
+    proj = projection([op.stored_weight for op in members],
+                      None if stats is None else stats.cov)
     # built later (the chosen rank only): held within a memory budget, else its basis
     # waits on disk (or is computed again, from the statistics, not a covariance held
     # here: it may wait on disk too)
     held = HeldProjection(
         proj,
-        lambda: projection([op.weight for op in members], None if stats is None else stats.cov),
-        lambda: stacked_weight([op.weight for op in members]))
+        lambda: projection([op.stored_weight for op in members],
+                           None if stats is None else stats.cov),
+        lambda: stacked_weight([op.stored_weight for op in members]))
     before = Cost.of(members)
     full = min(members[0].shape[1], sum(op.shape[0] for op in members))
     names = tuple(op.name for op in members)
