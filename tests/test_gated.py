@@ -4,6 +4,7 @@ and against a standalone compression at the same budget; bad budgets refused."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from qmpass.rewrite.gated_lowrank import GATED_INPUT
 from qmpass.verify import compare, run_model
 
 BUDGETS = (1.0, 0.75, 0.5)
+# the module (``qmpass.compress`` the attribute is the function of that name)
+gated_pipeline = importlib.import_module("qmpass.compress.gated")
 
 
 @pytest.fixture(scope="module")
@@ -189,18 +192,30 @@ def test_a_level_is_capped_by_the_rank_above_it_even_when_a_larger_rank_is_cheap
     assert planned.plans[1].kept == 0.5 and "level above" in planned.plans[1].notes[0]
 
 
-def test_output_pricing_of_the_levels_is_asked_for(transformer, gated) -> None:
-    """By measurement no better for nested levels (docs/GATED.md): the default prices
-    each unit by its own error; --pricing output probes the units and plans again."""
+def test_auto_pricing_keeps_output_priced_levels_only_when_clearly_better(
+        transformer, gated, monkeypatch) -> None:
+    """--pricing auto plans the levels both ways and keeps those priced by the output only
+    where their mean error on the fitting inputs is clearly lower: on the transformer it is
+    not (docs/GATED.md), so each unit's own error prices them; made to count as clearly
+    better, the output-priced levels are kept; --pricing output forces them."""
     _, report = gated
-    assert report.pricing == "layer" and not report.gains
+    assert report.pricing == "layer" and report.gains  # probed, then not used
+    note = next(n for n in report.notes if n.startswith("--pricing auto priced the levels"))
+    assert "each unit's own error" in note and "by the output" in note
     model, calib = transformer
-    _, priced = compress_gated(model, CompressConfig(budgets=BUDGETS, calib=calib,
+    monkeypatch.setattr(gated_pipeline, "OUTPUT_MARGIN", 10.0)
+    _, auto = compress_gated(model, CompressConfig(budgets=BUDGETS, calib=calib),
+                             standalone=False)
+    monkeypatch.undo()
+    _, forced = compress_gated(model, CompressConfig(budgets=BUDGETS, calib=calib,
                                                      pricing="output"), standalone=False)
-    assert priced.pricing == "output" and priced.to_dict()["gains"]
-    assert all(gain > 0 for _, gain in priced.gains)
-    for row in priced.levels[1:]:
-        assert row.plan.kept is not None and row.plan.kept <= row.budget + 1e-9
+    for priced in (auto, forced):
+        assert priced.pricing == "output" and priced.to_dict()["gains"]
+        assert all(gain > 0 for _, gain in priced.gains)
+        for row in priced.levels[1:]:
+            assert row.plan.kept is not None and row.plan.kept <= row.budget + 1e-9
+    assert [r.plan.steps for r in auto.levels] == [r.plan.steps for r in forced.levels]
+    assert not any(n.startswith("--pricing auto") for n in forced.notes)
 
 
 def test_a_level_spends_what_the_lagrangian_step_leaves() -> None:

@@ -29,13 +29,13 @@ from qmpass.compress.config import DEFAULT_ALIGN, CompressConfig
 from qmpass.compress.gated_report import GatedReport, LevelRow, stored_params
 from qmpass.compress.pipeline import BUDGET_SLACK, compress
 from qmpass.compress.report import operator_flops, operator_params
-from qmpass.compress.sensitivity import measure_gains
+from qmpass.compress.sensitivity import PROBE_SECONDS, ProbesTooSlow, measure_gains
 from qmpass.errors import QmpassInputError
 from qmpass.extdata import embedded, external_tensors
 from qmpass.extract import Extraction, Operator, extract_operators
 from qmpass.extract.channels import ChannelGroup, channel_groups
 from qmpass.extract.shapes import infer_shapes
-from qmpass.modelio import ModelLike, caller_form, load_model, stored_values
+from qmpass.modelio import ModelLike, load_model, stored_values
 from qmpass.parallel import Executor, model_file
 from qmpass.plan.levels import LevelPlan, level_cost, plan_levels
 from qmpass.plan.plan import Cost, Plan
@@ -43,7 +43,7 @@ from qmpass.plan.planner import unit_candidates
 from qmpass.plan.resource import PARAMS, Cycles
 from qmpass.plan.units import Candidate
 from qmpass.rewrite import Applier
-from qmpass.rewrite.base import name_nodes
+from qmpass.rewrite.base import working_form
 from qmpass.rewrite.gated_lowrank import GATED_INPUT, GatedForm, build_gated, refuse_gated
 from qmpass.verify import Verification, Verifier, check_feeds, compare, synthesize_inputs
 from qmpass.verify.compare import sample_count
@@ -88,7 +88,7 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
     whole = embedded(loaded.proto, loaded.folder)
     if external_tensors(whole):  # embedded() leaves models of 2 GB or more as they are
         raise QmpassInputError("--budgets does not support models of 2 GB or more yet.")
-    original = name_nodes(caller_form(whole))
+    original = working_form(whole, owned=loaded.owned or whole is not loaded.proto)
     extraction = extract_operators(original, loaded.external)
     ops = {op.name: op for op in extraction.operators}
     groups = channel_groups(original)
@@ -110,7 +110,9 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
     values = stored_values(original)
     pricing = _Pricing(config, original, extraction, groups, split)
 
-    def levels(align: int) -> LevelPlan:
+    def levels(align: int, by_output: bool) -> LevelPlan | None:
+        """The levels at ``align``, priced by each unit's own error or by the output
+        (None: the probes would take too long)."""
         memo: dict[tuple[str, ...], Candidate | None] = {}
         plan_config = config.plan_config("factorise", resource, budgets[0], align)
         candidates, declined = unit_candidates(extraction, groups, values, stats, plan_config,
@@ -128,20 +130,49 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
                     steps=(), declined=tuple(sorted(declined.items())),
                     resource=resource.name)
         planned = plan_levels(gated, memo, ops, budgets, resource, base)
+        if not by_output:
+            return planned
         gains = pricing.gains(gated, planned.chosen)  # probed where the levels went
-        return planned if gains is None else plan_levels(gated, memo, ops, budgets, resource,
-                                                         base, gains)
+        return None if gains is None else plan_levels(gated, memo, ops, budgets, resource,
+                                                      base, gains)
 
-    planned = levels(config.align or DEFAULT_ALIGN)
-    if config.align is None and planned.miss > BUDGET_SLACK:
-        finer = levels(1)  # steps of 8 too coarse for these budgets
-        planned = finer if finer.miss < planned.miss else planned
+    def aligned(by_output: bool) -> LevelPlan | None:
+        planned = levels(config.align or DEFAULT_ALIGN, by_output)
+        if planned is not None and config.align is None and planned.miss > BUDGET_SLACK:
+            finer = levels(1, by_output)  # steps of 8 too coarse for these budgets
+            planned = finer if finer is not None and finer.miss < planned.miss else planned
+        return planned
+
+    tried: dict[str, LevelPlan | None] = {}
+    if config.pricing != "output" or not pricing.wanted:
+        tried["layer"] = aligned(False)
+    if pricing.wanted:
+        by_output = aligned(True)
+        layer = tried.get("layer")
+        if by_output is not None and (layer is None or by_output.plans != layer.plans):
+            tried["output"] = by_output  # (the same levels are built and verified once)
     seconds["plan"] = time.perf_counter() - timer - pricing.seconds
     if pricing.seconds:
         seconds["sensitivity"] = pricing.seconds
 
     timer = time.perf_counter()
-    gated, declined_units = _build(original, ops, planned, form)
+    built = {how: (planned, *_build(original, ops, planned, form))
+             for how, planned in tried.items() if planned is not None}
+    priced_by = next(iter(built))
+    runner = _LevelRunner(original, split.held_out, verifier)
+    if len(built) > 1:  # --pricing auto: the levels that verify better, as compress does
+        mean = {how: statistics.fmean(runner.verify(model, level).relative_error
+                                      for level in range(len(budgets)))
+                for how, (_, model, _) in built.items()}
+        priced_by = "output" if mean["output"] < OUTPUT_MARGIN * mean["layer"] else "layer"
+        pricing.notes.append(
+            f"--pricing auto priced the levels by {_PRICED[priced_by]}: the mean held-out "
+            f"error of the levels was {mean['layer']:.4g} priced by each unit's own error, "
+            f"{mean['output']:.4g} by the output")
+        for how, (_, model, _) in built.items():
+            if how != priced_by:
+                runner.forget(model)
+    planned, gated, declined_units = built[priced_by]
     plans = [replace(plan, steps=tuple(s for s in plan.steps
                                        if s.operators not in declined_units))
              for plan in planned.plans]
@@ -149,7 +180,6 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
     seconds["rewrite"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    runner = _LevelRunner(original, split.held_out, verifier)
     default_ok = runner.default_is_level_0(gated)
     rows = []
     for level, (budget, plan) in enumerate(zip(budgets, plans, strict=True)):
@@ -167,44 +197,61 @@ def _compress_gated(model: ModelLike, config: CompressConfig, executor: Executor
         operator_params=operator_params(extraction), operator_flops=operator_flops(extraction),
         latency_ms=runner.latency(original, None), default_is_level_0=default_ok,
         samples=split.samples, seconds=seconds,
-        notes=tuple(n for n in [split.note, *(n for p in plans for n in p.notes)] if n),
-        pricing="output" if pricing.priced else "layer",
+        notes=tuple(n for n in [split.note, *pricing.notes,
+                                *(n for p in plans for n in p.notes)] if n),
+        pricing=priced_by,
         gains=tuple(sorted(pricing.measured.items())),
     )
     return gated, report
 
 
+#: output-priced levels are kept under ``--pricing auto`` when their mean held-out error
+#: is below this times the layer-priced levels' (a tie keeps the layer pricing)
+OUTPUT_MARGIN = 1.0
+_PRICED = {"layer": "each unit's own error", "output": "the output"}
+
+
 class _Pricing:
-    """The gains the levels are priced by. Only ``--pricing output`` prices them by the
-    output: every gated unit probed once (:func:`measure_gains`), as ``compress`` does,
-    at the variant the levels priced by each unit's own error chose (the first level
-    that compressed it), and the levels planned again. By measurement (docs/GATED.md)
-    that is no better for nested levels than each unit's own error, which the default
-    ``--pricing auto`` therefore keeps for ``--budgets``."""
+    """The gains the levels are priced by under output pricing: every gated unit probed
+    once (:func:`measure_gains`), as ``compress`` does, at the variant the levels priced
+    by each unit's own error chose (the first level that compressed it). ``--pricing
+    output`` takes the levels planned on them; ``--pricing auto`` (with calibration
+    inputs) plans the levels both ways and keeps those that verify better: one
+    gain per unit serves every level, which by measurement (docs/GATED.md) helps some
+    models' levels and costs others'."""
 
     def __init__(self, config: CompressConfig, original: onnx.ModelProto,
                  extraction: Extraction, groups: Sequence[ChannelGroup], split: Split) -> None:
         self.config, self.original, self.split = config, original, split
         self.applier = Applier(original, extraction, groups)
-        self.priced = config.priced_by_output and config.pricing == "output"
+        self.wanted = config.priced_by_output
         self.measured: dict[str, float] = {}
+        self.notes: list[str] = []
         self.seconds = 0.0
 
     def gains(self, candidates: Sequence[Candidate], at: Mapping[str, int]
               ) -> dict[str, float] | None:
-        if not self.priced:
-            return None
+        """The units' gains (None: ``--pricing auto`` and the probes would pass
+        ``PROBE_SECONDS``)."""
         unpriced = [c for c in candidates if c.key not in self.measured]
-        if unpriced:
+        if unpriced and self.wanted:
             started = time.perf_counter()
             split = self.split
-            found = measure_gains(self.original, self.applier, unpriced, split.fit,
-                                  split.samples[0] if split.separate else 0,
-                                  self.config.seed, at)
-            self.measured.update({key: gain.value for key, gain in found.items()})
-            self.measured.update({c.key: 1.0 for c in unpriced if c.key not in found})
+            try:
+                found = measure_gains(
+                    self.original, self.applier, unpriced, split.fit,
+                    split.samples[0] if split.separate else 0, self.config.seed, at,
+                    PROBE_SECONDS if self.config.pricing == "auto" else None)
+            except ProbesTooSlow as slow:
+                self.wanted = False
+                self.notes.append(f"--pricing auto priced the levels by each unit's own "
+                                  f"error: pricing by the output ({slow}) would pass "
+                                  f"{PROBE_SECONDS:.0f} s; --pricing output forces it")
+            else:
+                self.measured.update({key: gain.value for key, gain in found.items()})
+                self.measured.update({c.key: 1.0 for c in unpriced if c.key not in found})
             self.seconds += time.perf_counter() - started
-        return self.measured if self.priced else None
+        return self.measured if self.wanted else None
 
 
 def _build(original: onnx.ModelProto, ops: Mapping[str, Operator], planned: LevelPlan,
@@ -259,6 +306,10 @@ class _LevelRunner:
         if key not in self._sessions:  # the model is kept so its id stays its own
             self._sessions[key] = (model, session(model, threads=LATENCY_THREADS))
         return self._sessions[key][1]
+
+    def forget(self, model: onnx.ModelProto) -> None:
+        """Drop ``model``'s session (and the model it keeps alive)."""
+        self._sessions.pop(id(model), None)
 
     @staticmethod
     def _feeds(feeds: Mapping[str, np.ndarray], level: int | None) -> dict[str, np.ndarray]:
