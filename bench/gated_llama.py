@@ -104,12 +104,7 @@ def table(folder: Path, timings: Timings, size: str = "small", reuse: bool = Fal
     test = {"input_ids": np.random.default_rng(2).integers(0, vocab, (16, ids.shape[1]))}
     reference = run_model(original, test)
     kept = folder / "gated_bench"
-    if reuse:
-        gated = onnx.load(str(kept / "gated.onnx"))
-        levels = json.loads((kept / "levels.json").read_text())
-        alone = {row["level"]: original if row["budget"] >= 1 else
-                 onnx.load(str(kept / f"standalone{row['level']}.onnx")) for row in levels}
-    else:
+    if not reuse:
         gated, report = compress_gated(original, CompressConfig(budgets=BUDGETS, calib=calib),
                                        standalone=False)
         levels = report.to_dict()["levels"]
@@ -124,6 +119,12 @@ def table(folder: Path, timings: Timings, size: str = "small", reuse: bool = Fal
                                                 for k, m in alone.items() if k)]:
             onnx.save(model, str(kept / f"{name}.onnx"), save_as_external_data=True,
                       location=f"{name}.onnx.data")
+    # read back (saving with external data turned the protos in memory into references
+    # to files relative to the working directory)
+    gated = onnx.load(str(kept / "gated.onnx"))
+    levels = json.loads((kept / "levels.json").read_text())
+    alone = {row["level"]: original if row["budget"] >= 1 else
+             onnx.load(str(kept / f"standalone{row['level']}.onnx")) for row in levels}
     nested = nested_form(gated)
     compressed = time.perf_counter() - started
     errors = []
