@@ -230,7 +230,7 @@ class ConvertedArray:
         stored = self._stored()
         if stored.dtype.kind != "f":
             return None
-        view = stored.T if self.transpose else stored
+        view = stored.T if self.transpose else stored.view()  # (the source's flags stay)
         view.setflags(write=False)
         return view
 

@@ -345,9 +345,7 @@ def _left_singular_gram(gram: np.ndarray, rows: int, cols: int
                         ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_left_singular` of a ``rows x cols`` matrix from its output-side Gram."""
     energy, basis = _eigh(gram)
-    energy = energy[::-1]
-    for start in range(0, basis.shape[0], 256):  # descending, in place (no second copy)
-        basis[start:start + 256] = basis[start:start + 256, ::-1].copy()
+    energy, basis = energy[::-1], basis[:, ::-1]
     keep = _resolved(energy, rows, cols)
     return np.ascontiguousarray(basis[:, :keep]), np.clip(energy[:keep], 0.0, None)
 
