@@ -192,11 +192,11 @@ def test_a_level_is_capped_by_the_rank_above_it_even_when_a_larger_rank_is_cheap
     assert planned.plans[1].kept == 0.5 and "level above" in planned.plans[1].notes[0]
 
 
-def test_auto_pricing_keeps_output_priced_levels_only_when_clearly_better(
+def test_auto_pricing_keeps_output_priced_levels_only_when_they_verify_better(
         transformer, gated, monkeypatch) -> None:
     """--pricing auto plans the levels both ways and keeps those priced by the output only
-    where their mean error on the fitting inputs is clearly lower: on the transformer it is
-    not (docs/GATED.md), so each unit's own error prices them; made to count as clearly
+    where their mean held-out error is lower: on the transformer it is not
+    (docs/GATED.md), so each unit's own error prices them; made to count as
     better, the output-priced levels are kept; --pricing output forces them."""
     _, report = gated
     assert report.pricing == "layer" and report.gains  # probed, then not used
