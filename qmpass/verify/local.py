@@ -126,17 +126,32 @@ def local_errors(
     if not closed:
         return {}
     wanted = sorted({t for k in closed for t in (*measured[k].inputs, *measured[k].outputs)})
-    local, names = _local_model(original, rewritten, {k: measured[k] for k in closed}, closed)
     try:
         captured = _captures(original, wanted, feeds)
-        return _compared(session(local), captured, wanted, {k: measured[k] for k in closed},
-                         names)
-    except _FAILURES:
+    except _FAILURES:  # some boundary tensor cannot be captured: each boundary alone
         if len(closed) == 1:
             return {}
-    return {key: error for one in closed
-            for key, error in local_errors(original, rewritten, {one: measured[one]},
-                                           feeds).items()}
+        return {key: error for one in closed
+                for key, error in local_errors(original, rewritten, {one: measured[one]},
+                                               feeds).items()}
+
+    def compared(keys: Iterable[int]) -> dict[int, float]:
+        chosen = {k: measured[k] for k in keys}
+        local, names = _local_model(original, rewritten, chosen, {k: closed[k] for k in keys})
+        return _compared(session(local), captured, wanted, chosen, names)
+
+    try:
+        return compared(closed)
+    except _FAILURES:  # a local model fails: each boundary alone, on the same captures
+        if len(closed) == 1:
+            return {}
+    found: dict[int, float] = {}
+    for key in closed:
+        try:
+            found.update(compared([key]))
+        except _FAILURES:
+            continue
+    return found
 
 
 #: what makes a local model fail: onnxruntime, or shapes the boundary did not foresee
