@@ -18,7 +18,13 @@ from qmpass.frg import FRGConfig, build_qmfrg, clusters, graph_to_json
 from qmpass.frg.crosslayer import CrossLayerMerge, crosslayer_graph, crosslayer_merges
 from qmpass.modelio import LoadedModel, ModelLike, load_model
 from qmpass.parallel import Executor, check_parallel, model_file
-from qmpass.spectral import SV_METHODS, SpectralState, SVMethod, spectral_state
+from qmpass.spectral import (
+    SV_METHODS,
+    SpectralState,
+    SVMethod,
+    frobenius_norm,
+    spectral_state,
+)
 
 __all__ = ["Analysis", "AnalysisConfig", "analyze"]
 
@@ -147,17 +153,18 @@ def _analyze(loaded: LoadedModel, config: AnalysisConfig, seconds: dict[str, flo
     by_spectrum = tuple(clusters(graph, metric="fs", method=config.cluster_method))
     seconds["qmfrg"] = time.perf_counter() - timer
     timer = time.perf_counter()
-    crosslayer = _crosslayer(extraction, states)
+    crosslayer = _crosslayer(extraction, states, graph)
     seconds["crosslayer"] = time.perf_counter() - timer
     return Analysis(
         loaded.name, extraction, states, graph, by_bures, seconds, by_spectrum, crosslayer
     )
 
 
-def _crosslayer(extraction: Extraction, states: tuple[SpectralState, ...]
+def _crosslayer(extraction: Extraction, states: tuple[SpectralState, ...], qmfrg: nx.Graph
                 ) -> tuple[CrossLayerMerge, ...]:
     """The cross-layer shared-basis candidates: units (a fusion group, or one operator)
-    of MatMul/Gemm operators a basis can serve, merged by the QM-FRG's Bures angles."""
+    of MatMul/Gemm operators a basis can serve, merged by the QM-FRG's Bures angles (the
+    analysis's ``qmfrg`` and this graph share one Bures budget)."""
     fit = {op.name: st for op, st in zip(extraction.operators, states, strict=True)
            if factored_linear_declines(op) is None}
     units = [g for g in extraction.fusion_groups if all(n in fit for n in g)]
@@ -167,7 +174,7 @@ def _crosslayer(extraction: Extraction, states: tuple[SpectralState, ...]
     names = [n for unit in units for n in unit]
     if len(units) < 2:
         return ()
-    graph = crosslayer_graph([ops[n] for n in names], [fit[n] for n in names])
+    graph = crosslayer_graph([ops[n] for n in names], [fit[n] for n in names], known=qmfrg)
     return tuple(crosslayer_merges(graph, units))
 
 
@@ -176,7 +183,8 @@ def _quiet(config: AnalysisConfig) -> bool | None:
 
 
 def _state(op: Operator, method: SVMethod) -> SpectralState:
-    return spectral_state(op.name, op.weight, op.bias, method)
+    weight = op.stored_weight if method == "gram" else op.weight
+    return spectral_state(op.name, weight, op.bias, method)
 
 
 def _operator_dict(op: Operator, state: SpectralState) -> dict[str, Any]:
@@ -197,7 +205,7 @@ def _operator_dict(op: Operator, state: SpectralState) -> dict[str, Any]:
         "geometry": None if op.geometry is None else vars(op.geometry),
         "params": op.params,
         "flops": op.flops,
-        "weight_norm": float(np.linalg.norm(op.weight)),
+        "weight_norm": frobenius_norm(op.stored_weight),
         "bias_norm": 0.0 if op.bias is None else float(np.linalg.norm(op.bias)),
         "effective_rank": state.effective_rank,
         "energy_kept": {str(q): state.energy_kept(q) for q in ranks},

@@ -66,6 +66,31 @@ def test_bures_work_is_capped_and_the_rest_counted(analysis) -> None:
     assert not any("d_bures" in d for _, _, d in graph.edges(data=True))
 
 
+def test_a_second_graph_takes_over_the_first_ones_bures_angles_and_spent_work(analysis) -> None:
+    """The analysis's cross-layer graph and its QM-FRG spend one Bures budget: angles the
+    first graph computed are taken over (equal to computing them), and its spent work
+    leaves the second graph only the rest."""
+    from qmpass.frg.crosslayer import crosslayer_graph
+
+    ops, states = analysis.operators, analysis.states
+    first = build_qmfrg(ops, states, FRGConfig(threshold=0.5, bures_work=np.inf))
+    assert first.graph["bures_pairs"] > 0 and first.graph["bures_flops"] > 0
+    alone = crosslayer_graph(ops, states)
+    taken = crosslayer_graph(ops, states, known=first)
+    for u, v, data in first.edges(data=True):
+        if "d_bures" in data:
+            assert taken.edges[u, v]["d_bures"] == data["d_bures"]
+            assert alone.edges[u, v]["d_bures"] == pytest.approx(data["d_bures"], abs=1e-9)
+    # a first graph that spent all of the budget leaves the second only what it computed
+    spent = first.copy()
+    spent.graph["bures_flops"] = np.inf
+    starved = crosslayer_graph(ops, states, known=spent)
+    angles = {frozenset((u, v)) for u, v, d in starved.edges(data=True) if "d_bures" in d}
+    assert angles == {frozenset((u, v)) for u, v, d in first.edges(data=True)
+                      if "d_bures" in d and starved.has_edge(u, v)}
+    assert starved.graph["bures_pairs_over_budget"] > 0
+
+
 def test_trained_layers_with_close_spectra_are_not_close_operators(analysis) -> None:
     """On the trained transformer, many pairs pass the spectral filter and none of them
     is confirmed by the Bures angle: spectra alone do not find redundancy."""

@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import onnx
+import pytest
 from conftest import fixture_path
 
 from qmpass import extdata
@@ -79,6 +80,36 @@ def test_stored_weights_are_views_and_planning_from_them_equals_float64() -> Non
         wide = m.astype(np.float64)
         expected = wide @ wide.T if shape[0] <= shape[1] else wide.T @ wide
         np.testing.assert_allclose(lower_gram(m), np.tril(expected), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(30, 70), (70, 30), (40, 40)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_augmented_gram_of_a_stored_weight_equals_the_augmented_matrix(
+        shape, with_bias, monkeypatch) -> None:
+    """The spectra's Gram of ``W^ = [[W, b], [0, 1]]``, summed over blocks of a float16
+    ``W`` (three columns or rows a block here), is the float64 ``W^``'s, and the singular
+    values and Frobenius norm from it are LAPACK's."""
+    import scipy.linalg
+
+    from qmpass.spectral import (
+        augmented_lower_gram,
+        augmented_matrix,
+        augmented_singular_values,
+        frobenius_norm,
+        gram,
+    )
+
+    monkeypatch.setattr(gram, "_BLOCK_VALUES", 3 * max(shape))
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(shape).astype(np.float16)
+    bias = rng.standard_normal(shape[0]) if with_bias else None
+    full = augmented_matrix(w.astype(np.float64), bias)
+    expected = full @ full.T if shape[0] <= shape[1] else full.T @ full
+    np.testing.assert_allclose(augmented_lower_gram(w, bias), np.tril(expected),
+                               rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(augmented_singular_values(w, bias),
+                               scipy.linalg.svdvals(full), rtol=1e-9, atol=1e-9)
+    assert frobenius_norm(w) == pytest.approx(np.linalg.norm(w.astype(np.float64)), rel=1e-12)
 
 
 def test_a_scaled_weight_has_no_stored_view() -> None:

@@ -63,12 +63,15 @@ class CrossLayerMerge:
 
 def crosslayer_graph(operators: Sequence[Operator],
                      states: Sequence[SpectralState] | None = None,
-                     threshold: float = CROSSLAYER_THRESHOLD) -> nx.Graph:
+                     threshold: float = CROSSLAYER_THRESHOLD,
+                     known: nx.Graph | None = None) -> nx.Graph:
     """The QM-FRG of ``operators`` with the spectral filter and the Bures angles taken out
-    to ``threshold`` (states computed here when not given)."""
+    to ``threshold`` (states computed here when not given). ``known``: the analysis's
+    QM-FRG, whose Bures angles and spent work this one takes over
+    (:func:`~qmpass.frg.build_qmfrg`)."""
     if states is None:
-        states = [spectral_state(op.name, op.weight, op.bias) for op in operators]
-    return build_qmfrg(operators, states, FRGConfig(threshold=threshold))
+        states = [spectral_state(op.name, op.stored_weight, op.bias) for op in operators]
+    return build_qmfrg(operators, states, FRGConfig(threshold=threshold), known)
 
 
 def crosslayer_merges(graph: nx.Graph, units: Sequence[Sequence[str]],

@@ -112,9 +112,10 @@ FACTOR_BYTES = 512 * 2**20
 
 
 def _gram_work(rows: int, cols: int) -> float:
-    """Rough floating-point work of a Gram matrix and its eigenvalues (a spectral state)."""
+    """Rough floating-point work of a Gram matrix (one triangle, by ``syrk``) and its
+    eigenvalues: a spectral state."""
     small, large = min(rows, cols), max(rows, cols)
-    return 2.0 * small * small * large + 4.0 * small**3
+    return 1.0 * small * small * large + 4.0 * small**3
 
 
 def _bures_work(rows_a: int, rows_b: int, width: int) -> float:
@@ -128,8 +129,13 @@ def build_qmfrg(
     operators: Sequence[Operator],
     states: Sequence[SpectralState],
     config: FRGConfig = FRGConfig(),
+    known: nx.Graph | None = None,
 ) -> nx.Graph:
-    """The QM-FRG of ``operators`` (``states[i]`` is the state of ``operators[i]``)."""
+    """The QM-FRG of ``operators`` (``states[i]`` is the state of ``operators[i]``).
+
+    ``known``: a QM-FRG built earlier over some of the same operators. Its Bures angles
+    are taken over, and the work it spent on them counts against this graph's budget, so
+    two graphs of one analysis spend the Bures budget once between them."""
     graph = nx.Graph(threshold=config.threshold, max_neighbors=config.max_neighbors)
     for op, state in zip(operators, states, strict=True):
         graph.add_node(
@@ -149,7 +155,7 @@ def build_qmfrg(
         for i, j, d in zip(rows.tolist(), cols.tolist(), dists.tolist(), strict=True)
     )
     if config.bures:
-        _add_bures(graph, operators, rows, cols, dists, config)
+        _add_bures(graph, operators, rows, cols, dists, config, known)
     return graph
 
 
@@ -160,8 +166,10 @@ def _add_bures(
     cols: np.ndarray,
     dists: np.ndarray,
     config: FRGConfig,
+    known: nx.Graph | None = None,
 ) -> None:
-    """Bures angles of the equal-width edges, closest first, within the work budget."""
+    """Bures angles of the equal-width edges, closest first, within the work budget
+    (less what ``known`` spent; its angles are taken over)."""
     width = np.array([op.shape[1] for op in operators], dtype=np.intp)
     order = np.argsort(dists, kind="stable")
     order = order[width[rows[order]] == width[cols[order]]]
@@ -170,8 +178,15 @@ def _add_bures(
     # the input factors are d_in x d_in: kept for the next pairs within FACTOR_BYTES, and
     # computed again past that (a model's weights are never all held)
     factors: OrderedDict[int, np.ndarray] = OrderedDict()
-    spent, done = 0.0, 0
+    spent = 0.0 if known is None else float(known.graph.get("bures_flops", 0.0))
+    done = 0
     for i, j in zip(rows[order].tolist(), cols[order].tolist(), strict=True):
+        first, second = operators[i].name, operators[j].name
+        earlier = (known.get_edge_data(first, second) or {}) if known is not None else {}
+        if "d_bures" in earlier:
+            graph.edges[first, second]["d_bures"] = earlier["d_bures"]
+            done += 1
+            continue
         ra, rb = (min(operators[k].shape) + 1 for k in (i, j))
         cost = _bures_work(ra, rb, int(width[i]) + 1)
         if spent + cost > budget:
@@ -187,11 +202,10 @@ def _add_bures(
             if oldest in (i, j):
                 break
             factors.popitem(last=False)
-        graph.edges[operators[i].name, operators[j].name]["d_bures"] = bures_angle_of_factors(
-            factors[i], factors[j]
-        )
+        graph.edges[first, second]["d_bures"] = bures_angle_of_factors(factors[i], factors[j])
         done += 1
     graph.graph["bures_pairs"] = done
+    graph.graph["bures_flops"] = spent
     graph.graph["bures_pairs_over_budget"] = int(order.size) - done
 
 

@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import scipy.linalg
-from scipy.linalg.blas import dsyrk as _syrk
 
+from qmpass.spectral.gram import lower_gram
 from qmpass.spectral.state import SpectralState
 
 __all__ = [
@@ -156,30 +156,6 @@ def operator_norm(matrix: np.ndarray,
     return float(np.sqrt(max(top, 0.0) + rounding))
 
 
-def lower_gram(matrix: np.ndarray, minus: tuple[np.ndarray, np.ndarray] | None = None
-         ) -> np.ndarray:
-    """The float64 Gram matrix on the smaller side of ``matrix`` (``M M^T`` when it is
-    wide, ``M^T M`` when tall), or of ``matrix - second @ first`` with ``minus`` =
-    ``(second, first)``; **its lower triangle only** (what ``eigh`` reads). Summed in
-    place by BLAS's ``syrk`` over blocks of the matrix, each converted to float64 on its
-    own: a weight in its stored type (float32, float16, a memory map) is never converted
-    whole, and a low-rank residual of a large layer (822 MB for VGG's first FC layer) is
-    never formed whole."""
-    rows, cols = matrix.shape
-    wide = rows <= cols
-    side = rows if wide else cols
-    total = np.zeros((side, side), order="F")
-    step = max(1, _BLOCK_VALUES // max(side, 1))
-    for start in range(0, cols if wide else rows, step):
-        part = slice(start, start + step)
-        block = np.asarray(matrix[:, part] if wide else matrix[part], dtype=float)
-        if minus is not None:
-            block = block - (minus[0] @ minus[1][:, part] if wide else minus[0][part] @ minus[1])
-        total = _syrk(1.0, np.asfortranarray(block), beta=1.0, c=total,
-                      trans=0 if wide else 1, lower=1, overwrite_c=1)
-    return total
-
-
 def _symmetric_inf_norm(lower: np.ndarray) -> float:
     """``||G||_inf`` of the symmetric ``G`` whose lower triangle ``lower`` holds, a few
     rows at a time."""
@@ -192,6 +168,3 @@ def _symmetric_inf_norm(lower: np.ndarray) -> float:
         sums[start:start + part.shape[0]] -= np.diagonal(part, offset=start)
     return float(sums.max())
 
-
-#: values of a block of the matrix whose Gram :func:`operator_norm` adds up
-_BLOCK_VALUES = 1 << 22

@@ -4,7 +4,8 @@ For ``y = W x + b`` the augmented matrix is ``W^ = [[W, b], [0, 1]]``; its singu
 values ``s`` (descending) give the state ``psi = s / ||s||_2`` and the energy
 distribution ``p = psi**2`` (sums to 1). Only singular values are needed, never
 singular vectors, so the fast path is the eigenvalues of the Gram matrix of the smaller
-side of ``W^``, assembled from ``W W^T`` (or ``W^T W``) without building ``W^``.
+side of ``W^``, summed a block of ``W`` at a time without building ``W^`` or converting
+``W`` whole (:mod:`qmpass.spectral.gram`).
 Gram eigenvalues carry an absolute error of about ``eps * s_max**2``: exact enough for
 ``p`` (what every metric uses) though not for the relative size of tiny singular values;
 ``method="svd"`` is the accurate LAPACK path (``scipy.linalg.svdvals``).
@@ -18,6 +19,8 @@ from typing import Literal
 
 import numpy as np
 import scipy.linalg
+
+from qmpass.spectral.gram import augmented_lower_gram
 
 __all__ = [
     "SV_METHODS",
@@ -51,30 +54,9 @@ def augmented_singular_values(
     """Singular values of the augmented matrix, descending (``min(d_out, d_in) + 1`` of them)."""
     if method == "svd":
         return scipy.linalg.svdvals(augmented_matrix(weight, bias), check_finite=False)
-    gram = _augmented_gram(np.asarray(weight, dtype=np.float64), bias)
-    eig = scipy.linalg.eigvalsh(gram, check_finite=False, overwrite_a=True)
+    gram = augmented_lower_gram(weight, bias)  # a block of the weight at a time
+    eig = scipy.linalg.eigvalsh(gram, lower=True, check_finite=False, overwrite_a=True)
     return np.sqrt(np.clip(eig[::-1], 0.0, None))
-
-
-def _augmented_gram(w: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """Gram matrix of the smaller side of ``W^``, built from ``W W^T`` or ``W^T W``."""
-    rows, cols = w.shape
-    b = np.zeros(rows) if bias is None else np.asarray(bias, dtype=np.float64)
-    if rows <= cols:  # W^ W^T = [[W W^T + b b^T, b], [b^T, 1]]
-        gram = np.empty((rows + 1, rows + 1))
-        np.matmul(w, w.T, out=gram[:rows, :rows])
-        gram[:rows, :rows] += np.outer(b, b)
-        gram[:rows, rows] = b
-        gram[rows, :rows] = b
-        gram[rows, rows] = 1.0
-    else:  # W^T W^ = [[W^T W, W^T b], [b^T W, b^T b + 1]]
-        gram = np.empty((cols + 1, cols + 1))
-        np.matmul(w.T, w, out=gram[:cols, :cols])
-        wtb = w.T @ b
-        gram[:cols, cols] = wtb
-        gram[cols, :cols] = wtb
-        gram[cols, cols] = b @ b + 1.0
-    return gram
 
 
 @dataclass(frozen=True, eq=False)
