@@ -18,6 +18,7 @@ from qmpass.frg import FRGConfig, build_qmfrg, clusters, graph_to_json
 from qmpass.frg.crosslayer import CrossLayerMerge, crosslayer_graph, crosslayer_merges
 from qmpass.modelio import LoadedModel, ModelLike, load_model
 from qmpass.parallel import Executor, check_parallel, model_file
+from qmpass.scratch import Scratch
 from qmpass.spectral import (
     SV_METHODS,
     SpectralState,
@@ -93,6 +94,9 @@ class Analysis:
     #: groups of units reading different tensors proposed to share one input-side basis
     #: (:mod:`qmpass.frg.crosslayer`); ``compress`` measures each and keeps the winners
     crosslayer: tuple[CrossLayerMerge, ...] = ()
+    #: the scratch file the model's weights were moved to at load, if they were
+    #: (:func:`~qmpass.modelio.spill_embedded`): the operators read them from it
+    spilled: Scratch | None = field(default=None, repr=False, compare=False)
 
     @property
     def operators(self) -> tuple[Operator, ...]:
@@ -128,7 +132,7 @@ class Analysis:
 def analyze(model: ModelLike, config: AnalysisConfig = AnalysisConfig()) -> Analysis:
     """Analyse ``model`` (a path or an ``onnx.ModelProto``, which is not modified)."""
     timer = time.perf_counter()
-    loaded = load_model(model)
+    loaded = load_model(model, spill=True)
     seconds: dict[str, float] = {"load": time.perf_counter() - timer}
     with data_folder(loaded.folder):  # external data: read a tensor at a time from there
         return _analyze(loaded, config, seconds)
@@ -155,9 +159,8 @@ def _analyze(loaded: LoadedModel, config: AnalysisConfig, seconds: dict[str, flo
     timer = time.perf_counter()
     crosslayer = _crosslayer(extraction, states, graph)
     seconds["crosslayer"] = time.perf_counter() - timer
-    return Analysis(
-        loaded.name, extraction, states, graph, by_bures, seconds, by_spectrum, crosslayer
-    )
+    return Analysis(loaded.name, extraction, states, graph, by_bures, seconds, by_spectrum,
+                    crosslayer, loaded.spilled)
 
 
 def _crosslayer(extraction: Extraction, states: tuple[SpectralState, ...], qmfrg: nx.Graph

@@ -200,7 +200,7 @@ def _analyze(args: argparse.Namespace) -> int:
         frg=FRGConfig(threshold=args.threshold), cluster_method=args.clusters,
         jobs=args.jobs, scheduler=args.scheduler,
     )
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, spill=True)
     check_outputs({"--report": args.report, "--html": args.html, "--graphml": args.graphml},
                   loaded.files)
     analysis = analyze(loaded, config)
@@ -210,7 +210,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model)
+    # a gated model is written as the input was (a large proto's weights are not moved)
+    loaded = load_model(args.model, spill=args.budgets is None)
     check_outputs({"-o": args.output, "--report": args.report,
                    "-o (its external data)": data_path(args.output)},
                   [*loaded.files, *([args.calib] if args.calib else [])])

@@ -36,6 +36,7 @@ from google.protobuf.message import Message
 from onnx import TensorProto, helper, numpy_helper
 
 from qmpass.errors import QmpassInputError
+from qmpass.scratch import SPILLED
 from qmpass.scratch import resolve as resolve_scratch
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "external_tensors",
     "is_external",
     "model_payloads",
+    "spilled",
     "tensor_array",
 ]
 
@@ -81,6 +83,12 @@ def in_scratch(tensor: TensorProto) -> bool:
     """Whether ``tensor`` is a rewrite's new tensor in a scratch file (:mod:`qmpass.scratch`)."""
     return is_external(tensor) and resolve_scratch(
         external_entries(tensor).get("location", "")) is not None
+
+
+def spilled(tensor: TensorProto) -> bool:
+    """Whether ``tensor`` is an initializer of the input that qmpass moved to a scratch
+    file at load (:func:`qmpass.modelio.spill_embedded`)."""
+    return is_external(tensor) and external_entries(tensor).get("location") == SPILLED
 
 
 def external_entries(tensor: TensorProto) -> dict[str, str]:

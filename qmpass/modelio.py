@@ -17,23 +17,28 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import helper, numpy_helper
 
+from qmpass import scratch
 from qmpass.errors import QmpassInputError
 from qmpass.extdata import (
     Payload,
     check_external,
     current_folder,
+    embedded_bytes,
     external_tensors,
     is_external,
+    skeleton,
     tensor_array,
     without_external,
 )
+from qmpass.scratch import Scratch
 
 __all__ = [
     "LoadedModel",
@@ -42,6 +47,7 @@ __all__ = [
     "caller_form",
     "check_outputs",
     "load_model",
+    "spill_embedded",
     "stored_values",
     "write_all_atomic",
     "write_atomic",
@@ -64,16 +70,21 @@ class LoadedModel:
     #: keep its meaning (:func:`caller_form`, naming nodes) are made on it, not on a copy
     #: of every weight
     owned: bool = False
+    #: the scratch file its large initializers were moved to (:func:`spill_embedded`):
+    #: alive as long as this is, the proto's references point into it
+    spilled: Scratch | None = None
 
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto | LoadedModel
 
 
-def load_model(model: ModelLike) -> LoadedModel:
+def load_model(model: ModelLike, *, spill: bool = False) -> LoadedModel:
     """Load ``model`` with its external data and check it with ``onnx.checker`` (full).
 
     A ModelProto is taken as it is (never copied or changed: analysis does not mutate); a
-    LoadedModel is returned as it is (loaded and checked already).
+    LoadedModel is returned as it is (loaded and checked already). With ``spill``, a
+    file's large embedded weights go to a scratch file first (:func:`spill_embedded`),
+    before the checker reads the file again.
     """
     if isinstance(model, LoadedModel):
         return model
@@ -101,8 +112,52 @@ def load_model(model: ModelLike) -> LoadedModel:
     # external data stays in its files (read a tensor at a time, see qmpass.extdata): the
     # locations must stay in the model's folder and every tensor's bytes must be there
     files = (path, *check_external(proto, path.parent.resolve(), str(path)))
-    validate(proto, str(path), path)  # the checker reads the file itself: any size
-    return LoadedModel(proto, external, files, str(path), path.parent.resolve(), owned=True)
+    loaded = LoadedModel(proto, external, files, str(path), path.parent.resolve(), owned=True)
+    del proto
+    if spill:  # (not held with the checker's own copy)
+        loaded = spill_embedded(loaded)
+    validate(loaded.proto, str(path), path)  # the checker reads the file itself: any size
+    return loaded
+
+
+#: weights held in a loaded proto past which :func:`spill_embedded` moves them out
+SPILL_BYTES = 256 << 20
+
+
+def spill_embedded(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` with its large weights moved to a scratch file, when it was read from a
+    file, holds its weights in the proto and they reach :data:`SPILL_BYTES`; else
+    ``loaded`` itself. The new proto refers to them as ordinary external data in the
+    scratch file's folder (``folder``), so they are read through memory maps, and
+    onnxruntime maps them, as it does any external data. Drop the old ``loaded``: its
+    proto holds every weight (protobuf frees a message's memory only with the message).
+
+    The proto of a model like VGG-19 holds 0.55 GB of weights, and every onnxruntime
+    session made from it serialises them and copies them again. ``compress`` puts the
+    weights back into its output when the input held them (:mod:`qmpass.scratch`)."""
+    if not loaded.owned or loaded.spilled is not None or external_tensors(loaded.proto) \
+            or embedded_bytes(loaded.proto) < SPILL_BYTES:
+        return loaded
+    file = Scratch()
+    proto, moved = skeleton(loaded.proto, _spillable)
+    for new, original in moved:
+        doc = original.doc_string
+        new.CopyFrom(file.put(original.name, numpy_helper.to_array(original), plain=True))
+        new.doc_string = doc
+    return replace(loaded, proto=proto, spilled=file, folder=file.path.parent)
+
+
+def _spillable(tensor: onnx.TensorProto) -> bool:
+    """A floating-point initializer held in the proto, of ``SCRATCH_BYTES`` or more."""
+    if is_external(tensor) or tensor.data_type not in _SPILLED:
+        return False
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return itemsize * int(np.prod(tensor.dims, dtype=np.int64)) >= scratch.SCRATCH_BYTES
+
+
+#: the element types :func:`spill_embedded` moves (the weights)
+_SPILLED = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                      onnx.TensorProto.DOUBLE})
 
 
 def validate(model: onnx.ModelProto, source: str, path: Path | None = None) -> None:

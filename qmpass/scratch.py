@@ -27,16 +27,20 @@ from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["MARKER", "SCRATCH_BYTES", "Scratch", "active", "release", "resolve",
-           "scratch_file"]
+__all__ = ["MARKER", "SCRATCH_BYTES", "SPILLED", "Scratch", "active", "anchor", "release",
+           "resolve", "scratch_file"]
 
 #: the ``location`` prefix of a tensor in a scratch file (never a file name a model has:
 #: inputs' locations must be plain relative paths, and this one is refused as one)
 MARKER = "qmpass-scratch:"
 #: new tensors at least this large (bytes) go to the scratch file
 SCRATCH_BYTES = 1 << 20
+#: the name of a scratch file, the location of the weights
+#: :func:`qmpass.modelio.spill_embedded` moves there (the model's folder is then the file's)
+SPILLED = "qmpass-scratch.data"
 
 _ACTIVE: ContextVar[Scratch | None] = ContextVar("qmpass_scratch", default=None)
 _FILES: dict[str, Path] = {}  # key -> file, of the scratch files alive
@@ -49,7 +53,7 @@ class Scratch:
     def __init__(self) -> None:
         self.key = uuid.uuid4().hex
         folder = Path(tempfile.mkdtemp(prefix="qmpass-scratch-"))
-        self.path = folder / "tensors.data"
+        self.path = folder / SPILLED
         self.path.touch()
         self.kept = False  # whether a model that outlives the block refers to it
         self._lock = threading.Lock()
@@ -57,8 +61,10 @@ class Scratch:
             _FILES[self.key] = self.path
         weakref.finalize(self, _remove, self.key, folder)
 
-    def put(self, name: str, array: np.ndarray) -> TensorProto:
-        """``array`` appended (page-aligned) and a reference tensor named ``name``."""
+    def put(self, name: str, array: np.ndarray, *, plain: bool = False) -> TensorProto:
+        """``array`` appended (page-aligned) and a reference tensor named ``name``: to
+        this scratch file wherever the model goes, or with ``plain`` an ordinary external
+        tensor whose location is the file's name (:data:`SPILLED`), in its folder."""
         data = np.ascontiguousarray(array)
         with self._lock, self.path.open("ab") as handle:
             offset = handle.tell()
@@ -69,7 +75,8 @@ class Scratch:
         tensor = TensorProto(name=name, dims=list(data.shape),
                              data_type=helper.np_dtype_to_tensor_dtype(data.dtype))
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", f"{MARKER}{self.key}"), ("offset", str(offset)),
+        location = self.path.name if plain else f"{MARKER}{self.key}"
+        for key, value in (("location", location), ("offset", str(offset)),
                            ("length", str(data.nbytes))):
             tensor.external_data.add(key=key, value=value)
         return tensor
@@ -96,6 +103,22 @@ def scratch_file() -> Iterator[Scratch]:
         _ACTIVE.reset(token)
         if scratch.kept:
             _KEPT.append(scratch)
+
+
+def anchor(model: onnx.ModelProto, scratch: Scratch) -> bool:
+    """Point ``model``'s references to :data:`SPILLED` (in ``scratch``) at ``scratch``
+    wherever the model goes (as a rewrite's new tensors are), and keep the file until
+    :func:`release` or exit if there are any: a returned model refers to it."""
+    found = False
+    for tensor in model.graph.initializer:
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == SPILLED:
+                entry.value, found = f"{MARKER}{scratch.key}", True
+    if found and scratch not in _KEPT:
+        _KEPT.append(scratch)
+    return found
 
 
 def active() -> Scratch | None:

@@ -39,7 +39,7 @@ from qmpass.plan.units.crosslayer import crosslayer_verified
 from qmpass.rewrite import Applier
 from qmpass.rewrite.base import working_form
 from qmpass.rewrite.gated_lowrank import refuse_gated
-from qmpass.scratch import Scratch, scratch_file
+from qmpass.scratch import Scratch, anchor, scratch_file
 from qmpass.verify import Verifier, check_feeds, synthesize_inputs
 from qmpass.verify.compare import sample_count
 from qmpass.verify.local import boundaries, local_errors
@@ -73,12 +73,15 @@ def compress(
         raise QmpassInputError("CompressConfig(budgets=...) makes a gated model: call "
                                "qmpass.compress.compress_gated.")
     timer = time.perf_counter()
-    loaded = load_model(model)
+    loaded = load_model(model, spill=True)  # a large proto's weights: to a scratch file
     refuse_gated(loaded.proto, "compress")
     with Executor(config.jobs, config.scheduler) as executor, data_folder(loaded.folder), \
             _scratch(loaded) as scratch:
         result, report = _compress(loaded, config, executor, timer)
-        result = result if keep_external else embedded(result)
+        # weights moved out at load come back in: the output holds them as the input did
+        result = result if keep_external and loaded.spilled is None else embedded(result)
+        if loaded.spilled is not None:  # unchanged weights it still refers to (past 1 GB)
+            anchor(result, loaded.spilled)
         if scratch is not None:  # new weights the returned model refers to stay
             scratch.kept = any(in_scratch(t) for t in result.graph.initializer)
         return result, report

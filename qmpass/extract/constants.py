@@ -17,7 +17,7 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 
 from qmpass.errors import QmpassInputError
-from qmpass.extdata import is_external, tensor_array
+from qmpass.extdata import is_external, spilled, tensor_array
 
 __all__ = ["ConstantScope"]
 
@@ -65,8 +65,10 @@ class ConstantScope:
 
     def source(self, name: str) -> str | None:
         """``initializer``, ``external_data``, ``constant_node``, ``folded(Op)`` or None."""
-        if self.stored_external(name) is not None:
-            return "external_data"  # without reading it again
+        stored = self.stored_external(name)
+        if stored is not None:  # without reading it again (one moved to a scratch file by
+            # qmpass, not by the model's author, is still the initializer it was)
+            return "initializer" if spilled(stored) else "external_data"
         found = self._resolve(name)
         return None if found is None else found[1]
 
