@@ -12,7 +12,7 @@ from typing import Literal
 
 import onnx
 
-from qmpass import extdata
+from qmpass import extdata, heap
 from qmpass.compress.calibration import Split, calibration_stats, split_feeds
 from qmpass.compress.config import CompressConfig
 from qmpass.compress.report import (
@@ -119,6 +119,7 @@ def _compress(
     verifier = Verifier(original, split.held_out)  # first: refuses what onnxruntime can't run
     stats = (calibration_stats(original, extraction, groups, config.method, split.fit)
              if config.calib is not None else None)
+    heap.trim()  # what the statistics' sums left free, before planning
     seconds["calibrate"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
@@ -216,6 +217,7 @@ def _compress(
     seconds["plan"] = time.perf_counter() - timer
     factors.release()  # planning's caches: the model runs in onnxruntime from here on
     extdata.release()
+    heap.trim()  # and the heap its temporaries left free, before onnxruntime's sessions
 
     timer = time.perf_counter()
     local: Local | None = None
