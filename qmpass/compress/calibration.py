@@ -15,6 +15,7 @@ from qmpass.extract.shapes import dim_size
 from qmpass.plan.planner import Method, stats_requests
 from qmpass.spill import Spilled
 from qmpass.verify import StatsRequest, TensorStats, collect_stats
+from qmpass.verify.stats import LowRankCov
 
 __all__ = ["CALIBRATION_VECTORS", "FEW_HELD_OUT", "Split", "calibration_stats", "split_feeds"]
 
@@ -64,6 +65,10 @@ def shrunk(stats: TensorStats) -> TensorStats:
     d, n = stats.dim, stats.count
     if n > d or d == 0:
         return stats
+    held = stats.held_cov
+    if isinstance(held, LowRankCov):  # the same ridge, on the factor's form
+        return replace(stats, cov=held.plus_ridge(  # type: ignore[arg-type]
+            RIDGE * held.trace() / d))
     cov = np.array(stats.cov, dtype=np.float64)
     cov[np.diag_indices(d)] += RIDGE * float(np.trace(cov)) / d
     cov.setflags(write=False)

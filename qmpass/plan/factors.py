@@ -50,6 +50,7 @@ import scipy.linalg
 
 from qmpass.spectral import lower_gram
 from qmpass.spill import Spilled
+from qmpass.verify.stats import LowRankCov
 
 if TYPE_CHECKING:  # the units import this module
     from qmpass.plan.units.common import StatsLike
@@ -82,7 +83,7 @@ class ActivationScaled:
 
     @cached_property
     def cov(self) -> np.ndarray:
-        rms = np.sqrt(np.clip(np.diag(self.stats.cov) + self.stats.mean**2, 0.0, None))
+        rms = np.sqrt(np.clip(_variances(self.stats) + self.stats.mean**2, 0.0, None))
         return np.diag(rms ** (2 * self.alpha))
 
     @property
@@ -92,6 +93,21 @@ class ActivationScaled:
     @property
     def max_norm(self) -> float:
         return self.stats.max_norm
+
+
+def _variances(stats: StatsLike) -> np.ndarray:
+    """The diagonal of ``stats.cov``, without making a low-rank one whole."""
+    variances = getattr(stats, "variances", None)
+    return variances() if variances is not None else np.diag(stats.cov)
+
+
+def covariance(stats: StatsLike | None) -> np.ndarray | LowRankCov | None:
+    """What :func:`projection` takes of ``stats``: its covariance as held (a
+    :class:`~qmpass.verify.stats.LowRankCov` is not made whole)."""
+    if stats is None:
+        return None
+    held = getattr(stats, "held_cov", None)
+    return held if held is not None else stats.cov
 
 
 def sqrt_psd(matrix: np.ndarray) -> np.ndarray:
@@ -201,28 +217,42 @@ def _times(left: np.ndarray, weight: np.ndarray) -> np.ndarray:
 _BLOCK_VALUES = 1 << 22
 
 
-def projection(weights: Sequence[np.ndarray], cov: np.ndarray | None) -> Projection:
+def projection(weights: Sequence[np.ndarray], cov: np.ndarray | LowRankCov | None
+               ) -> Projection:
     """The :class:`Projection` of members ``weights`` (each d_out_i x d_in) under the input
     covariance ``cov`` (None: data-free, ``S = I``).
 
     Only the output side of ``D W S`` is needed. Where the stack has no more rows than
     columns, its Gram matrix ``D W C W^T D`` gives it without a square root of ``C`` (an
     eigendecomposition of ``d_in x d_in`` saved: 9216 x 9216 on AlexNet's first FC layer)
-    and without a scaled copy of ``W``.
+    and without a scaled copy of ``W``; a covariance held as a factor
+    (:class:`~qmpass.verify.stats.LowRankCov`, ``C = F^T F + r I``) gives it as
+    ``(W F^T)(W F^T)^T + r W W^T``, never forming ``C``.
     """
     stacked = stacked_weight(weights)
     rows, cols = stacked.shape
     bounds = np.cumsum((0, *(w.shape[0] for w in weights)))
     if rows <= cols:  # (data-free too: no scaled copy of W, 822 MB on VGG's first FC)
         # data-free, a block of W at a time: W in its stored type is never converted whole
-        gram = lower_gram(stacked) if cov is None else stacked @ cov @ stacked.T
+        if cov is None:
+            gram = lower_gram(stacked)
+        elif isinstance(cov, LowRankCov):
+            seen = _times(cov.factor, stacked.T).T  # W F^T, rows x n
+            gram = seen @ seen.T
+            if cov.ridge:
+                ridge = lower_gram(stacked)
+                ridge += np.tril(ridge, -1).T
+                gram += cov.ridge * ridge
+        else:
+            gram = stacked @ cov @ stacked.T
         row_energy = np.diag(gram).copy()  # ||(W S)_r||^2 of each stacked row r
         scale = _member_scale(row_energy, bounds)
         gram *= scale[:, None]  # in place: each temporary is 134 MB on AlexNet's first FC
         gram *= scale[None, :]
         basis, energy = _left_singular_gram(gram, rows, cols)
-    else:
-        seen = np.asarray(stacked, dtype=float) if cov is None else stacked @ _root(cov)
+    else:  # (d_in below the rows: a covariance held as a factor is made whole)
+        dense = cov.load() if isinstance(cov, LowRankCov) else cov
+        seen = np.asarray(stacked, dtype=float) if dense is None else stacked @ _root(dense)
         scale = _member_scale(np.einsum("ij,ij->i", seen, seen), bounds)
         basis, energy = _left_singular(scale[:, None] * seen)
     return Projection(

@@ -47,7 +47,7 @@ from qmpass.extract.shapes import infer_shapes
 from qmpass.spill import ArrayField, Spilled
 from qmpass.verify.runner import DEFAULT_BATCH, batch_size, feed_batches, session_with_tensors
 
-__all__ = ["StatsRequest", "TensorStats", "collect_stats", "request_rows"]
+__all__ = ["LowRankCov", "StatsRequest", "TensorStats", "collect_stats", "request_rows"]
 
 #: vectors are materialised (float64) in chunks of about this many values
 _CHUNK_VALUES = 1 << 22
@@ -79,6 +79,46 @@ class StatsRequest:
             raise ValueError(f"vectors of {self.tensor!r} take no geometry")
 
 
+class LowRankCov:
+    """A covariance of fewer vectors than dimensions, held as its factor: ``F^T F +
+    ridge I`` with ``F`` the ``n x d`` centred vectors divided by ``sqrt(n)``. VGG's first
+    FC layer reads 25088-wide vectors: their ``d x d`` covariance is 5 GB, the factor of
+    a few hundred of them a few tens of MB. :meth:`load` makes the ``d x d`` matrix (what
+    a :class:`TensorStats` field holding this gives); the planner's projections use the
+    factor (:func:`qmpass.plan.factors.projection`)."""
+
+    def __init__(self, factor: np.ndarray, ridge: float = 0.0) -> None:
+        self.factor = factor
+        self.ridge = float(ridge)
+        self.factor.setflags(write=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.factor.shape[1], self.factor.shape[1])
+
+    def load(self) -> np.ndarray:
+        cov = self.factor.T @ self.factor
+        cov[np.diag_indices_from(cov)] += self.ridge
+        cov.setflags(write=False)
+        return cov
+
+    def variances(self) -> np.ndarray:
+        """The diagonal, without the matrix."""
+        return np.einsum("ij,ij->j", self.factor, self.factor) + self.ridge
+
+    def trace(self) -> float:
+        return float(np.sum(self.variances()))
+
+    def plus_ridge(self, ridge: float) -> LowRankCov:
+        return LowRankCov(self.factor, self.ridge + ridge)
+
+
+#: vectors at least this wide, fewer than ``LOW_RANK_SHARE`` of their width expected,
+#: keep their covariance as a factor (:class:`LowRankCov`)
+LOW_RANK_WIDTH = 4096
+LOW_RANK_SHARE = 0.25
+
+
 @dataclass(frozen=True, eq=False)
 class TensorStats:
     """First and second moments of ``count`` vectors (read-only float64 arrays).
@@ -87,18 +127,32 @@ class TensorStats:
     ``count``, as ``np.cov(..., bias=True)``); ``second_moment`` is ``E[x x^T]``;
     ``max_norm`` is the largest ``||x||_2`` of a single vector seen (all vectors, also
     when the moments use a subsample): the ``R`` of the certificate on these inputs.
-    ``cov`` may be held on disk (:class:`~qmpass.spill.Spilled`, read when used).
+    ``cov`` may be held on disk (:class:`~qmpass.spill.Spilled`, read when used), or as
+    the factor of fewer vectors than dimensions (:class:`LowRankCov`, made whole when
+    read): :attr:`held_cov` gives it as held.
     """
 
     tensor: str
     count: int
     mean: np.ndarray
-    cov: np.ndarray  # an array or a Spilled one: see ArrayField, installed below
+    cov: np.ndarray  # an array, a Spilled or a LowRankCov one: see ArrayField, below
     max_norm: float
 
     @property
     def dim(self) -> int:
         return int(self.mean.shape[0])
+
+    @property
+    def held_cov(self) -> np.ndarray | LowRankCov:
+        """``cov`` as a :class:`LowRankCov` where it is held so (not made whole), else
+        the array."""
+        held = self.__dict__["_cov"]
+        return held if isinstance(held, LowRankCov) else self.cov
+
+    def variances(self) -> np.ndarray:
+        """The diagonal of ``cov`` (without making a low-rank one whole)."""
+        held = self.held_cov
+        return held.variances() if isinstance(held, LowRankCov) else np.diag(held).copy()
 
     @property
     def spilled(self) -> bool:
@@ -195,7 +249,8 @@ def collect_stats(
                 accumulators[key].add_all(_vectors(array, request))
         for key, request in part.items():
             stats = accumulators.pop(key).result(request.tensor)
-            if len(passes) > 1:  # the next pass's sums need the memory
+            if len(passes) > 1 and isinstance(stats.held_cov, np.ndarray):
+                # the next pass's sums need the memory (a factor is small: it stays)
                 stats = replace(stats, cov=Spilled(stats.cov))  # type: ignore[arg-type]
             results[key] = stats
     return {key: results[key] for key in requests}
@@ -391,6 +446,8 @@ class _Moments:
         self._outer = np.zeros((0, 0))
         self._count = 0
         self._max_norm = 0.0
+        self._expected = math.inf  # vectors expected in all (after subsampling)
+        self._rows: list[np.ndarray] | None = None  # kept instead of sums: low rank
 
     def plan(self, vectors: int, samples: int, total: int, max_vectors: int | None) -> None:
         """Fix the subsampling fraction from the first batch's vector count."""
@@ -399,6 +456,7 @@ class _Moments:
         expected = vectors * total / max(samples, 1)
         self._fraction = 1.0 if max_vectors is None or expected <= max_vectors else (
             max_vectors / expected)
+        self._expected = expected * self._fraction
 
     def add_all(self, chunks: Iterator[np.ndarray]) -> None:
         for rows in chunks:
@@ -416,10 +474,17 @@ class _Moments:
         if self._shift is None:
             self._shift = x.mean(axis=0)
             self._sum = np.zeros_like(self._shift)
-            self._outer = np.zeros((x.shape[1], x.shape[1]))
+            width = x.shape[1]
+            if width >= LOW_RANK_WIDTH and self._expected < LOW_RANK_SHARE * width:
+                self._rows = []  # the vectors themselves are the smaller form
+            else:
+                self._outer = np.zeros((width, width))
         x = x - self._shift
         self._sum += x.sum(axis=0)
-        self._outer += x.T @ x
+        if self._rows is not None:
+            self._rows.append(x)
+        else:
+            self._outer += x.T @ x
         self._count += x.shape[0]
 
     def result(self, tensor: str) -> TensorStats:
@@ -428,6 +493,15 @@ class _Moments:
                              "max_vectors too small)")
         n = self._count
         offset = self._sum / n
+        if self._rows is not None:  # F^T F is the centred covariance, F = (x - mean)/sqrt n
+            factor = np.vstack(self._rows)
+            self._rows = None
+            factor -= offset
+            factor /= math.sqrt(n)
+            mean = self._shift + offset
+            mean.setflags(write=False)
+            return TensorStats(tensor, n, mean, LowRankCov(factor),  # type: ignore[arg-type]
+                               self._max_norm)
         # in place, a block of rows at a time: no d x d temporary (d may be 25088)
         cov, self._outer = self._outer, np.zeros((0, 0))
         cov /= n

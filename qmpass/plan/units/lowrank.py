@@ -18,7 +18,7 @@ import numpy as np
 
 from qmpass.extract import Operator
 from qmpass.plan.budget import lower_hull
-from qmpass.plan.factors import HeldProjection, projection, stacked_weight
+from qmpass.plan.factors import HeldProjection, covariance, projection, stacked_weight
 from qmpass.plan.plan import Cost, Step, StepKind
 from qmpass.plan.resource import PARAMS, Resource, lowrank_cost
 from qmpass.plan.units.common import Built, Candidate, StatsLike, Variant, unchanged
@@ -56,14 +56,14 @@ def lowrank_candidate(
     allocation never picks them)."""
     # the weights in their stored type: the projection converts a block at a time
     proj = projection([op.stored_weight for op in members],
-                      None if stats is None else stats.cov)
+                      covariance(stats))
     # built later (the chosen rank only): held within a memory budget, else its basis
     # waits on disk (or is computed again, from the statistics, not a covariance held
     # here: it may wait on disk too)
     held = HeldProjection(
         proj,
         lambda: projection([op.stored_weight for op in members],
-                           None if stats is None else stats.cov),
+                           covariance(stats)),
         lambda: stacked_weight([op.stored_weight for op in members]))
     before = Cost.of(members)
     full = min(members[0].shape[1], sum(op.shape[0] for op in members))
