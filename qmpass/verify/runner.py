@@ -23,6 +23,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from qmpass import heap
 from qmpass.extdata import (
     current_folder,
     embedded_bytes,
@@ -98,7 +99,10 @@ def _session(model: onnx.ModelProto, extra: bytes, level: ort.GraphOptimizationL
     and new tensors in a scratch file (:mod:`qmpass.scratch`) go over as maps of it."""
     scratch = any(in_scratch(t) for t in model.graph.initializer)
     large = embedded_bytes(model) >= _IN_MEMORY_LIMIT
-    prepack = tensor_bytes(model) < _PREPACK_LIMIT
+    weights = tensor_bytes(model)
+    prepack = weights < _PREPACK_LIMIT
+    if weights >= _TRIM_LIMIT:  # what the last session (or planning) left free in the
+        heap.trim()  # heap goes back first: this one may hold every weight again
     if not scratch and not large:
         return session_from_bytes(model.SerializeToString() + extra, level, threads=threads,
                                   prepack=prepack)
@@ -117,6 +121,10 @@ def _session(model: onnx.ModelProto, extra: bytes, level: ort.GraphOptimizationL
 _IN_MEMORY_LIMIT = 2**30
 #: weights past which onnxruntime does not prepack them (a copy of every MatMul weight)
 _PREPACK_LIMIT = 2**30
+#: weights past which the heap is trimmed before a session is made (:mod:`qmpass.heap`):
+#: on the 61.5M-parameter LLaMA layout, 0.2 GB less resident in every session after
+#: planning
+_TRIM_LIMIT = 64 << 20
 
 
 def session_with_tensors(model: onnx.ModelProto, names: Sequence[str]) -> ort.InferenceSession:
