@@ -141,8 +141,13 @@ def spill_embedded(loaded: LoadedModel) -> LoadedModel:
     file = Scratch()
     proto, moved = skeleton(loaded.proto, _spillable)
     for new, original in moved:
+        try:
+            value = numpy_helper.to_array(original)
+        except (ValueError, TypeError):  # malformed data: left for the checker to refuse
+            new.CopyFrom(original)
+            continue
         doc = original.doc_string
-        new.CopyFrom(file.put(original.name, numpy_helper.to_array(original), plain=True))
+        new.CopyFrom(file.put(original.name, value, plain=True))
         new.doc_string = doc
     return replace(loaded, proto=proto, spilled=file, folder=file.path.parent)
 

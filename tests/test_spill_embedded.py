@@ -113,3 +113,22 @@ def test_a_result_left_with_external_weights_reads_them_wherever_it_goes(
     unchanged = [t for t in model.graph.initializer if is_external(t) and t.name == "4.weight"]
     assert unchanged and all(in_scratch(t) for t in unchanged)
     assert tensor_array(unchanged[0]).shape == (10, 64)
+
+
+def test_malformed_weights_are_left_for_the_checker_to_refuse(spill_all, tmp_path,
+                                                              capsys) -> None:
+    """A truncated large initializer is not moved (it cannot be read): the checker
+    refuses the model in one sentence, exit 2, as without spilling."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    weight.raw_data = weight.raw_data[:-8]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    path = tmp_path / "broken.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert main(["analyze", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "raw_data size" in error
