@@ -121,16 +121,3 @@ def test_a_scaled_weight_has_no_stored_view() -> None:
     assert view is not None and view.dtype == np.float32 and view.shape == (3, 4)
     integer = HeldArray(np.ones((4, 3), np.int8), transpose=False, scale=1.0)
     assert integer.stored_view() is None
-
-
-def test_weight_times_a_vector_converts_a_block_of_rows_at_a_time(monkeypatch) -> None:
-    """The bias correction's ``W mu`` on a float32 weight, a few rows converted at a
-    time, equals it in float64."""
-    from qmpass.plan import factors
-
-    monkeypatch.setattr(factors, "_BLOCK_VALUES", 40)
-    rng = np.random.default_rng(3)
-    weight = rng.standard_normal((23, 17)).astype(np.float32)
-    vector = rng.standard_normal(17)
-    np.testing.assert_allclose(factors.weight_times(weight, vector),
-                               weight.astype(np.float64) @ vector, rtol=1e-12, atol=1e-12)

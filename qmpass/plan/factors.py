@@ -213,13 +213,6 @@ def _times(left: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return out
 
 
-def weight_times(weight: np.ndarray, vector: np.ndarray) -> np.ndarray:
-    """``weight @ vector`` in float64, ``weight`` (maybe in its stored type) converted a
-    block of rows at a time: numpy would convert all of it first (822 MB for VGG's
-    first FC layer)."""
-    return _times(np.asarray(vector, dtype=float)[None, :], weight.T)[0]
-
-
 #: values of a block of a weight converted at a time (:func:`_times`)
 _BLOCK_VALUES = 1 << 22
 

@@ -18,13 +18,7 @@ import numpy as np
 
 from qmpass.extract import Operator
 from qmpass.plan.budget import lower_hull
-from qmpass.plan.factors import (
-    HeldProjection,
-    covariance,
-    projection,
-    stacked_weight,
-    weight_times,
-)
+from qmpass.plan.factors import HeldProjection, covariance, projection, stacked_weight
 from qmpass.plan.plan import Cost, Step, StepKind
 from qmpass.plan.resource import PARAMS, Resource, lowrank_cost
 from qmpass.plan.units.common import Built, Candidate, StatsLike, Variant, unchanged
@@ -83,7 +77,7 @@ def lowrank_candidate(
         bias = original.copy()
         tensors = {"first": first, "second": second}
         if stats is not None:  # the mean of what was cut
-            bias += weight_times(proj.weight, stats.mean) - second @ (first @ stats.mean)
+            bias += proj.weight @ stats.mean - second @ (first @ stats.mean)
         if stats is not None or any(op.bias is not None for op in members):
             tensors["bias"] = bias
         step = Step(
