@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.linalg
 
-from qmpass.spectral import lower_gram
+from qmpass.spectral import lower_gram, times_blockwise
 from qmpass.spill import Spilled
 from qmpass.verify.stats import LowRankCov
 
@@ -182,7 +182,7 @@ class Projection:
         rank the extra directions are zero (the product is already exact there), so an
         aligned rank can be asked for."""
         u = self.basis[:, :rank]
-        first = _times((self.scale[:, None] * u).T, self.weight)  # no scaled copy of W
+        first = times_blockwise((self.scale[:, None] * u).T, self.weight)  # no scaled copy of W
         second = u / self.scale[:, None]
         missing = rank - u.shape[1]
         if missing > 0:
@@ -195,26 +195,9 @@ def stacked_weight(weights: Sequence[np.ndarray]) -> np.ndarray:
     """The members' weights stacked (one member: its read-only weight itself, not a copy:
     822 MB for VGG's first FC layer). They may be in their stored type
     (:attr:`~qmpass.extract.Operator.stored_weight`): every product with them here
-    converts a block at a time (:func:`_times`, :func:`~qmpass.spectral.lower_gram`) or
-    promotes to float64."""
+    converts a block at a time (:func:`~qmpass.spectral.times_blockwise`,
+    :func:`~qmpass.spectral.lower_gram`) or promotes to float64."""
     return np.asarray(weights[0]) if len(weights) == 1 else np.vstack(weights)
-
-
-def _times(left: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """``left @ weight`` in float64, ``weight`` converted a block of columns at a time
-    when it is in another type (the whole of it is not converted at once)."""
-    if weight.dtype == np.float64:
-        return left @ weight
-    out = np.empty((left.shape[0], weight.shape[1]))
-    step = max(1, _BLOCK_VALUES // max(weight.shape[0], 1))
-    for start in range(0, weight.shape[1], step):
-        out[:, start:start + step] = left @ np.asarray(weight[:, start:start + step],
-                                                       dtype=float)
-    return out
-
-
-#: values of a block of a weight converted at a time (:func:`_times`)
-_BLOCK_VALUES = 1 << 22
 
 
 def projection(weights: Sequence[np.ndarray], cov: np.ndarray | LowRankCov | None
@@ -237,7 +220,7 @@ def projection(weights: Sequence[np.ndarray], cov: np.ndarray | LowRankCov | Non
         if cov is None:
             gram = lower_gram(stacked)
         elif isinstance(cov, LowRankCov):
-            seen = _times(cov.factor, stacked.T).T  # W F^T, rows x n
+            seen = times_blockwise(cov.factor, stacked.T).T  # W F^T, rows x n
             gram = seen @ seen.T
             if cov.ridge:
                 ridge = lower_gram(stacked)

@@ -9,14 +9,18 @@ of the weight at a time (:mod:`qmpass.spectral.gram`). The source paper's formul
 qmpass does not use live apart, in :mod:`qmpass.spectral.paper`, kept for the tests of its claims.
 """
 
-from qmpass.spectral.gram import augmented_lower_gram, frobenius_norm
+from qmpass.spectral.gram import (
+    augmented_lower_gram,
+    frobenius_norm,
+    lower_gram,
+    times_blockwise,
+)
 from qmpass.spectral.metrics import (
     bures_angle,
     bures_angle_of_factors,
     fs_distance,
     fs_distance_matrix,
     input_factor,
-    lower_gram,
     operator_norm,
     psi_matrix,
     quantum_relative_entropy,
@@ -49,5 +53,6 @@ __all__ = [
     "psi_matrix",
     "quantum_relative_entropy",
     "spectral_state",
+    "times_blockwise",
     "weighted_fs",
 ]

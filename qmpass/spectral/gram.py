@@ -5,7 +5,8 @@ external data) and converted to float64 one block of columns or rows at a time, 
 block added into the lower triangle of the Gram matrix by BLAS's ``syrk`` in place: no
 copy of the whole weight, in float64 or otherwise, is ever made. The spectra of
 ``analyze``, the planner's projections and the certificates' operator norms all start
-here.
+here; products with a weight in the planner's factors are made the same way
+(:func:`times_blockwise`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 from scipy.linalg.blas import dsyrk as _syrk
 
-__all__ = ["augmented_lower_gram", "frobenius_norm", "lower_gram"]
+__all__ = ["augmented_lower_gram", "frobenius_norm", "lower_gram", "times_blockwise"]
 
 #: values of a block of a weight converted to float64 at a time
 _BLOCK_VALUES = 1 << 22
@@ -76,6 +77,17 @@ def frobenius_norm(matrix: np.ndarray) -> float:
         block = np.asarray(matrix[part], dtype=float)
         total += float(np.einsum("ij,ij->", block, block))
     return float(np.sqrt(total))
+
+
+def times_blockwise(left: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``left @ weight`` in float64, ``weight`` converted a block of columns at a time
+    when it is in another type (the whole of it is not converted at once)."""
+    if weight.dtype == np.float64:
+        return left @ weight
+    out = np.empty((left.shape[0], weight.shape[1]))
+    for part in _parts(weight.shape[1], weight.shape[0]):
+        out[:, part] = left @ np.asarray(weight[:, part], dtype=float)
+    return out
 
 
 def _parts(length: int, other: int) -> Iterator[slice]:

@@ -38,7 +38,6 @@ __all__ = [
     "fs_distance",
     "fs_distance_matrix",
     "input_factor",
-    "lower_gram",
     "operator_norm",
     "psi_matrix",
     "quantum_relative_entropy",
