@@ -263,29 +263,29 @@ def test_identical_conv_plans_are_verified_once(monkeypatch) -> None:
 
 def test_a_plan_of_many_units_is_bisected_to_a_passing_prefix(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past ``BISECT_UNITS`` units, rollback costs about log2(units) model runs: the
-    units of least predicted error are kept up to a prefix that verifies."""
+    """Past ``BISECT_UNITS`` units, rollback costs about 2 log2(units) model runs at most:
+    the units of least predicted error are kept up to a prefix that verifies."""
     from qmpass.compress import rollback
     from qmpass.verify import Verifier
 
     monkeypatch.setattr(rollback, "BISECT_UNITS", 0)
-    calls: list[list[int]] = []  # per bisection: its unit count, its verifications
-    original_check, original_bisected = Verifier.check, rollback._bisected
+    calls: list[list[int]] = []  # per search: its unit count, its verifications
+    original_check, original_search = Verifier.check, rollback._search
 
     def check(self, model):
         if calls:
             calls[-1][1] += 1
         return original_check(self, model)
 
-    def bisected(applier, verifier, planned, units, *rest):
+    def search(applier, verifier, planned, units, *rest):
         calls.append([len(units), 0])
         try:
-            return original_bisected(applier, verifier, planned, units, *rest)
+            return original_search(applier, verifier, planned, units, *rest)
         finally:
             calls.append([0, 0])  # checks after it are not its own
 
     monkeypatch.setattr(Verifier, "check", check)
-    monkeypatch.setattr(rollback, "_bisected", bisected)
+    monkeypatch.setattr(rollback, "_search", search)
     original, calib, model, report = _rolled_back_in_part()
     statuses = [o.status for o in report.outcomes]
     assert statuses == sorted(statuses)  # "kept" (a prefix) before "rolled_back"
@@ -296,9 +296,9 @@ def test_a_plan_of_many_units_is_bisected_to_a_passing_prefix(
     kept = [o for o in report.outcomes if o.status == "kept"]
     assert max(o.step.predicted_error for o in kept) <= max(
         o.step.predicted_error for o in rolled)
-    bisections = [(units, runs) for units, runs in calls if units]
-    assert bisections
-    for units, runs in bisections:  # the empty prefix, then halving
-        assert runs <= math.ceil(math.log2(units)) + 1
+    searches = [(units, runs) for units, runs in calls if units]
+    assert searches
+    for units, runs in searches:  # doubling the prefix, then halving
+        assert runs <= 2 * math.ceil(math.log2(units)) + 2
     measured = compare(run_model(original, calib), run_model(model, calib), 64)
     assert measured.relative_error <= 0.02

@@ -16,10 +16,11 @@
 
 Every planned step is applied to a fresh import of the model, so rolling a step back is
 just building the model without it. All steps are tried together first. When the result
-breaks ``tolerance``, the plan's units (an operator, a cluster, a channel group) are
-added one at a time, least predicted error first; a unit that breaks the tolerance
-falls back to milder variants of itself (a higher rank, more channels) and is rolled
-back if none passes, with the measured error as the reason.
+breaks ``tolerance``, a search keeps a passing prefix of the plan's units (an operator,
+a cluster, a channel group), least predicted error first, and the units past it are
+added one at a time; a unit that breaks the tolerance falls back to milder variants of
+itself (a higher rank, more channels) and is rolled back if none passes, with the
+measured error as the reason (:mod:`~qmpass.compress.rollback`).
 
 With calibration data, ``qmfrg`` can treat convolutions two ways (prune their channel
 groups, or factorise them); both plans are built and verified. If both pass, the one with

@@ -2,19 +2,20 @@
 
 Every planned step is applied to a fresh import of the model, so rolling a step back is
 just building the model without it. All steps are tried together first. When the result
-breaks the tolerance, the plan's units (an operator, a cluster, a channel group) are
-added one at a time, least predicted error first; a unit that breaks the tolerance
-falls back to milder variants of itself (a higher rank, more channels) and is rolled
-back if none passes, with the measured error as the reason.
+breaks the tolerance, the plan's units (an operator, a cluster, a channel group), least
+predicted error first, are bisected: in about ``log2(units) + 1`` runs of the model, a
+prefix that verifies within the tolerance while one more unit does not (the error is not
+exactly monotone in the prefix, so a longer passing prefix may exist). That prefix is
+kept. The units past it are then
 
-That costs a run of the whole model per unit and variant: on a large model (more than
-``BISECT_UNITS`` units) the units are bisected instead: in about ``log2(units)`` runs, a
-prefix of the units, least predicted error first, that verifies within the tolerance
-while one more unit does not (the error is not exactly monotone in the prefix, so a
-longer passing prefix may exist). The units past it are rolled back, each with the error
-of the shortest failing prefix that added it; milder variants are not tried. With a
-``local`` measure (:mod:`qmpass.verify.local`), the units are ordered by their error
-alone measured on the held-out inputs, not by the error predicted on the fitting ones.
+* on a plan of at most ``BISECT_UNITS`` units, added one at a time on top of it, each
+  falling back to milder variants of itself (a higher rank, more channels) and rolled
+  back if none passes, with the measured error as the reason: a run of the whole model
+  per unit and variant, but only for the units the bisection could not keep;
+* on a larger plan, rolled back, each with the error of the shortest failing prefix that
+  added it; milder variants are not tried. With a ``local`` measure
+  (:mod:`qmpass.verify.local`), the units of such a plan are ordered by their error alone
+  measured on the held-out inputs, not by the error predicted on the fitting ones.
 
 :func:`measured_locally` adds each kept step's local error to its outcome.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -65,30 +66,122 @@ def apply_verified(
         return model, [_outcome(step, declined.get(i), together) for i, (step, _) in
                        enumerate(everything)], verification
 
-    # Too much error together: take the units one at a time, least predicted error first.
-    # A unit whose variant breaks the tolerance falls back to milder variants of itself;
-    # its outcomes (one per planned step) list every variant tried.
+    # Too much error together: bisect to a passing prefix of the units (least error
+    # first), then, on a plan small enough, take the rest one at a time.
     units = sorted(planned.units, key=lambda u: sum(
         planned.plan.steps[i].predicted_error for i in u.steps))
+    order = "predicted error"
+    if len(units) > BISECT_UNITS and local is not None:  # each unit alone, held out
+        alone = local(model, planned.plan.steps)
+        units.sort(key=lambda u: max(alone.get(i, math.sqrt(
+            planned.plan.steps[i].predicted_error)) for i in u.steps))
+        order = "error alone on the held-out inputs"
+    prefix = _search(applier, verifier, planned, units, tolerance, verification)
     if len(units) > BISECT_UNITS:
-        order = "predicted error"
-        if local is not None:  # measured on held-out inputs, each unit alone
-            alone = local(model, planned.plan.steps)
-            units.sort(key=lambda u: max(alone.get(i, math.sqrt(
-                planned.plan.steps[i].predicted_error)) for i in u.steps))
-            order = "error alone on the held-out inputs"
-        return _bisected(applier, verifier, planned, units, tolerance, verification, order)
-    accepted: Built = []
-    outcomes: list[Outcome] = []
-    model, _ = applier.build([])
-    verification = verifier.check(model)
-    for unit in units:
-        plan_steps = [everything[i] for i in unit.steps]
+        return _rolled_back_past(planned, units, prefix, tolerance, order)
+    return _one_at_a_time(applier, verifier, planned, units, prefix, tolerance)
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """The outcome of :func:`_search`: the first ``passing`` units verify within the
+    tolerance (as ``best``); ``failed_at`` maps the prefix lengths known to fail to their
+    verifications (the whole plan's and ``passing + 1`` among them)."""
+
+    passing: int
+    best: Tried
+    failed_at: dict[int, Verification]
+
+
+def _steps(planned: Planned, units: Sequence[PlannedUnit]) -> Built:
+    return [(planned.plan.steps[i], planned.tensors[i]) for unit in units for i in unit.steps]
+
+
+def _search(
+    applier: Applier, verifier: Verifier, planned: Planned, units: list[PlannedUnit],
+    tolerance: float, whole: Verification,
+) -> _Prefix:
+    """A prefix of ``units`` that verifies within ``tolerance`` while one more unit does
+    not; ``whole``, the verification of all of them, failed. A galloping search: prefixes
+    of 1, 2, 4, ... units until one fails, then a bisection between the last two, so a
+    prefix of ``p`` units costs about ``2 log2(p) + 1`` runs of the model and never more
+    than about ``2 log2(len(units)) + 1``."""
+    def verified(count: int) -> Tried:
+        model, declined = applier.build(_steps(planned, units[:count]))
+        return model, declined, verifier.check(model)
+
+    passing, failing = 0, len(units)  # prefix lengths known to pass / to fail
+    failed_at = {failing: whole}
+    best: Tried | None = None
+    galloping = True  # doubling the passing prefix until a prefix fails
+    while failing - passing > 1:
+        middle = max(1, 2 * passing) if galloping else (passing + failing) // 2
+        if middle >= failing:
+            galloping = False
+            continue
+        tried = verified(middle)
+        if tried[2].relative_error <= tolerance:
+            passing, best = middle, tried
+        else:
+            failing, galloping = middle, False
+            failed_at[middle] = tried[2]
+    return _Prefix(passing, best if best is not None else verified(0), failed_at)
+
+
+def _kept(planned: Planned, units: Sequence[PlannedUnit], prefix: _Prefix) -> list[Outcome]:
+    """The outcomes of the steps of the passing prefix, verified together."""
+    _, declined, verification = prefix.best
+    kept = tuple(step for step, _ in _steps(planned, units[:prefix.passing]))
+    together = (Attempt(kept, verification.relative_error),)
+    return [_outcome(step, declined.get(i), together) for i, step in enumerate(kept)]
+
+
+def _rolled_back_past(
+    planned: Planned, units: list[PlannedUnit], prefix: _Prefix, tolerance: float,
+    order: str,
+) -> tuple[onnx.ModelProto, list[Outcome], Verification]:
+    """The passing prefix kept and every unit past it rolled back, each with the error of
+    the shortest failing prefix that added it (a large plan: no milder variants)."""
+    outcomes = _kept(planned, units, prefix)
+    passing = prefix.passing
+    for rank, unit in enumerate(units[passing:], start=passing + 1):
+        first = min(count for count in prefix.failed_at if count >= rank)
+        error = prefix.failed_at[first].relative_error
+        reason = (f"bisected: the {first} units of least {order} together give a "
+                  f"relative output error {error:.4g} over the tolerance {tolerance:g}; "
+                  f"the first {passing} pass, and this is unit {rank}")
+        outcomes += [Outcome(planned.plan.steps[i], "rolled_back", reason,
+                             (Attempt(tuple(s for s, _ in _steps(planned, units[:first])),
+                                      error),))
+                     for i in unit.steps]
+    model, _, verification = prefix.best
+    return model, outcomes, verification
+
+
+def _one_at_a_time(
+    applier: Applier, verifier: Verifier, planned: Planned, units: list[PlannedUnit],
+    prefix: _Prefix, tolerance: float,
+) -> tuple[onnx.ModelProto, list[Outcome], Verification]:
+    """The passing prefix kept, then each later unit added on its own, least predicted
+    error first, falling back to milder variants of itself and rolled back if none
+    passes (the module docstring)."""
+    outcomes = _kept(planned, units, prefix)
+    model, declined, verification = prefix.best
+    accepted: Built = [pair for i, pair in enumerate(_steps(planned, units[:prefix.passing]))
+                       if i not in declined]
+    for rank, unit in enumerate(units[prefix.passing:], start=prefix.passing + 1):
+        plan_steps = _steps(planned, [unit])
         tried: list[Attempt] = []
         failure: str | None = None  # the last variant onnxruntime could not run
         for built in itertools.chain([plan_steps], unit.fallbacks()):
-            candidate, declined = applier.build([*accepted, *built])
-            refused = {i - len(accepted): why for i, why in declined.items()
+            if built is plan_steps and rank == prefix.passing + 1:
+                # the search's failing prefix: this unit as planned on the passing ones
+                measured = prefix.failed_at[rank]
+                tried.append(Attempt(tuple(step for step, _ in built), measured.relative_error))
+                failure = measured.failure
+                continue
+            candidate, refused_all = applier.build([*accepted, *built])
+            refused = {i - len(accepted): why for i, why in refused_all.items()
                        if i >= len(accepted)}
             measured = verifier.check(candidate)
             tried.append(Attempt(tuple(step for step, _ in built), measured.relative_error))
@@ -109,48 +202,6 @@ def apply_verified(
                       f"the model with this step fails verification: {failure}")
             outcomes += [Outcome(step, "rolled_back", reason, tuple(tried))
                          for step, _ in plan_steps]
-    return model, outcomes, verification
-
-
-def _bisected(
-    applier: Applier, verifier: Verifier, planned: Planned, units: list[PlannedUnit],
-    tolerance: float, whole: Verification, order: str,
-) -> tuple[onnx.ModelProto, list[Outcome], Verification]:
-    """A prefix of ``units`` that verifies within ``tolerance``, by bisection (the module
-    docstring); ``whole`` is the verification of all of them, which failed."""
-    everything = list(zip(planned.plan.steps, planned.tensors, strict=True))
-
-    def steps_of(count: int) -> Built:
-        return [everything[i] for unit in units[:count] for i in unit.steps]
-
-    def verified(count: int) -> Tried:
-        model, declined = applier.build(steps_of(count))
-        return model, declined, verifier.check(model)
-
-    passing, failing = 0, len(units)  # prefix lengths known to pass / to fail
-    best = verified(0)
-    failed_at = {failing: whole.relative_error}
-    while failing - passing > 1:
-        middle = (passing + failing) // 2
-        tried = verified(middle)
-        if tried[2].relative_error <= tolerance:
-            passing, best = middle, tried
-        else:
-            failing = middle
-            failed_at[middle] = tried[2].relative_error
-    model, declined, verification = best
-    kept = tuple(step for step, _ in steps_of(passing))
-    together = (Attempt(kept, verification.relative_error),)
-    outcomes = [_outcome(step, declined.get(i), together) for i, step in enumerate(kept)]
-    for rank, unit in enumerate(units[passing:], start=passing + 1):
-        first = min(count for count in failed_at if count >= rank)
-        error = failed_at[first]
-        reason = (f"bisected: the {first} units of least {order} together give a "
-                  f"relative output error {error:.4g} over the tolerance {tolerance:g}; "
-                  f"the first {passing} pass, and this is unit {rank}")
-        outcomes += [Outcome(planned.plan.steps[i], "rolled_back", reason,
-                             (Attempt(tuple(s for s, _ in steps_of(first)), error),))
-                     for i in unit.steps]
     return model, outcomes, verification
 
 
