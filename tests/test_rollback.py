@@ -60,8 +60,8 @@ def test_a_small_plan_runs_only_the_units_the_search_could_not_keep() -> None:
     planned = _planned(64)
     whole = stand.check(list(planned.units))
     stand.runs = 0
-    model, outcomes, verification = rollback.apply_verified(
-        stand, stand, planned, 0.0, (list(planned.units), {}, whole))
+    first: Any = (list(planned.units), {}, whole)  # the plan applied whole
+    model, outcomes, verification = rollback.apply_verified(stand, stand, planned, 0.0, first)
     statuses = [o.status for o in outcomes]
     assert statuses == ["kept"] * 40 + ["rolled_back"] * 24
     assert verification.relative_error == 0.0 and len(model) == 40
