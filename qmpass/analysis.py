@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import networkx as nx
@@ -145,26 +146,28 @@ def _analyze(loaded: LoadedModel, config: AnalysisConfig, seconds: dict[str, flo
 
     timer = time.perf_counter()
     ops = extraction.operators
-    with Executor(config.jobs, config.scheduler) as executor, tqdm(
-            total=len(ops), desc="spectra", unit="op", disable=_quiet(config)) as bar:
-        states = tuple(executor.map(_state, [(op, config.sv_method) for op in ops],
-                                    source=model_file(loaded), on_done=bar.update))
-    seconds["spectra"] = time.perf_counter() - timer
+    source = model_file(loaded)
+    with Executor(config.jobs, config.scheduler) as executor:
+        with tqdm(total=len(ops), desc="spectra", unit="op", disable=_quiet(config)) as bar:
+            states = tuple(executor.map(_state, [(op, config.sv_method) for op in ops],
+                                        source=source, on_done=bar.update))
+        seconds["spectra"] = time.perf_counter() - timer
 
-    timer = time.perf_counter()
-    graph = build_qmfrg(extraction.operators, states, config.frg)
-    by_bures = tuple(clusters(graph, metric="bures", method=config.cluster_method))
-    by_spectrum = tuple(clusters(graph, metric="fs", method=config.cluster_method))
-    seconds["qmfrg"] = time.perf_counter() - timer
-    timer = time.perf_counter()
-    crosslayer = _crosslayer(extraction, states, graph)
-    seconds["crosslayer"] = time.perf_counter() - timer
+        timer = time.perf_counter()
+        graph = build_qmfrg(extraction.operators, states, config.frg, executor=executor,
+                            source=source)
+        by_bures = tuple(clusters(graph, metric="bures", method=config.cluster_method))
+        by_spectrum = tuple(clusters(graph, metric="fs", method=config.cluster_method))
+        seconds["qmfrg"] = time.perf_counter() - timer
+        timer = time.perf_counter()
+        crosslayer = _crosslayer(extraction, states, graph, executor, source)
+        seconds["crosslayer"] = time.perf_counter() - timer
     return Analysis(loaded.name, extraction, states, graph, by_bures, seconds, by_spectrum,
                     crosslayer, loaded.spilled)
 
 
-def _crosslayer(extraction: Extraction, states: tuple[SpectralState, ...], qmfrg: nx.Graph
-                ) -> tuple[CrossLayerMerge, ...]:
+def _crosslayer(extraction: Extraction, states: tuple[SpectralState, ...], qmfrg: nx.Graph,
+                executor: Executor, source: Path | None) -> tuple[CrossLayerMerge, ...]:
     """The cross-layer shared-basis candidates: units (a fusion group, or one operator)
     of MatMul/Gemm operators a basis can serve, merged by the QM-FRG's Bures angles (the
     analysis's ``qmfrg`` and this graph share one Bures budget)."""
@@ -177,7 +180,8 @@ def _crosslayer(extraction: Extraction, states: tuple[SpectralState, ...], qmfrg
     names = [n for unit in units for n in unit]
     if len(units) < 2:
         return ()
-    graph = crosslayer_graph([ops[n] for n in names], [fit[n] for n in names], known=qmfrg)
+    graph = crosslayer_graph([ops[n] for n in names], [fit[n] for n in names], known=qmfrg,
+                             executor=executor, source=source)
     return tuple(crosslayer_merges(graph, units))
 
 

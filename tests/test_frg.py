@@ -91,6 +91,22 @@ def test_a_second_graph_takes_over_the_first_ones_bures_angles_and_spent_work(an
     assert starved.graph["bures_pairs_over_budget"] > 0
 
 
+@pytest.mark.parametrize("work", [np.inf, 10.0])
+def test_bures_angles_computed_in_parallel_are_the_serial_ones(analysis, work) -> None:
+    """Split into tasks of consecutive pairs on two threads, the same angles to the last
+    bit, the same pairs within the budget and the same counts (all pairs, then a budget
+    that leaves some over it)."""
+    from qmpass.parallel import Executor
+
+    config = FRGConfig(threshold=0.5, bures_work=work, bures_min_flops=0.0)
+    serial = build_qmfrg(analysis.operators, analysis.states, config)
+    with Executor(jobs=2) as executor:
+        threaded = build_qmfrg(analysis.operators, analysis.states, config, executor=executor)
+    assert serial.graph == threaded.graph and serial.graph["bures_pairs"] > 16
+    assert (serial.graph["bures_pairs_over_budget"] > 0) == (work < np.inf)
+    assert nx.utils.edges_equal(serial.edges(data=True), threaded.edges(data=True))
+
+
 def test_trained_layers_with_close_spectra_are_not_close_operators(analysis) -> None:
     """On the trained transformer, many pairs pass the spectral filter and none of them
     is confirmed by the Bures angle: spectra alone do not find redundancy."""

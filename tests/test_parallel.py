@@ -41,6 +41,8 @@ def _same_states(a: Analysis, b: Analysis) -> None:
     for x, y in zip(a.states, b.states, strict=True):
         assert np.array_equal(x.singular_values, y.singular_values)  # bitwise
     assert a.clusters == b.clusters
+    assert a.graph.graph == b.graph.graph  # Bures pairs, work and pairs over budget
+    assert sorted(a.graph.edges(data=True)) == sorted(b.graph.edges(data=True))  # bitwise
 
 
 @pytest.fixture(scope="module")

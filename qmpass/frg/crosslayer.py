@@ -23,6 +23,7 @@ data and keeps it only where it wins (:mod:`qmpass.plan.units.crosslayer`).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ import scipy.spatial.distance
 
 from qmpass.extract import Operator
 from qmpass.frg.graph import FRGConfig, build_qmfrg
+from qmpass.parallel import Executor
 from qmpass.spectral import SpectralState, spectral_state
 
 __all__ = ["CROSSLAYER_THRESHOLD", "CrossLayerMerge", "crosslayer_graph", "crosslayer_merges"]
@@ -64,14 +66,26 @@ class CrossLayerMerge:
 def crosslayer_graph(operators: Sequence[Operator],
                      states: Sequence[SpectralState] | None = None,
                      threshold: float = CROSSLAYER_THRESHOLD,
-                     known: nx.Graph | None = None) -> nx.Graph:
+                     known: nx.Graph | None = None,
+                     executor: Executor | None = None,
+                     source: str | os.PathLike[str] | None = None) -> nx.Graph:
     """The QM-FRG of ``operators`` with the spectral filter and the Bures angles taken out
     to ``threshold`` (states computed here when not given). ``known``: the analysis's
     QM-FRG, whose Bures angles and spent work this one takes over
-    (:func:`~qmpass.frg.build_qmfrg`)."""
+    (:func:`~qmpass.frg.build_qmfrg`). ``executor`` (and ``source``, the model file a
+    Dask worker reads the operators from) computes the states and Bures angles in
+    parallel: the same graph."""
     if states is None:
-        states = [spectral_state(op.name, op.stored_weight, op.bias) for op in operators]
-    return build_qmfrg(operators, states, FRGConfig(threshold=threshold), known)
+        tasks = [(op,) for op in operators]
+        states = (executor.map(_state, tasks, source=source) if executor is not None
+                  else [_state(*task) for task in tasks])
+    return build_qmfrg(operators, states, FRGConfig(threshold=threshold), known, executor,
+                       source)
+
+
+def _state(op: Operator) -> SpectralState:
+    """An operator's spectral state from its stored weight (a task)."""
+    return spectral_state(op.name, op.stored_weight, op.bias)
 
 
 def crosslayer_merges(graph: nx.Graph, units: Sequence[Sequence[str]],

@@ -12,6 +12,7 @@ the kept pairs leave it, so memory stays bounded for tens of thousands of operat
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import scipy.linalg
 
 from qmpass.errors import QmpassInputError
 from qmpass.extract import Operator
+from qmpass.parallel import Executor
 from qmpass.spectral import (
     SpectralState,
     augmented_matrix,
@@ -130,12 +132,16 @@ def build_qmfrg(
     states: Sequence[SpectralState],
     config: FRGConfig = FRGConfig(),
     known: nx.Graph | None = None,
+    executor: Executor | None = None,
+    source: str | os.PathLike[str] | None = None,
 ) -> nx.Graph:
     """The QM-FRG of ``operators`` (``states[i]`` is the state of ``operators[i]``).
 
     ``known``: a QM-FRG built earlier over some of the same operators. Its Bures angles
     are taken over, and the work it spent on them counts against this graph's budget, so
-    two graphs of one analysis spend the Bures budget once between them."""
+    two graphs of one analysis spend the Bures budget once between them. ``executor``
+    computes the Bures angles in parallel (a Dask worker reads the operators from
+    ``source``, the model file; :meth:`~qmpass.parallel.Executor.map`): the same graph."""
     graph = nx.Graph(threshold=config.threshold, max_neighbors=config.max_neighbors)
     for op, state in zip(operators, states, strict=True):
         graph.add_node(
@@ -155,11 +161,15 @@ def build_qmfrg(
         for i, j, d in zip(rows.tolist(), cols.tolist(), dists.tolist(), strict=True)
     )
     if config.bures:
-        _add_bures(graph, operators, rows, cols, dists, config, known)
+        pairs = _bures_pairs(graph, operators, rows, cols, dists, config, known)
+        for (i, j), angle in zip(pairs, _angles(operators, pairs, executor, source),
+                                 strict=True):
+            graph.edges[names[i], names[j]]["d_bures"] = angle
+        graph.graph["bures_pairs"] += len(pairs)
     return graph
 
 
-def _add_bures(
+def _bures_pairs(
     graph: nx.Graph,
     operators: Sequence[Operator],
     rows: np.ndarray,
@@ -167,31 +177,79 @@ def _add_bures(
     dists: np.ndarray,
     config: FRGConfig,
     known: nx.Graph | None = None,
-) -> None:
-    """Bures angles of the equal-width edges, closest first, within the work budget
-    (less what ``known`` spent; its angles are taken over)."""
+) -> list[tuple[int, int]]:
+    """The equal-width edges (index pairs) whose Bures angles fit the work budget,
+    closest first (less what ``known`` spent; the angles it has are taken over here and
+    not returned). Sets the graph's ``bures_pairs`` (so far: the ones taken over),
+    ``bures_flops`` and ``bures_pairs_over_budget``."""
     width = np.array([op.shape[1] for op in operators], dtype=np.intp)
     order = np.argsort(dists, kind="stable")
     order = order[width[rows[order]] == width[cols[order]]]
     spectra = sum(_gram_work(op.shape[0] + 1, op.shape[1] + 1) for op in operators)
     budget = max(config.bures_work * spectra, config.bures_min_flops)
-    # the input factors are d_in x d_in: kept for the next pairs within FACTOR_BYTES, and
-    # computed again past that (a model's weights are never all held)
-    factors: OrderedDict[int, np.ndarray] = OrderedDict()
     spent = 0.0 if known is None else float(known.graph.get("bures_flops", 0.0))
-    done = 0
+    taken, pairs = 0, []
     for i, j in zip(rows[order].tolist(), cols[order].tolist(), strict=True):
         first, second = operators[i].name, operators[j].name
         earlier = (known.get_edge_data(first, second) or {}) if known is not None else {}
         if "d_bures" in earlier:
             graph.edges[first, second]["d_bures"] = earlier["d_bures"]
-            done += 1
+            taken += 1
             continue
         ra, rb = (min(operators[k].shape) + 1 for k in (i, j))
         cost = _bures_work(ra, rb, int(width[i]) + 1)
         if spent + cost > budget:
             continue  # a cheaper pair further down may still fit
         spent += cost
+        pairs.append((i, j))
+    graph.graph["bures_pairs"] = taken
+    graph.graph["bures_flops"] = spent
+    graph.graph["bures_pairs_over_budget"] = int(order.size) - taken - len(pairs)
+    return pairs
+
+
+#: tasks the Bures angles are split into when they are computed in parallel
+BURES_TASKS = 16
+
+
+def _angles(operators: Sequence[Operator], pairs: Sequence[tuple[int, int]],
+            executor: Executor | None, source: str | os.PathLike[str] | None
+            ) -> list[float]:
+    """The Bures angles of ``pairs`` (indices into ``operators``), in order. They are
+    computed ordered by operator, so that consecutive pairs share input factors, and in
+    parallel split into ``BURES_TASKS`` runs of consecutive pairs, each task sent only
+    its own operators."""
+    if not pairs:
+        return []
+    ordered = sorted(range(len(pairs)), key=lambda p: pairs[p])
+    parallel = executor is not None and executor.parallel
+    chunks = [c.tolist() for c in np.array_split(ordered, BURES_TASKS if parallel else 1)
+              if c.size]
+    tasks = []
+    for chunk in chunks:
+        members = sorted({k for p in chunk for k in pairs[p]})
+        local = {k: n for n, k in enumerate(members)}
+        tasks.append(([operators[k] for k in members],
+                      [(local[pairs[p][0]], local[pairs[p][1]]) for p in chunk]))
+    if executor is not None and parallel:
+        results = executor.map(_angles_of, tasks, source=source)
+    else:
+        results = [_angles_of(*task) for task in tasks]
+    angles = [0.0] * len(pairs)
+    for chunk, values in zip(chunks, results, strict=True):
+        for p, angle in zip(chunk, values, strict=True):
+            angles[p] = angle
+    return angles
+
+
+def _angles_of(operators: Sequence[Operator], pairs: Sequence[tuple[int, int]]
+               ) -> list[float]:
+    """The Bures angles of ``pairs`` (indices into ``operators``): a task."""
+    # the input factors are d_in x d_in: kept for the next pairs within FACTOR_BYTES, and
+    # computed again past that (a model's weights are never all held)
+    factors: OrderedDict[int, np.ndarray] = OrderedDict()
+    angles = []
+    for i, j in pairs:
         for k in (i, j):
             if k not in factors:
                 op = operators[k]
@@ -202,11 +260,8 @@ def _add_bures(
             if oldest in (i, j):
                 break
             factors.popitem(last=False)
-        graph.edges[first, second]["d_bures"] = bures_angle_of_factors(factors[i], factors[j])
-        done += 1
-    graph.graph["bures_pairs"] = done
-    graph.graph["bures_flops"] = spent
-    graph.graph["bures_pairs_over_budget"] = int(order.size) - done
+        angles.append(bures_angle_of_factors(factors[i], factors[j]))
+    return angles
 
 
 def clusters(

@@ -205,7 +205,7 @@ def make_plan(
     proposals: list[Proposal] = []  # cross-layer bases (plan/units/crosslayer.py), measured
     if config.method == "qmfrg" and config.crosslayer and config.resource is PARAMS:
         candidates, proposals = crosslayer_candidates(candidates, ops, stats, config.align,
-                                                      memo)
+                                                      memo, executor=executor, source=source)
     baseline = Cost.of(ops[n] for n in sorted({n for c in candidates for n in c.operators})
                        if n in ops)
     notes: list[str] = []

@@ -38,6 +38,7 @@ won stay on offer.
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -55,6 +56,7 @@ from qmpass.frg.crosslayer import (
     crosslayer_graph,
     crosslayer_merges,
 )
+from qmpass.parallel import Executor
 from qmpass.plan.budget import lower_hull
 from qmpass.plan.factors import Projection, projection
 from qmpass.plan.plan import Cost, Step
@@ -242,17 +244,21 @@ def _separate_error(separate: Candidate, cost: float) -> float:
 _LAST_MERGES: list[tuple[list[list[weakref.ref[Operator]]], float, list[CrossLayerMerge]]] = []
 
 
-def _merges(units: Sequence[Sequence[Operator]], threshold: float) -> list[CrossLayerMerge]:
+def _merges(units: Sequence[Sequence[Operator]], threshold: float,
+            executor: Executor | None = None, source: str | os.PathLike[str] | None = None,
+            ) -> list[CrossLayerMerge]:
     """:func:`~qmpass.frg.crosslayer.crosslayer_merges` of ``units``' QM-FRG. The plans of
     one compress (budgets, pricings, treatments of convolutions) ask for the same units'
     merges, and the graph's spectra and Bures angles are most of a plan's cost: the last
-    answer is kept for the same operator objects (held weakly) and threshold."""
+    answer is kept for the same operator objects (held weakly) and threshold. ``executor``
+    and ``source``: :func:`~qmpass.frg.crosslayer.crosslayer_graph`'s."""
     for seen, at, merges in _LAST_MERGES:
         if at == threshold and [len(u) for u in seen] == [len(u) for u in units] and all(
                 ref() is op for refs, unit in zip(seen, units, strict=True)
                 for ref, op in zip(refs, unit, strict=True)):
             return merges
-    graph = crosslayer_graph([op for unit in units for op in unit], threshold=threshold)
+    graph = crosslayer_graph([op for unit in units for op in unit], threshold=threshold,
+                             executor=executor, source=source)
     merges = crosslayer_merges(graph, [tuple(op.name for op in unit) for unit in units],
                                threshold)
     _LAST_MERGES[:] = [([[weakref.ref(op) for op in unit] for unit in units], threshold,
@@ -265,11 +271,15 @@ def crosslayer_candidates(
     stats: Mapping[str, StatsLike] | None, align: int,
     memo: dict[tuple[str, ...], Candidate | None] | None = None,
     threshold: float = CROSSLAYER_THRESHOLD,
+    executor: Executor | None = None,
+    source: str | os.PathLike[str] | None = None,
 ) -> tuple[list[Candidate], list[Proposal]]:
     """``candidates`` with the units the QM-FRG groups (and the measurement keeps)
     merged into cross-layer units, and every group tried. Needs calibration statistics
     (the comparison is measured on them): without, nothing changes. ``memo`` (the
-    planner's, per alignment) keeps each group's shared-basis variants between plans."""
+    planner's, per alignment) keeps each group's shared-basis variants between plans.
+    ``executor`` builds the QM-FRG in parallel (a Dask worker reads the operators from
+    ``source``, the model file): the same graph."""
     memo = {} if memo is None else memo
     if stats is None:
         return list(candidates), []
@@ -286,7 +296,8 @@ def crosslayer_candidates(
         return list(candidates), []
     alive: dict[tuple[str, ...], Candidate] = dict(eligible)
     proposals: list[Proposal] = []
-    for merge in _merges([[ops[n] for n in unit] for unit in eligible], threshold):
+    for merge in _merges([[ops[n] for n in unit] for unit in eligible], threshold, executor,
+                         source):
         # the units now covering the merge: its two parts, or their own parts where a
         # part was declined (the tree is nested, so they partition its operators)
         within = set(merge.operators)
