@@ -49,8 +49,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_parallel(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--jobs", type=int, default=1,
-        help="threads for the per-operator eigendecompositions (default 1: on small "
-        "models the work is too short to gain; see README)")
+        help="threads for the per-operator eigendecompositions and Bures angles (default "
+        "1: on small models the work is too short to gain; see README)")
     cmd.add_argument(
         "--scheduler", metavar="ADDRESS",
         help="run them on the Dask cluster of this scheduler (e.g. tcp://127.0.0.1:8786); "

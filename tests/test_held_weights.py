@@ -112,6 +112,20 @@ def test_augmented_gram_of_a_stored_weight_equals_the_augmented_matrix(
     assert frobenius_norm(w) == pytest.approx(np.linalg.norm(w.astype(np.float64)), rel=1e-12)
 
 
+def test_a_weight_gives_the_same_gram_and_norm_in_any_layout_and_type() -> None:
+    """A stored weight is a transposed float32 memory map or its held float64
+    conversion, depending on what was used last: both give the same spectra's Gram and
+    the same Frobenius norm to the last bit (the Dask run's report is the serial one's)."""
+    from qmpass.spectral import augmented_lower_gram, frobenius_norm
+
+    rng = np.random.default_rng(2)
+    stored = np.asfortranarray(rng.standard_normal((256, 2048)).astype(np.float32))
+    layouts = [stored, np.ascontiguousarray(stored), stored.astype(np.float64),
+               np.ascontiguousarray(stored, dtype=np.float64)]
+    assert len({frobenius_norm(w) for w in layouts}) == 1
+    assert len({augmented_lower_gram(w, None).tobytes() for w in layouts}) == 1
+
+
 def test_a_scaled_weight_has_no_stored_view() -> None:
     held = HeldArray(np.ones((4, 3), np.float32), transpose=True, scale=2.0)
     assert held.stored_view() is None

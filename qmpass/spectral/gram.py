@@ -71,10 +71,13 @@ def augmented_lower_gram(weight: np.ndarray, bias: np.ndarray | None) -> np.ndar
 
 
 def frobenius_norm(matrix: np.ndarray) -> float:
-    """``||matrix||_F`` in float64, a block of rows converted at a time."""
+    """``||matrix||_F`` in float64, a block of rows converted at a time. Each block is
+    summed in row-major order whatever the layout of ``matrix`` (a stored weight can be a
+    transposed memory map or its held float64 conversion), so the same values give the
+    same norm to the last bit."""
     total = 0.0
     for part in _parts(matrix.shape[0], matrix.shape[1]):
-        block = np.asarray(matrix[part], dtype=float)
+        block = np.asarray(matrix[part], dtype=float, order="C")
         total += float(np.einsum("ij,ij->", block, block))
     return float(np.sqrt(total))
 
