@@ -93,6 +93,20 @@ def test_dask_tasks_name_operators_instead_of_carrying_weights() -> None:
         parallel._resolved(bad)
 
 
+def test_the_digest_is_the_same_in_any_layout_and_sees_a_changed_row() -> None:
+    """A worker may hold a weight as its stored values, the client as a float64 copy:
+    the digest (a sample of rows, the last one included) is the same; a changed last row
+    is another model."""
+    from dataclasses import replace
+
+    op = max(extract_operators(load_model(MODEL).proto).operators, key=lambda o: o.shape[0])
+    digest = parallel._digest(op)
+    assert parallel._digest(replace(op, weight=np.asfortranarray(op.weight))) == digest
+    changed = np.array(op.weight)
+    changed[-1, 0] += 1.0
+    assert parallel._digest(replace(op, weight=changed)) != digest
+
+
 def test_the_executor_keeps_task_order() -> None:
     with Executor(jobs=2) as executor:
         assert executor.map(pow, [(2, k) for k in range(20)]) == [2**k for k in range(20)]
