@@ -318,11 +318,13 @@ def main() -> None:
                           f"{result['peak'] / weights:>11.2f}", flush=True)
                     if result["rc"] != 0:
                         print(f"  (exit {result['rc']}: see {log})", flush=True)
-                if len(runs) > 1 and not options.profile:
+                if scheduler is not None and len(runs) > 1 and not options.profile:
                     same = _same_analysis(folder / f"{name}_analyze.json",
                                           folder / f"{name}_analyze_dask.json")
                     print(f"  dask report {'==' if same else '!='} serial report "
-                          "(all but seconds)", flush=True)
+                          "(all but seconds); the workers' peak RSS so far: "
+                          + ", ".join(f"{p / 2**30:.2f}Gi" for p in _workers_peak(scheduler)),
+                          flush=True)
         _growth([r for r in rows if r[0].removeprefix("llama_") in LAYOUTS])
 
 
@@ -369,6 +371,18 @@ def _cluster(wanted: bool) -> Iterator[str | None]:
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster:
         yield cluster.scheduler_address
+
+
+def _workers_peak(scheduler: str) -> list[int]:
+    """Each Dask worker's peak resident bytes since the cluster started (the command's
+    own peak is the client's only)."""
+    import resource
+
+    import distributed
+
+    with distributed.Client(scheduler, timeout=30) as client:
+        peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return sorted(peaks.values())
 
 
 def _same_analysis(serial: Path, dask: Path) -> bool:
