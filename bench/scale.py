@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -197,12 +198,19 @@ print(json.dumps({"rc": rc, "seconds": seconds, "peak": peak}), file=sys.stderr)
 """
 
 
+#: the environment the benchmark started with: a local Dask cluster sets its workers'
+#: thread counts (``OPENBLAS_NUM_THREADS=1``, ...) in this process's environment too,
+#: and a serial run measured after it would inherit them
+_ENVIRONMENT = dict(os.environ)
+
+
 def measure(args: list[str], log: Path) -> dict[str, float]:
-    """Run ``qmpass args`` as a child; its exit code, seconds and peak RSS (bytes)."""
+    """Run ``qmpass args`` as a child, in the environment the benchmark started with; its
+    exit code, seconds and peak RSS (bytes)."""
     command = [sys.executable, "-c", _WRAPPER, sys.executable, "-m", "qmpass", *args]
     with log.open("w") as out:
         done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.PIPE,
-                              text=True, check=False)
+                              text=True, check=False, env=_ENVIRONMENT)
     lines = done.stderr.strip().splitlines() or [""]
     with log.open("a") as out:
         out.write("\n".join(lines[:-1]))
