@@ -119,6 +119,25 @@ def test_constant_of_shape_weight() -> None:
     check_affine(model, X)
 
 
+def test_a_constant_of_shape_is_folded_without_its_memory_and_a_bad_one_not_at_all() -> None:
+    """The folded value is a read-only broadcast of the one value (ONNX's light test
+    models make every weight so: 0.55 GB on VGG-19); a negative dimension is not folded."""
+    from qmpass.extract.constants import ConstantScope
+
+    def scope(shape: list[int]) -> ConstantScope:
+        node = helper.make_node("ConstantOfShape", ["shape"], ["w"],
+                                value=numpy_helper.from_array(np.array([0.25], np.float32)))
+        graph = helper.make_graph([node], "g", [], [tensor("w", [])],
+                                  [numpy_helper.from_array(np.array(shape, np.int64), "shape")])
+        return ConstantScope(graph, {"": 17})
+
+    folded = scope([4096, 4096]).value("w")
+    assert folded is not None and folded.shape == (4096, 4096) and folded.dtype == np.float32
+    assert folded.strides == (0, 0) and not folded.flags.writeable
+    assert np.all(folded == np.float32(0.25))
+    assert scope([4, -1]).value("w") is None
+
+
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_gemm_transb_alpha_beta_bias(trans_b: int) -> None:
     w, c = trained_matrix(8, 16), trained_matrix(1, 8)[0]

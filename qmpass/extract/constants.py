@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from qmpass.errors import QmpassInputError
@@ -140,6 +141,9 @@ class ConstantScope:
         if any(found is None for i, found in zip(node.input, inputs, strict=True) if i):
             return None
         feeds = {i: found[0] for i, found in zip(node.input, inputs, strict=True) if found}
+        if node.op_type == "ConstantOfShape":
+            filled = _filled(node, feeds[node.input[0]])
+            return None if filled is None else (filled, "folded(ConstantOfShape)")
         try:
             outputs = ReferenceEvaluator(node, opsets=self._opsets).run(None, feeds)
         except Exception:  # the reference raises many types; any failure means "not folded"
@@ -150,3 +154,17 @@ class ConstantScope:
         if node.op_type == "Constant":
             return array, "constant_node"
         return array, f"folded({node.op_type})"
+
+
+def _filled(node: onnx.NodeProto, shape: np.ndarray) -> np.ndarray | None:
+    """A ``ConstantOfShape`` output as a read-only broadcast of its one value: no memory
+    for the tensor itself (ONNX's light test models make every weight so, 0.55 GB on
+    VGG-19, and each scope kept its own copy). None where the node is malformed."""
+    value = next((numpy_helper.to_array(a.t) for a in node.attribute
+                  if a.name == "value"), np.zeros(1, dtype=np.float32))
+    dims = np.asarray(shape)
+    if value.size != 1 or dims.ndim != 1 or dims.dtype.kind not in "iu" or np.any(dims < 0):
+        return None
+    if int(np.prod(dims, dtype=np.float64)) > _MAX_FOLD_ELEMENTS:
+        return None
+    return np.broadcast_to(value.reshape(()), tuple(int(d) for d in dims))
