@@ -43,6 +43,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -120,7 +121,7 @@ def llama(layout: Layout, path: Path, seq: int, seed: int = 0) -> None:
         consts.append(onnx.numpy_helper.from_array(value, name))
         return name
 
-    def node(op: str, inputs: list[str], out: str, **attrs: object) -> str:
+    def node(op: str, inputs: list[str], out: str, **attrs: Any) -> str:
         nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
