@@ -14,8 +14,7 @@ What a Dask task carries. Tasks name their operators: every
 :class:`~qmpass.extract.Operator` argument (alone, or in a list or tuple) becomes an
 :class:`OperatorRef` (the model file's path, the operator's name, and a BLAKE2 digest of
 its shape, bias and a sample of its weight's rows) when the model was read from a file
-(``source``). The worker loads
-that file itself with :func:`qmpass.modelio.load_model` and
+(``source``). The worker loads that file itself with :func:`qmpass.modelio.load_model` and
 :func:`qmpass.extract.extract_operators` (once per worker process and file version: the
 files must be on storage the workers share, at the same path), checks the digest, and
 runs ``fn`` on its own copy of the operator. Everything else in a task is sent as it is:
@@ -92,7 +91,7 @@ def _digest(op: Operator) -> str:
     h = hashlib.blake2b(digest_size=16)
     weight = op.stored_weight
     rows = weight.shape[0]
-    sample = np.unique(np.append(np.linspace(0, rows - 1, DIGEST_ROWS).astype(int), rows - 1))
+    sample = np.unique(np.linspace(0, max(rows - 1, 0), DIGEST_ROWS).astype(int))[:rows]
     for array in (weight[sample], op.bias):
         if array is not None:
             a = np.asarray(array, dtype=np.float64, order="C")

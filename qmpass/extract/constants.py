@@ -141,8 +141,8 @@ class ConstantScope:
         if any(found is None for i, found in zip(node.input, inputs, strict=True) if i):
             return None
         feeds = {i: found[0] for i, found in zip(node.input, inputs, strict=True) if found}
-        if node.op_type == "ConstantOfShape":
-            filled = _filled(node, feeds[node.input[0]])
+        if node.op_type == "ConstantOfShape" and len(feeds) == 1:
+            filled = _filled(node, next(iter(feeds.values())))
             return None if filled is None else (filled, "folded(ConstantOfShape)")
         try:
             outputs = ReferenceEvaluator(node, opsets=self._opsets).run(None, feeds)

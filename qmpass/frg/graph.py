@@ -165,7 +165,6 @@ def build_qmfrg(
         for (i, j), angle in zip(pairs, _angles(operators, pairs, executor, source),
                                  strict=True):
             graph.edges[names[i], names[j]]["d_bures"] = angle
-        graph.graph["bures_pairs"] += len(pairs)
     return graph
 
 
@@ -180,8 +179,8 @@ def _bures_pairs(
 ) -> list[tuple[int, int]]:
     """The equal-width edges (index pairs) whose Bures angles fit the work budget,
     closest first (less what ``known`` spent; the angles it has are taken over here and
-    not returned). Sets the graph's ``bures_pairs`` (so far: the ones taken over),
-    ``bures_flops`` and ``bures_pairs_over_budget``."""
+    not returned). Sets the graph's ``bures_pairs`` (those taken over and those
+    returned), ``bures_flops`` and ``bures_pairs_over_budget``."""
     width = np.array([op.shape[1] for op in operators], dtype=np.intp)
     order = np.argsort(dists, kind="stable")
     order = order[width[rows[order]] == width[cols[order]]]
@@ -202,7 +201,7 @@ def _bures_pairs(
             continue  # a cheaper pair further down may still fit
         spent += cost
         pairs.append((i, j))
-    graph.graph["bures_pairs"] = taken
+    graph.graph["bures_pairs"] = taken + len(pairs)
     graph.graph["bures_flops"] = spent
     graph.graph["bures_pairs_over_budget"] = int(order.size) - taken - len(pairs)
     return pairs
@@ -222,8 +221,8 @@ def _angles(operators: Sequence[Operator], pairs: Sequence[tuple[int, int]],
     if not pairs:
         return []
     ordered = sorted(range(len(pairs)), key=lambda p: pairs[p])
-    parallel = executor is not None and executor.parallel
-    chunks = [c.tolist() for c in np.array_split(ordered, BURES_TASKS if parallel else 1)
+    parallel = executor if executor is not None and executor.parallel else None
+    chunks = [c.tolist() for c in np.array_split(ordered, 1 if parallel is None else BURES_TASKS)
               if c.size]
     tasks = []
     for chunk in chunks:
@@ -231,10 +230,8 @@ def _angles(operators: Sequence[Operator], pairs: Sequence[tuple[int, int]],
         local = {k: n for n, k in enumerate(members)}
         tasks.append(([operators[k] for k in members],
                       [(local[pairs[p][0]], local[pairs[p][1]]) for p in chunk]))
-    if executor is not None and parallel:
-        results = executor.map(_angles_of, tasks, source=source)
-    else:
-        results = [_angles_of(*task) for task in tasks]
+    results = ([_angles_of(*task) for task in tasks] if parallel is None
+               else parallel.map(_angles_of, tasks, source=source))
     angles = [0.0] * len(pairs)
     for chunk, values in zip(chunks, results, strict=True):
         for p, angle in zip(chunk, values, strict=True):
