@@ -121,7 +121,8 @@ def test_constant_of_shape_weight() -> None:
 
 def test_a_constant_of_shape_is_folded_without_its_memory_and_a_bad_one_not_at_all() -> None:
     """The folded value is a read-only broadcast of the one value (ONNX's light test
-    models make every weight so: 0.55 GB on VGG-19); a negative dimension is not folded."""
+    models make every weight so: 0.55 GB on VGG-19); a negative dimension or a missing
+    shape is not folded."""
     from qmpass.extract.constants import ConstantScope
 
     def scope(shape: list[int]) -> ConstantScope:
@@ -136,6 +137,9 @@ def test_a_constant_of_shape_is_folded_without_its_memory_and_a_bad_one_not_at_a
     assert folded.strides == (0, 0) and not folded.flags.writeable
     assert np.all(folded == np.float32(0.25))
     assert scope([4, -1]).value("w") is None
+    inputless = helper.make_node("ConstantOfShape", [], ["w"])  # breaks the spec
+    graph = helper.make_graph([inputless], "g", [], [tensor("w", [])])
+    assert ConstantScope(graph, {"": 17}).value("w") is None
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
