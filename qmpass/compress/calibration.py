@@ -17,14 +17,27 @@ from qmpass.spill import Spilled
 from qmpass.verify import StatsRequest, TensorStats, collect_stats
 from qmpass.verify.stats import LowRankCov
 
-__all__ = ["CALIBRATION_VECTORS", "FEW_HELD_OUT", "Split", "calibration_stats", "split_feeds"]
+__all__ = ["CALIBRATION_VECTORS", "FEW_HELD_OUT", "Split", "calibration_stats", "split_feeds",
+           "stats_bytes"]
 
 #: vectors per calibration statistic, at most (about): the fixtures stay below it
 CALIBRATION_VECTORS = 50_000
-#: bytes of covariance sums accumulated at once; past it the calibration inputs run
-#: through the model once per group of statistics that fits, and the finished ones wait
-#: on disk (a 1.1B-parameter decoder's are 7.8 GB)
+#: bytes of covariance sums accumulated at once, at most; past it the calibration inputs
+#: run through the model once per group of statistics that fits, and the finished ones
+#: wait on disk (a 1.1B-parameter decoder's are 7.8 GB)
 STATS_BYTES = 1 << 30
+#: bytes of covariance sums a model of few weights may still accumulate at once
+STATS_MIN_BYTES = 64 << 20
+
+
+def stats_bytes(extraction: Extraction) -> int:
+    """The covariance sums held at once for a model: half its weight operators' float32
+    bytes, within ``[STATS_MIN_BYTES, STATS_BYTES]``. Issue 13 bounds a command's memory
+    by 1.5x the weights + 1 GiB; ONNX's light densenet121 (30 MiB of weights) held 0.8 GB
+    of sums in one pass, at 1.67 GiB (1.09 GiB with 64 MB, one second more, the same
+    plan)."""
+    weights = 4 * sum(op.params for op in extraction.operators)
+    return int(min(STATS_BYTES, max(STATS_MIN_BYTES, weights // 2)))
 
 
 def calibration_stats(
@@ -50,7 +63,7 @@ def calibration_stats(
     if not requests:
         return {}
     stats = collect_stats(model, feeds, requests, max_vectors=CALIBRATION_VECTORS,
-                          max_bytes=STATS_BYTES)
+                          max_bytes=stats_bytes(extraction))
     return {key: shrunk(value) if shrink else value for key, value in stats.items()}
 
 
