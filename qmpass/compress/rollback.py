@@ -58,7 +58,7 @@ def apply_verified(
     local: Local | None = None,
 ) -> tuple[onnx.ModelProto, list[Outcome], Verification]:
     """Apply the plan, keeping only what verification accepts (see module docstring);
-    ``first`` is :func:`apply_all` of the plan; ``local`` orders a bisection."""
+    ``first`` is :func:`apply_all` of the plan; ``local`` orders a large plan's search."""
     everything = list(zip(planned.plan.steps, planned.tensors, strict=True))
     model, declined, verification = first
     if verification.relative_error <= tolerance:
@@ -66,7 +66,7 @@ def apply_verified(
         return model, [_outcome(step, declined.get(i), together) for i, (step, _) in
                        enumerate(everything)], verification
 
-    # Too much error together: bisect to a passing prefix of the units (least error
+    # Too much error together: search for a passing prefix of the units (least error
     # first), then, on a plan small enough, take the rest one at a time.
     units = sorted(planned.units, key=lambda u: sum(
         planned.plan.steps[i].predicted_error for i in u.steps))
