@@ -281,8 +281,8 @@ def _width(shape: tuple[int | None, ...] | None, request: StatsRequest) -> int:
     """The length of ``request``'s vectors by the inferred ``shape`` (0 if unknown)."""
     if shape is None or not shape:
         return 0
-    try:
-        channels = shape[request.axis]
+    try:  # a Conv's input is (N, C, spatial...): its patches read channels on axis 1
+        channels = shape[1 if request.kind == "patches" else request.axis]
     except IndexError:
         return 0
     if channels is None:
