@@ -33,9 +33,9 @@ STATS_MIN_BYTES = 64 << 20
 def stats_bytes(extraction: Extraction) -> int:
     """The covariance sums held at once for a model: half its weight operators' float32
     bytes, within ``[STATS_MIN_BYTES, STATS_BYTES]``. Issue 13 bounds a command's memory
-    by 1.5x the weights + 1 GiB; ONNX's light densenet121 (30 MiB of weights) held 0.8 GB
-    of sums in one pass, at 1.67 GiB (1.09 GiB with 64 MB, one second more, the same
-    plan)."""
+    by 1.5x the weights + 1 GiB; ONNX's light densenet121 (30 MiB of weights) held 0.94 GB
+    of sums in one pass, at 1.67 GiB, and in 13 passes of 64 MB peaks at 0.44 GiB, four
+    seconds slower, with the same plan."""
     weights = 4 * sum(op.params for op in extraction.operators)
     return int(min(STATS_BYTES, max(STATS_MIN_BYTES, weights // 2)))
 
